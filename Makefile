@@ -1,0 +1,60 @@
+# memoryformer: the two commands a newcomer needs are `make train` and `make test`.
+# Each sets up .venv on first use (Python 3.11, torch 2.13.0 CPU wheel first, then the package).
+
+PYTHON_BOOT ?= python3.11
+VENV        := .venv
+PY          := $(VENV)/bin/python
+PIP         := $(VENV)/bin/pip
+STAMP       := $(VENV)/.installed
+EXTRAS      ?= dev,eval,deepspeed,wandb
+TORCH_PIN   ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup train test test-fast lint format bench eval flops docker-build clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON_BOOT) >/dev/null 2>&1 || { echo "need $(PYTHON_BOOT) on PATH (or make PYTHON_BOOT=python3)"; exit 1; }
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: otherwise a dependency would pull a multi-GB CUDA build.
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[$(EXTRAS)]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install torch 2.13.0 + the package with its extras
+
+train: $(STAMP) ## train the nano MemoryFormer on the bundled corpus (CPU, a few minutes) and evaluate it
+	$(PY) train.py experiment=nano_cpu
+
+test: $(STAMP) ## run the whole test suite (offline)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## the test suite without tests marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP) ## ruff format + autofix
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP) ## benchmarks -> docs/benchmarks.md
+	$(PY) benchmarks/run.py
+
+eval: $(STAMP) ## zero-shot evaluation of a checkpoint: make eval CKPT=path
+	$(PY) evaluate.py checkpoint=$(CKPT)
+
+flops: $(STAMP) ## parameters, FLOPs per block and table storage of the paper's models
+	$(PY) -m memoryformer.flops
+
+docker-build: ## build the GPU image (needs a Docker engine)
+	docker build -f docker/Dockerfile -t memoryformer:latest .
+
+clean: ## remove run outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,213 @@
+"""Typed model configuration: one dataclass for every architecture knob, with named presets.
+
+`ModelConfig.from_name("memoryformer_tiny")` returns the paper's MF-tiny; the same dataclass is the
+schema that Hydra validates `conf/model/*.yaml` against (see `memoryformer.conf_schema`). Every impossible
+combination fails in `__post_init__` with one sentence naming the key and the fix, so a bad command line
+never reaches a stack trace deep inside the model.
+
+Sources for the presets: `../shared/paper.md` sections 2, 3 and 6 (MemoryFormer, from the paper's
+Table 1 and the authors' released configs) and EleutherAI's Pythia configs (GPT-NeoX shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+BLOCK_TYPES = ("memoryformer", "pythia")
+NORM_TYPES = ("rmsnorm", "layernorm")
+QKV_TYPES = ("memory", "linear")
+FFN_TYPES = ("memory_block", "mlp")
+WEIGHTINGS = ("l1_prob", "prob")
+MEMORY_IMPLS = ("auto", "torch", "fused", "triton")
+MAX_CODE_LENGTH = 16
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Every architectural choice of a `LanguageModel`.
+
+    Shapes: tokens `[batch, seq]` with ids `< vocab_size`, hidden width `n_embd`, `n_head` heads of
+    `n_embd // n_head` dims, at most `block_size` positions. MemoryFormer blocks split the hidden vector
+    into `num_tables` (K) chunks of `code_length` (tau) bits, so `n_embd == num_tables * code_length`.
+    """
+
+    name: str = "custom"
+    block: str = "memoryformer"  # "memoryformer" | "pythia" (GPT-NeoX)
+    vocab_size: int = 50304
+    n_layer: int = 6
+    n_embd: int = 512
+    n_head: int = 8
+    block_size: int = 2048
+    rotary_pct: float = 0.25
+    rotary_base: int = 10000
+
+    # --- MemoryFormer block (paper section 2.4; released code, paper.md section 2) ---
+    num_tables: int = 64  # K
+    code_length: int = 8  # tau
+    expand_bits: int = 2  # Memory Block layer 2 reads chunks of tau + expand_bits bits (Table 5)
+    norm: str = "rmsnorm"  # norm before the hashes: rmsnorm (released code) | layernorm
+    norm_eps: float = 1e-8  # released code's RMSNorm eps
+    qkv: str = "memory"  # "memory" (three Memory Layers, one shared hash) | "linear" (authors' ablation)
+    ffn: str = "memory_block"  # "memory_block" | "mlp" (4x GELU MLP)
+    weighting: str = "l1_prob"  # released code: ||z||_1 * p(z; t=1); "prob": paper's p(z; t)
+    temperature: float = 1.0
+    memory_bias: bool = True  # released code gives every Memory Layer a bias; the paper's Eq. 11 has none
+    memory_impl: str = "auto"  # compute path of the Memory Layer lookup
+
+    # --- Pythia (GPT-NeoX) block ---
+    intermediate_size: int = 0  # 0 means 4 * n_embd
+    layer_norm_eps: float = 1e-5
+    parallel_residual: bool = True
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. source of a preset)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def head_size(self) -> int:
+        """Dims per attention head."""
+        return self.n_embd // self.n_head
+
+    @property
+    def rotary_ndims(self) -> int:
+        """Dims per head that receive rotary position embedding (GPT-NeoX rule: int(head_size * pct))."""
+        return int(self.head_size * self.rotary_pct)
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Width of the dense MLP (Pythia block, or MemoryFormer with `ffn=mlp`)."""
+        return self.intermediate_size or 4 * self.n_embd
+
+    @property
+    def memory_block_hidden(self) -> int:
+        """Width between the two Memory Block layers: K * (tau + expand_bits) (paper section 2.4)."""
+        return self.num_tables * (self.code_length + self.expand_bits)
+
+    @property
+    def is_memoryformer(self) -> bool:
+        """True for the MemoryFormer block, False for the Pythia (GPT-NeoX) block."""
+        return self.block == "memoryformer"
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise `ConfigError` with one sentence naming the key and the fix for any impossible value."""
+        _choice("model.block", self.block, BLOCK_TYPES)
+        for key in ("vocab_size", "n_layer", "n_embd", "n_head", "block_size"):
+            if int(getattr(self, key)) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be a positive integer.")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                f"choose n_head among the divisors of n_embd."
+            )
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ConfigError(f"model.rotary_pct={self.rotary_pct} must lie in [0, 1].")
+        if self.rotary_ndims % 2:
+            raise ConfigError(
+                f"model.rotary_pct={self.rotary_pct} gives {self.rotary_ndims} rotary dims per head, "
+                f"which must be even; pick rotary_pct so that head_size * rotary_pct is even."
+            )
+        if self.intermediate_size < 0:
+            raise ConfigError(f"model.intermediate_size={self.intermediate_size} must be >= 0 (0 = 4*n_embd).")
+        if self.block == "pythia":
+            return
+        _choice("model.norm", self.norm, NORM_TYPES)
+        _choice("model.qkv", self.qkv, QKV_TYPES)
+        _choice("model.ffn", self.ffn, FFN_TYPES)
+        _choice("model.weighting", self.weighting, WEIGHTINGS)
+        _choice("model.memory_impl", self.memory_impl, MEMORY_IMPLS)
+        if self.num_tables <= 0 or self.code_length <= 0:
+            raise ConfigError(
+                f"model.num_tables={self.num_tables} and model.code_length={self.code_length} must be positive."
+            )
+        if self.num_tables * self.code_length != self.n_embd:
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} must equal model.num_tables (K={self.num_tables}) * "
+                f"model.code_length (tau={self.code_length}) = {self.num_tables * self.code_length}; "
+                f"set model.num_tables={self.n_embd // self.code_length} or change n_embd."
+                if self.n_embd % self.code_length == 0
+                else f"model.n_embd={self.n_embd} must equal model.num_tables (K={self.num_tables}) * "
+                f"model.code_length (tau={self.code_length}); n_embd is not a multiple of tau, "
+                f"so change model.code_length or model.n_embd."
+            )
+        if not 0 <= self.expand_bits <= 3:
+            raise ConfigError(f"model.expand_bits={self.expand_bits} must be 0, 1, 2 or 3 (paper Table 5).")
+        if self.code_length + self.expand_bits > MAX_CODE_LENGTH:
+            raise ConfigError(
+                f"model.code_length + model.expand_bits = {self.code_length + self.expand_bits} bits gives "
+                f"tables of 2**{self.code_length + self.expand_bits} rows; keep it <= {MAX_CODE_LENGTH}."
+            )
+        if self.temperature <= 0:
+            raise ConfigError(f"model.temperature={self.temperature} must be > 0.")
+        if self.weighting == "l1_prob" and self.temperature != 1.0:
+            raise ConfigError(
+                f"model.temperature={self.temperature} has no effect with model.weighting=l1_prob "
+                f"(the released code fixes t=1); set model.weighting=prob to use a temperature."
+            )
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        """The named preset (see `PRESETS`), with `overrides` applied; unknown names list the known ones."""
+        if name not in PRESETS:
+            raise ConfigError(
+                f"model name {name!r} is unknown; choose one of: {', '.join(sorted(PRESETS))}."
+            )
+        values = {**PRESETS[name], **overrides}
+        values.setdefault("name", name)
+        return cls(**values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a plain mapping (a checkpoint's saved config, a resolved Hydra node)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"model config has unknown key(s) {unknown}; known keys are: {', '.join(sorted(known))}."
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, stable enough to store in checkpoints."""
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not supported; choose one of: {', '.join(allowed)}.")
+
+
+_PYTHIA = dict(block="pythia", rotary_pct=0.25, layer_norm_eps=1e-5, parallel_residual=True)
+
+#: Named model presets. MemoryFormer rows: tau = 8 and K = 64 / 96 / 128 (paper section 3); small and base
+#: take Pythia-160M / 410M's layer and head counts as in Table 1; `memoryformer_small_released` is the
+#: authors' released 6-layer, 8-head config. Pythia rows: EleutherAI's shapes, vocabulary padded to 50304.
+PRESETS: dict[str, dict[str, Any]] = {
+    "nano": dict(
+        block="memoryformer", vocab_size=4096, n_layer=2, n_embd=128, n_head=4, block_size=256,
+        num_tables=16, code_length=8,
+    ),
+    "memoryformer_tiny": dict(block="memoryformer", n_layer=6, n_embd=512, n_head=8, num_tables=64),
+    "memoryformer_small": dict(block="memoryformer", n_layer=12, n_embd=768, n_head=12, num_tables=96),
+    "memoryformer_small_released": dict(
+        block="memoryformer", n_layer=6, n_embd=768, n_head=8, num_tables=96
+    ),
+    "memoryformer_base": dict(block="memoryformer", n_layer=24, n_embd=1024, n_head=16, num_tables=128),
+    "pythia_70m": dict(_PYTHIA, n_layer=6, n_embd=512, n_head=8),
+    "pythia_160m": dict(_PYTHIA, n_layer=12, n_embd=768, n_head=12),
+    "pythia_410m": dict(_PYTHIA, n_layer=24, n_embd=1024, n_head=16),
+}
+
+#: The six models of the paper's Table 1, in its row order.
+PAPER_MODELS = (
+    "pythia_70m", "memoryformer_tiny", "pythia_160m", "memoryformer_small", "pythia_410m", "memoryformer_base",
+)
