@@ -39,7 +39,7 @@ MAX_CODE_LENGTH = 16
 def _check_code_length(code_length: int) -> None:
     # bool is an int subclass; True would silently mean tau = 1.
     if isinstance(code_length, bool) or not isinstance(code_length, int):
-        raise TypeError(f"code_length={code_length!r} must be an int number of bits per chunk, e.g. 8.")
+        raise TypeError(f"code_length={code_length!r} must be an int number of bits per chunk, such as 8.")
     if not 1 <= code_length <= MAX_CODE_LENGTH:
         raise ValueError(
             f"code_length={code_length} is out of range; use 1 to {MAX_CODE_LENGTH} bits per chunk "
@@ -117,7 +117,7 @@ def hash_chunks(
     """Hash `x`: `[..., K * tau]` into `HashCodes` with rows `[..., K]` and weights `[..., K]`."""
     _check_code_length(code_length)
     if not torch.is_floating_point(x):
-        raise TypeError(f"a Memory Layer hashes floating-point input, but got dtype {x.dtype}; cast it first.")
+        raise TypeError(f"Memory Layer input must be floating-point but has dtype {x.dtype}; cast it first.")
     d = x.shape[-1]
     if d % code_length:
         raise ValueError(f"input width {d} is not divisible by code_length={code_length}.")
@@ -196,9 +196,8 @@ class MemoryLayer(nn.Module):
     def hash(self, x: torch.Tensor) -> HashCodes:
         """Hash `x`: `[..., in_features]` into rows and weights `[..., K]` (shareable across layers)."""
         if x.dim() == 0 or x.shape[-1] != self.in_features:
-            width = x.shape[-1] if x.dim() else "a scalar"
             raise ValueError(
-                f"MemoryLayer expects input of shape [..., {self.in_features}], got last dim {width}."
+                f"MemoryLayer expects input of shape [..., {self.in_features}], got shape {tuple(x.shape)}."
             )
         return hash_chunks(x, self.code_length, self.weighting, self.temperature)
 
@@ -229,6 +228,11 @@ class MemoryLayer(nn.Module):
         """`[..., in_features]` -> `[..., out_features]`; pass `hashed` to reuse another layer's hash."""
         if hashed is None:
             hashed = self.hash(x)
+        elif hashed.rows.shape[:-1] != x.shape[:-1]:
+            raise ValueError(
+                f"hashed was computed for tokens of shape {tuple(hashed.rows.shape[:-1])}, but x has leading "
+                f"shape {tuple(x.shape[:-1])}; pass the HashCodes of this same x."
+            )
         return self.lookup(hashed)
 
     def extra_repr(self) -> str:
