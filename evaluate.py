@@ -1,0 +1,47 @@
+"""Zero-shot evaluation of a MemoryFormer checkpoint or a Pythia baseline through lm-evaluation-harness.
+
+    python evaluate.py checkpoint=PATH                        # the paper's six tasks (eval.tasks=paper)
+    python evaluate.py checkpoint=PATH eval.tasks=[piqa,arc_easy] eval.limit=200 eval.device=cuda
+    python evaluate.py checkpoint=PATH eval.data_dir=/data/lm_eval  # offline: download_eval_data.py
+    python evaluate.py baseline=hf model_path=/models/pythia-70m-deduped
+
+Writes results.json (lm-eval's output), results.md and run_info.json into the Hydra run directory; render
+several runs as the paper's Table 1 with `python -m memoryformer.evaluation.report RUN_DIR...`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from memoryformer.config import ConfigError
+from memoryformer.evaluation.config import EvaluateConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    """Validate the config, run lm-eval, write the results; returns the average of the chosen metrics."""
+    from memoryformer.checkpoint import CheckpointError
+    from memoryformer.evaluation.data import DataError
+    from memoryformer.evaluation.harness import AdapterError
+    from memoryformer.evaluation.runner import run_evaluation, task_scores
+
+    try:
+        config = EvaluateConfig.from_mapping(cfg)
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        results = run_evaluation(config, out_dir)
+    except (ConfigError, CheckpointError, DataError, AdapterError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    rows = task_scores(results, config.eval) if results else []
+    print((out_dir / "results.md").read_text() if results else "")
+    print(f"results written to {out_dir}")
+    return sum(r["value"] for r in rows) / len(rows) if rows else 0.0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Load a trained `LanguageModel` from any checkpoint format we write, and export one for evaluation.
+
+Three formats are recognised by `load_model(path)`:
+
+1. An exported model directory (`export_model`): `config.json` = `{"model": ModelConfig.to_dict(),
+   "tokenizer": "tokenizer.json" | null}`, `model.safetensors` (our state dict) and optionally the
+   tokenizer file it names (relative to the directory).
+2. A Lightning `.ckpt` file: `state_dict` keys are `model.<our key>`; `hyper_parameters["model"]` holds
+   the model config (a dict, or a preset name); `hyper_parameters["tokenizer_path"]` optionally the tokenizer.
+3. A DeepSpeed checkpoint directory written by Lightning's `DeepSpeedStrategy` (a `latest` file and one
+   folder per tag). It is consolidated to fp32 with Lightning's `convert_zero_checkpoint_to_fp32_state_dict`
+   (needs `pip install memoryformer[deepspeed]`) and then read like format 2.
+
+Every failure is a `CheckpointError` whose message is one sentence naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memoryformer.config import ConfigError, ModelConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+LIGHTNING_PREFIX = "model."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the path and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------- export
+def export_model(
+    model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer_path: str | None = None
+) -> Path:
+    """Write `model` (a `LanguageModel`) as an exported directory (format 1) and return its path.
+
+    Weights are saved in their current dtype; `tokenizer_path`, when given, is copied in as
+    `tokenizer.json` so the directory is self-contained.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared or non-contiguous storage; our weights are untied, so a clone is exact.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    tokenizer_name = None
+    if tokenizer_path is not None:
+        src = Path(tokenizer_path)
+        if not src.is_file():
+            raise CheckpointError(
+                f"tokenizer file {src} does not exist; pass the path of a tokenizers JSON file."
+            )
+        shutil.copyfile(src, out / TOKENIZER_FILE)
+        tokenizer_name = TOKENIZER_FILE
+    meta = {"model": model.config.to_dict(), "tokenizer": tokenizer_name}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- load
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Any, str | None]:
+    """`(LanguageModel in eval mode, tokenizer path or None)` from an exported dir, .ckpt or DeepSpeed dir."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(
+            f"checkpoint {p} does not exist; pass checkpoint=PATH to an exported model directory, a "
+            f"Lightning .ckpt file or a DeepSpeed checkpoint directory."
+        )
+    if p.is_dir() and (p / CONFIG_FILE).is_file():
+        model_cfg, state, tokenizer = _read_exported(p)
+    elif p.is_dir() and _is_deepspeed_dir(p):
+        model_cfg, state, tokenizer = _read_lightning(_consolidate_deepspeed(p), p)
+    elif p.is_file():
+        model_cfg, state, tokenizer = _read_lightning(_torch_load(p, map_location), p)
+    else:
+        raise CheckpointError(
+            f"{p} is neither an exported model directory (no {CONFIG_FILE}), a DeepSpeed checkpoint "
+            f"directory (no 'latest' file) nor a checkpoint file; point checkpoint= at one of those."
+        )
+    model = _build_and_fill(model_cfg, state, p)
+    return model.to(map_location).eval(), tokenizer
+
+
+def _read_exported(d: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{d / CONFIG_FILE} is not valid JSON ({err}); re-export the model.") from err
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise CheckpointError(
+            f"{d / CONFIG_FILE} has no 'model' key; re-export with memoryformer.checkpoint."
+        )
+    weights = d / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{weights} is missing; re-export the model with memoryformer.checkpoint.export_model."
+        )
+    tokenizer = None
+    if meta.get("tokenizer"):
+        tok = d / meta["tokenizer"]
+        if not tok.is_file():
+            raise CheckpointError(
+                f"{d / CONFIG_FILE} names tokenizer {tok}, which does not exist; copy it there."
+            )
+        tokenizer = str(tok)
+    return _model_config(meta["model"], d / CONFIG_FILE), load_file(str(weights)), tokenizer
+
+
+def _read_lightning(ckpt: Any, src: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"{src} has no 'state_dict'; it is not a Lightning checkpoint (export the model or pass a .ckpt)."
+        )
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "model" not in hparams:
+        raise CheckpointError(
+            f"{src} has no hyper_parameters['model'] (the model config); it was not written by our "
+            f"training module, so rebuild it with memoryformer.checkpoint.export_model."
+        )
+    raw = ckpt["state_dict"]
+    state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in raw.items() if k.startswith(LIGHTNING_PREFIX)}
+    if not state:
+        raise CheckpointError(
+            f"{src} has no state_dict keys starting with '{LIGHTNING_PREFIX}'; it holds no model."
+        )
+    tokenizer = hparams.get("tokenizer_path")
+    return _model_config(hparams["model"], src), state, str(tokenizer) if tokenizer else None
+
+
+def _model_config(raw: Any, src: Path) -> ModelConfig:
+    try:
+        if isinstance(raw, ModelConfig):
+            return raw
+        if isinstance(raw, str):
+            return ModelConfig.from_name(raw)
+        if isinstance(raw, Mapping):
+            return ModelConfig.from_dict(_plain(raw))
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"the model config stored in {src} is invalid: {err}") from err
+    raise CheckpointError(
+        f"the model config stored in {src} is a {type(raw).__name__}, not a mapping or a name."
+    )
+
+
+def _plain(raw: Mapping) -> dict[str, Any]:
+    # OmegaConf containers (Lightning saves hparams as given) become plain dicts and lists.
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(raw, DictConfig):
+            return OmegaConf.to_container(raw, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return dict(raw)
+
+
+def _build_and_fill(config: ModelConfig, state: dict[str, torch.Tensor], src: Path):
+    from memoryformer.models import LanguageModel
+
+    # Build on the meta device: a mismatch is reported before any memory is spent on MF-base's tables.
+    with torch.device("meta"):
+        model = LanguageModel(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {expected[k]}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != expected[k]
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"shapes differ for {len(wrong)} tensor(s), e.g. {wrong[0]} (checkpoint vs config)")
+        if missing:
+            parts.append(f"{len(missing)} weight(s) missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[0]}")
+        raise CheckpointError(
+            f"the weights in {src} do not match its model config ({config.name}): {'; '.join(parts)}; "
+            f"load it with the config it was trained with."
+        )
+    if any(name not in expected for name, _ in model.named_buffers()):
+        model = LanguageModel(config)  # non-persistent buffers must be computed, not left empty
+    else:
+        model = model.to_empty(device="cpu")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _torch_load(path: Path, map_location: str | torch.device) -> Any:
+    try:
+        # weights_only=False: Lightning checkpoints pickle hyper-parameters (e.g. OmegaConf nodes); the user
+        # chose this local file, as with Lightning's own `load_from_checkpoint`.
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(
+            f"{path} could not be read as a PyTorch checkpoint ({type(err).__name__}: {err})."
+        ) from err
+
+
+# -------------------------------------------------------------------------------------------- deepspeed
+def _is_deepspeed_dir(d: Path) -> bool:
+    return (d / "latest").is_file() or any(d.glob("*/mp_rank_00_model_states.pt"))
+
+
+def _consolidate_deepspeed(d: Path) -> dict[str, Any]:
+    """The Lightning checkpoint dict (fp32 `state_dict` plus client state) of a ZeRO checkpoint directory."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as err:
+        raise CheckpointError(
+            f"{d} is a DeepSpeed checkpoint directory and consolidating it needs DeepSpeed; run "
+            f"`pip install memoryformer[deepspeed]`, or export the model on the training machine."
+        ) from err
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "consolidated.ckpt"
+        convert_zero_checkpoint_to_fp32_state_dict(str(d), str(out))
+        return torch.load(out, map_location="cpu", weights_only=False)

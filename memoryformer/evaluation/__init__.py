@@ -1,0 +1,6 @@
+"""Zero-shot evaluation through lm-evaluation-harness: the `memoryformer` lm-eval model (`harness`), offline
+task data (`data`, `tasks/`), one run (`runner`, used by evaluate.py) and the paper's tables (`report`)."""
+
+from memoryformer.evaluation.config import TASK_SETS, EvalSettings, EvaluateConfig
+
+__all__ = ["TASK_SETS", "EvalSettings", "EvaluateConfig"]

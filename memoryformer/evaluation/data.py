@@ -1,0 +1,91 @@
+"""Offline task data: `DIR/<task>/<split>.{jsonl,json,parquet}` in the Hugging Face hub's schema.
+
+lm-evaluation-harness normally downloads each task's dataset from the hub. Our task YAMLs (in
+`memoryformer/evaluation/tasks/`, passed to lm-eval as an `include_path`) keep its prompts and metrics but
+point `custom_dataset` at `load_local`, which reads the split lm-eval evaluates from a local directory.
+The directory comes from lm-eval's task metadata key `data_dir` (evaluate.py sets it from
+`eval.data_dir`; on lm-eval's own CLI pass `--metadata '{"data_dir": "DIR"}'`) or from the environment
+variable `MEMORYFORMER_EVAL_DATA`. `scripts/download_eval_data.py` fills such a directory from the hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+DATA_DIR_ENV = "MEMORYFORMER_EVAL_DATA"
+FORMATS = ("jsonl", "json", "parquet")
+
+#: The split lm-eval scores for each task we ship offline (its `test_split`, else `validation_split`),
+#: and the hub dataset the split comes from (`dataset_path`, `dataset_name` of lm-eval's own YAML).
+EVAL_SPLITS: dict[str, str] = {
+    "piqa": "validation",
+    "winogrande": "validation",
+    "wsc273": "test",
+    "wsc": "validation",
+    "arc_easy": "test",
+    "arc_challenge": "test",
+    "logiqa": "test",
+}
+
+
+class DataError(FileNotFoundError):
+    """A local task data directory that lacks what a task needs; the message names the path and the fix."""
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """`data_dir`, else `$MEMORYFORMER_EVAL_DATA`; raises `DataError` unless it is an existing directory."""
+    raw = data_dir if data_dir not in (None, "") else os.environ.get(DATA_DIR_ENV)
+    if raw in (None, ""):
+        raise DataError(
+            "no local task data directory is set: pass eval.data_dir=DIR to evaluate.py (or "
+            f'--metadata \'{{"data_dir": "DIR"}}\' to lm_eval, or set ${DATA_DIR_ENV}); fill DIR with '
+            "scripts/download_eval_data.py."
+        )
+    path = Path(str(raw)).expanduser()
+    if not path.is_dir():
+        raise DataError(
+            f"task data directory {path} does not exist; create it with "
+            f"`python scripts/download_eval_data.py --out {path}` on a machine with internet."
+        )
+    return path
+
+
+def split_file(data_dir: str | os.PathLike | None, task: str, split: str | None = None) -> Path:
+    """The file holding `task`'s evaluated split under `data_dir` (first of .jsonl, .json, .parquet)."""
+    root = resolve_data_dir(data_dir)
+    split = split or EVAL_SPLITS.get(task)
+    if split is None:
+        raise DataError(
+            f"task {task!r} has no offline data layout; tasks with one are: {', '.join(EVAL_SPLITS)}."
+        )
+    for fmt in FORMATS:
+        candidate = root / task / f"{split}.{fmt}"
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"task {task!r} needs {root / task / (split + '.jsonl')} (or .json/.parquet) with the hub's fields; "
+        f"fill {root} with `python scripts/download_eval_data.py --out {root} --tasks {task}`."
+    )
+
+
+def load_local(task: str | None = None, data_dir: str | None = None, **_metadata: Any):
+    """`custom_dataset` hook of our task YAMLs: a `datasets.DatasetDict` {split: Dataset} read from disk.
+
+    lm-eval calls it with the task's metadata (which carries `data_dir` when set) merged with its
+    `dataset_kwargs` (which carry `task`); other metadata keys (version, model args) are ignored.
+    """
+    import datasets
+
+    if task is None:
+        raise DataError("a memoryformer task YAML lacks dataset_kwargs.task; reinstall the package.")
+    split = EVAL_SPLITS[task]
+    path = split_file(data_dir, task, split)
+    builder = "parquet" if path.suffix == ".parquet" else "json"
+    # keep_in_memory: tiny eval splits need no Arrow cache files next to read-only data dirs.
+    dataset = datasets.load_dataset(builder, data_files={split: str(path)}, keep_in_memory=True)
+    if len(dataset[split]) == 0:
+        raise DataError(f"{path} holds no rows; re-create it with scripts/download_eval_data.py.")
+    return dataset
