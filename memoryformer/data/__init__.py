@@ -1,0 +1,6 @@
+"""Data pipeline: MMIDIDX indexed datasets, GPT-NeoX index mappings, streaming, the sample corpus."""
+
+from memoryformer.data.config import DataConfig
+from memoryformer.data.indexed import DataError, MMapIndexedDataset, MMapIndexedDatasetBuilder
+
+__all__ = ["DataConfig", "DataError", "MMapIndexedDataset", "MMapIndexedDatasetBuilder"]
