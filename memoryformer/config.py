@@ -52,7 +52,7 @@ class ModelConfig:
     code_length: int = 8  # tau
     expand_bits: int = 2  # Memory Block layer 2 reads chunks of tau + expand_bits bits (Table 5)
     norm: str = "rmsnorm"  # norm before the hashes: rmsnorm (released code) | layernorm
-    norm_eps: float = 1e-8  # released code's RMSNorm eps
+    norm_eps: float = 1e-8  # RMSNorm eps (released code); norm=layernorm uses layer_norm_eps instead
     qkv: str = "memory"  # "memory" (three Memory Layers, one shared hash) | "linear" (authors' ablation)
     ffn: str = "memory_block"  # "memory_block" | "mlp" (4x GELU MLP)
     weighting: str = "l1_prob"  # released code: ||z||_1 * p(z; t=1); "prob": paper's p(z; t)
@@ -62,7 +62,7 @@ class ModelConfig:
 
     # --- Pythia (GPT-NeoX) block ---
     intermediate_size: int = 0  # 0 means 4 * n_embd
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # every nn.LayerNorm (Pythia's, and MemoryFormer's with norm=layernorm)
     parallel_residual: bool = True
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. source of a preset)
@@ -116,7 +116,9 @@ class ModelConfig:
                 f"which must be even; pick rotary_pct so that head_size * rotary_pct is even."
             )
         if self.intermediate_size < 0:
-            raise ConfigError(f"model.intermediate_size={self.intermediate_size} must be >= 0 (0 = 4*n_embd).")
+            raise ConfigError(
+                f"model.intermediate_size={self.intermediate_size} must be >= 0 (0 = 4*n_embd)."
+            )
         if self.block == "pythia":
             return
         _choice("model.norm", self.norm, NORM_TYPES)
@@ -126,7 +128,8 @@ class ModelConfig:
         _choice("model.memory_impl", self.memory_impl, MEMORY_IMPLS)
         if self.num_tables <= 0 or self.code_length <= 0:
             raise ConfigError(
-                f"model.num_tables={self.num_tables} and model.code_length={self.code_length} must be positive."
+                f"model.num_tables={self.num_tables} and model.code_length={self.code_length} "
+                f"must be positive."
             )
         if self.num_tables * self.code_length != self.n_embd:
             raise ConfigError(
@@ -209,5 +212,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 #: The six models of the paper's Table 1, in its row order.
 PAPER_MODELS = (
-    "pythia_70m", "memoryformer_tiny", "pythia_160m", "memoryformer_small", "pythia_410m", "memoryformer_base",
+    "pythia_70m", "memoryformer_tiny",
+    "pythia_160m", "memoryformer_small",
+    "pythia_410m", "memoryformer_base",
 )

@@ -1,0 +1,69 @@
+"""Weight initialisation as in the released code (GPT-NeoX `small_init` / `wang_init`).
+
+- `small_init`, N(0, sqrt(2 / (5 d))): token embedding, LM head, Q/K/V (Memory Layer tables or linears),
+  Pythia's fused QKV and every MLP input layer.
+- `wang_init`, N(0, 2 / (n_layer * sqrt(d))): layers that write into the residual stream through a dense
+  output (Pythia's attention `dense`, every MLP's `fc_out`). MemoryFormer has no such layer by default.
+- Memory Block tables keep the Memory Layer's own N(0, 0.02); every Memory Layer bias is 0.001 * N(0, 1).
+- Linear biases 0; norm scales 1 and norm biases 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from memoryformer.config import ModelConfig
+from memoryformer.models.attention import MemoryFormerAttention, NeoXAttention
+from memoryformer.models.blocks import MLP, MemoryBlock
+from memoryformer.nn.memory_layer import MemoryLayer
+from memoryformer.nn.norms import RMSNorm
+
+MEMORY_BLOCK_TABLE_STD = 0.02
+
+
+def small_init_std(d: int) -> float:
+    """sqrt(2 / (5 d)), GPT-NeoX `small_init` (Nguyen and Salazar 2019)."""
+    return math.sqrt(2.0 / (5.0 * d))
+
+
+def wang_init_std(d: int, n_layer: int) -> float:
+    """2 / (n_layer * sqrt(d)), GPT-NeoX `wang_init` for residual output layers."""
+    return 2.0 / (n_layer * math.sqrt(d))
+
+
+def _init_projection(module: nn.Module, std: float) -> None:
+    if isinstance(module, MemoryLayer):
+        module.init_std = std
+        module.reset_parameters()  # tables N(0, std^2), bias 0.001 * N(0, 1)
+    elif isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    else:
+        raise TypeError(f"cannot initialise a projection of type {type(module).__name__}.")
+
+
+def init_weights(model: nn.Module, config: ModelConfig) -> None:
+    """Initialise every parameter of a `LanguageModel` in place by the rules in this module's docstring."""
+    small = small_init_std(config.n_embd)
+    wang = wang_init_std(config.n_embd, config.n_layer)
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=small)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            module.reset_parameters()
+        elif isinstance(module, MemoryFormerAttention):
+            for proj in (module.q_proj, module.k_proj, module.v_proj):
+                _init_projection(proj, small)
+        elif isinstance(module, NeoXAttention):
+            _init_projection(module.query_key_value, small)
+            _init_projection(module.dense, wang)
+        elif isinstance(module, MemoryBlock):
+            _init_projection(module.layer1, MEMORY_BLOCK_TABLE_STD)
+            _init_projection(module.layer2, MEMORY_BLOCK_TABLE_STD)
+        elif isinstance(module, MLP):
+            _init_projection(module.fc_in, small)
+            _init_projection(module.fc_out, wang)
+    _init_projection(model.lm_head, small)
