@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memoryformer.nn.memory_ops import IMPLS, hash_inference, weighted_lookup
+
 WEIGHTINGS = ("l1_prob", "prob")
 MAX_CODE_LENGTH = 16
 
@@ -140,9 +142,10 @@ class MemoryLayer(nn.Module):
     trained the paper's published numbers; "prob" is the paper's p(z; t) with `temperature` t.
     `bias` defaults to True as in the released code (init 0.001 * N(0, 1)); the paper's Eq. 11 has none.
 
-    Precision: the weights are computed in at least float32; the lookup runs in the tables' dtype (the
-    weights are cast to it, as `embedding_bag` requires), also under `torch.autocast`, because casting the
-    tables (hundreds of MB) every step would cost far more than reading K rows per token.
+    Precision: the weights are computed in at least float32; the lookup returns the tables' dtype and
+    accumulates in fp32, also under `torch.autocast`, because casting the tables (hundreds of MB) every
+    step would cost far more than reading K rows per token. `impl` picks the lookup's compute path
+    ("auto" | "torch" | "fused" | "triton", see `memoryformer.nn.memory_ops`).
 
     Several layers reading the same input share one hash: `h = q.hash(x)`, then `q(x, hashed=h)`,
     `k(x, hashed=h)`, ...; the weights are those of the hashing layer's weighting. Set
@@ -161,8 +164,12 @@ class MemoryLayer(nn.Module):
         init_std: float = 0.02,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r} is not supported; choose one of: {', '.join(IMPLS)}.")
+        self.impl = impl
         _check_code_length(code_length)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -199,6 +206,9 @@ class MemoryLayer(nn.Module):
             raise ValueError(
                 f"MemoryLayer expects input of shape [..., {self.in_features}], got shape {tuple(x.shape)}."
             )
+        fused = hash_inference(x, self.code_length, self.weighting, self.temperature, self.impl)
+        if fused is not None:  # no gradient needed: one C++ call instead of a dozen small ops
+            return HashCodes(rows=fused[0], weights=fused[1], code_length=self.code_length)
         return hash_chunks(x, self.code_length, self.weighting, self.temperature)
 
     def lookup(self, hashed: HashCodes) -> torch.Tensor:
@@ -218,8 +228,8 @@ class MemoryLayer(nn.Module):
             self.last_codes = hashed.codes().detach().to(torch.int32)
         lead = hashed.rows.shape[:-1]
         rows = hashed.rows.reshape(-1, self.num_tables)
-        weights = hashed.weights.reshape(-1, self.num_tables).to(self.tables.dtype)
-        y = F.embedding_bag(rows, self.tables, mode="sum", per_sample_weights=weights)
+        weights = hashed.weights.reshape(-1, self.num_tables)
+        y = weighted_lookup(rows, weights, self.tables, impl=self.impl)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)

@@ -1,0 +1,196 @@
+"""Compute paths of the Memory Layer lookup, all computing the same function (paper Eq. 11-12):
+
+    y[n] = sum_k w[n, k] * tables[rows[n, k]]          rows int64 [..., K], w [..., K], tables [R, D]
+
+with fp32 accumulation whatever the tables' dtype; y has the tables' dtype. Gradients: the tables get
+`w[n, k] * dy[n]` on the selected rows only, and `w[n, k]` gets `<dy[n], tables[rows[n, k]]>`.
+
+Paths (`impl`, the `model.memory_impl` config key):
+- "torch": the readable reference, the authors' gather -> multiply -> sum. It materialises a
+  `[..., K, D]` tensor, so it is slow and memory hungry; it is the definition the others are tested against.
+- "fused": one pass over rows, weights and tables. On CPU a C++/OpenMP extension
+  (`memoryformer/kernels/memory_lookup.cpp`, built on first use and cached) whose backward accumulates the
+  table gradient per row chunk, without atomics and deterministically; on CUDA `F.embedding_bag`, one
+  fused gather-weighted-sum kernel. Without a C++ compiler it falls back to `F.embedding_bag` on CPU too,
+  with a one-line warning.
+- "triton": reserved for a fused GPU kernel; not part of this build, so it fails with a clear message.
+- "auto": "fused" (the fastest path measured on every device we have; see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+IMPLS = ("auto", "torch", "fused", "triton")
+KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "memory_lookup.cpp"
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def reference_lookup(rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """The authors' torch path: gather `[..., K, D]`, multiply by `[..., K, 1]`, sum over K -> `[..., D]`.
+
+    Accumulates in at least float32 and returns the tables' dtype. Low-precision tables are widened before
+    the gather, so that the gather's backward (a scatter-add into the table gradient) also sums in fp32.
+    """
+    acc = torch.promote_types(tables.dtype, torch.float32)
+    gathered = tables.to(acc)[rows]
+    return (gathered * weights.to(acc).unsqueeze(-1)).sum(dim=-2).to(tables.dtype)
+
+
+def embedding_bag_lookup(rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """`F.embedding_bag(mode="sum", per_sample_weights=...)`: `[N, K]` rows and weights -> `[N, D]`.
+
+    On CPU, low-precision tables are read through an fp32 copy so that the sum accumulates in fp32; on
+    CUDA the kernel accumulates in fp32 itself, but the weights are rounded to the tables' dtype.
+    """
+    if tables.device.type == "cpu" and tables.dtype != torch.float32 and tables.dtype != torch.float64:
+        return F.embedding_bag(rows, tables.float(), mode="sum", per_sample_weights=weights.float()).to(
+            tables.dtype
+        )
+    return F.embedding_bag(rows, tables, mode="sum", per_sample_weights=weights.to(tables.dtype))
+
+
+def _extension_name() -> str:
+    # -march=native code must not be reused on another CPU (e.g. a shared home directory on a cluster),
+    # so the CPU's identity is part of the cached build's name.
+    ident = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            ident += "".join(line for line in f if line.startswith(("flags", "model name")))[:4096]
+    except OSError:
+        pass
+    return "memoryformer_lookup_" + hashlib.sha1(ident.encode()).hexdigest()[:10]
+
+
+@functools.cache
+def load_cpu_extension() -> object | None:
+    """`torch.ops.memoryformer`, holding the C++/OpenMP kernels `lookup_forward` and `lookup_backward`,
+    built on first call (seconds) and cached on disk; None, with a one-line warning, if the build fails.
+
+    Set `MEMORYFORMER_NO_EXTENSION=1` to skip the build and use the `F.embedding_bag` fallback.
+    """
+    if os.environ.get("MEMORYFORMER_NO_EXTENSION", "0") not in ("", "0"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(
+            name=_extension_name(),
+            sources=[str(KERNEL_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        return torch.ops.memoryformer
+    except Exception as err:  # any build failure (no compiler, no ninja, bad flags) -> the portable path
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(
+            f"memoryformer: could not build the C++ Memory Layer kernel ({first_line}); "
+            f"using the slower F.embedding_bag path.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+class _CpuFusedLookup(torch.autograd.Function):
+    """Autograd wrapper of the C++ kernels: `[N, K]` int64 rows, fp32 weights, `[R, D]` tables -> `[N, D]`."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows, weights, tables)
+        return load_cpu_extension().lookup_forward(rows, weights, tables)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, weights, tables = ctx.saved_tensors
+        need_weights, need_tables = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_tables, grad_weights = load_cpu_extension().lookup_backward(
+            grad_out.float().contiguous(), rows, weights, tables, need_tables, need_weights
+        )
+        return None, grad_weights if need_weights else None, grad_tables if need_tables else None
+
+
+def hash_inference(
+    x: torch.Tensor, code_length: int, weighting: str, temperature: float, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The Memory Layer hash in one fused C++ call: `x` `[..., K * tau]` -> (rows int64 `[..., K]`,
+    weights float32 `[..., K]`), the same values as `memory_layer.hash_chunks`.
+
+    Only where no gradient is needed (decoding, evaluation), `impl` is not "torch" and the kernel is built;
+    returns None otherwise, and the caller hashes with torch ops. At one token the dozen small torch ops of
+    the hash cost several times the K-row lookup itself.
+    """
+    if (
+        impl in ("torch", "triton")
+        or (torch.is_grad_enabled() and x.requires_grad)
+        or x.device.type != "cpu"
+        or x.dtype not in _KERNEL_DTYPES
+        or weighting not in ("l1_prob", "prob")
+        or x.dim() == 0
+        or x.shape[-1] % code_length
+        or load_cpu_extension() is None
+    ):
+        return None
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows, weights = load_cpu_extension().hash_forward(
+        x.reshape(-1, d).contiguous(), code_length, weighting == "l1_prob", float(temperature)
+    )
+    k = d // code_length
+    return rows.reshape(*lead, k), weights.reshape(*lead, k)
+
+
+def resolve_impl(impl: str, tables: torch.Tensor) -> str:
+    """The concrete path for `impl` on the tables' device and dtype: "torch", "cpu_kernel" or
+    "embedding_bag"."""
+    if impl not in IMPLS:
+        raise ValueError(f"memory_impl={impl!r} is not supported; choose one of: {', '.join(IMPLS)}.")
+    if impl == "triton":
+        raise ValueError(
+            "memory_impl='triton' is not available: this build has no Triton kernel (it needs a GPU to "
+            "develop and test); use memory_impl=fused or auto, which run a fused kernel on CPU and CUDA."
+        )
+    if impl == "torch":
+        return "torch"
+    if tables.device.type == "cpu" and tables.dtype in _KERNEL_DTYPES and load_cpu_extension() is not None:
+        return "cpu_kernel"
+    if tables.dtype == torch.float64:
+        return "torch"  # no fused path keeps float64 exact on every device; float64 is for tests
+    return "embedding_bag"
+
+
+def weighted_lookup(
+    rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor, impl: str = "auto"
+) -> torch.Tensor:
+    """`sum_k weights[..., k] * tables[rows[..., k]]`: rows int64 `[..., K]`, weights `[..., K]`,
+    tables `[R, D]` -> `[..., D]` in the tables' dtype, accumulated in fp32, by the path `impl`."""
+    if rows.shape != weights.shape:
+        raise ValueError(f"rows {tuple(rows.shape)} and weights {tuple(weights.shape)} must have one shape.")
+    path = resolve_impl(impl, tables)
+    if path == "torch":
+        return reference_lookup(rows, weights, tables)
+    lead, k = rows.shape[:-1], rows.shape[-1]
+    flat_rows = rows.reshape(-1, k)
+    flat_weights = weights.reshape(-1, k)
+    if path == "embedding_bag":
+        out = embedding_bag_lookup(flat_rows, flat_weights, tables)
+    else:
+        flat_rows = flat_rows.contiguous()
+        flat_weights = flat_weights.float().contiguous()
+        tables = tables.contiguous()
+        if torch.is_grad_enabled() and (weights.requires_grad or tables.requires_grad):
+            out = _CpuFusedLookup.apply(flat_rows, flat_weights, tables)
+        else:  # decoding: skip the autograd wrapper, whose overhead would rival the read of K rows
+            out = load_cpu_extension().lookup_forward(flat_rows, flat_weights, tables)
+    return out.reshape(*lead, tables.shape[-1])

@@ -1,0 +1,262 @@
+"""The Memory Layer's compute paths (`memoryformer.nn.memory_ops`) all compute paper Eq. 11-12.
+
+Every path is checked, forward and all gradients, against a float64 reference written here (index_add
+over the selected rows, and the closed-form gradients of Eq. 12: the tables get w * dy on the selected
+rows only, the weights get <dy, row>), on shapes with K = 1, odd output widths and tau up to 10, and with
+bf16 / fp16 tables whose sums must accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from memoryformer.nn import memory_ops
+from memoryformer.nn.memory_layer import MemoryLayer
+from memoryformer.nn.memory_ops import weighted_lookup
+
+HAS_KERNEL = memory_ops.load_cpu_extension() is not None
+IMPLS = ["torch", "fused", "auto"]
+# (tokens, K, out width, tau): K = 1, odd widths, widths below / between / above the 64-column SIMD tile,
+# tau up to 10 (1024 rows per table, the Memory Block's second layer at tau = 8 + 2).
+SHAPES = [(1, 1, 1, 1), (5, 1, 64, 8), (7, 3, 37, 4), (33, 16, 130, 10), (4, 2, 72, 10), (64, 8, 512, 8)]
+
+
+def make_inputs(n, k, d, tau, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tables = torch.randn(k << tau, d, generator=gen, dtype=torch.float64)
+    rows = torch.randint(0, 1 << tau, (n, k), generator=gen) + (torch.arange(k) << tau)
+    weights = torch.rand(n, k, generator=gen, dtype=torch.float64) * 2
+    grad_out = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return rows, weights, tables, grad_out
+
+
+def float64_reference(rows, weights, tables, grad_out):
+    """y, dL/dtables, dL/dweights in float64 by explicit sums (independent of the code under test)."""
+    n, k = rows.shape
+    y = torch.zeros(n, tables.shape[1], dtype=torch.float64)
+    token = torch.arange(n).repeat_interleave(k)
+    y.index_add_(0, token, tables.double()[rows.reshape(-1)] * weights.double().reshape(-1, 1))
+    grad_tables = torch.zeros_like(tables, dtype=torch.float64)
+    grad_tables.index_add_(0, rows.reshape(-1), grad_out.double()[token] * weights.double().reshape(-1, 1))
+    grad_weights = (tables.double()[rows] * grad_out.double()[:, None, :]).sum(-1)
+    return y, grad_tables, grad_weights
+
+
+def run(impl, rows, weights, tables, grad_out):
+    tables = tables.detach().clone().requires_grad_(True)
+    weights = weights.detach().clone().requires_grad_(True)
+    y = weighted_lookup(rows, weights, tables, impl=impl)
+    y.backward(grad_out.to(y.dtype))
+    return y, tables.grad, weights.grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp32_paths_match_float64_reference(impl, shape):
+    rows, weights, tables, grad_out = make_inputs(*shape)
+    t32, w32 = tables.float(), weights.float()
+    ref_y, ref_gt, ref_gw = float64_reference(rows, w32, t32, grad_out.float())
+    y, gt, gw = run(impl, rows, w32, t32, grad_out.float())
+    assert y.dtype == gt.dtype == torch.float32 and y.shape == (shape[0], shape[2])
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), ref_y, **tol)
+    torch.testing.assert_close(gt.double(), ref_gt, **tol)
+    torch.testing.assert_close(gw.double(), ref_gw, **tol)
+
+
+def test_float64_stays_exact():
+    rows, weights, tables, grad_out = make_inputs(9, 4, 24, 6)
+    ref = float64_reference(rows, weights, tables, grad_out)
+    for impl in IMPLS:
+        for got, want in zip(run(impl, rows, weights, tables, grad_out), ref, strict=True):
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_low_precision_tables(impl, dtype):
+    rows, weights, tables, grad_out = make_inputs(40, 8, 130, 8, seed=3)
+    tables = tables.to(dtype)  # the reference reads the same rounded table values
+    ref_y, ref_gt, ref_gw = float64_reference(rows, weights.float(), tables, grad_out.to(dtype))
+    y, gt, gw = run(impl, rows, weights.float(), tables, grad_out)
+    assert y.dtype == gt.dtype == dtype and gw.dtype == torch.float32
+    eps = torch.finfo(dtype).eps  # one rounding of an fp32 sum to the tables' dtype
+    torch.testing.assert_close(y.double(), ref_y, rtol=eps, atol=1e-6)
+    torch.testing.assert_close(gt.double(), ref_gt, rtol=eps, atol=1e-6)
+    torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_low_precision_accumulates_in_fp32(impl, dtype):
+    # 1 + 63 * 2**-12 = 1.01538...: in bf16 (ulp 2**-7 at 1) or fp16 (ulp 2**-10) each small term added to
+    # a running low-precision sum rounds away, giving exactly 1; an fp32 sum keeps them all.
+    k, d, tau = 64, 3, 1
+    tables = torch.full((k << tau, d), 2.0**-12, dtype=dtype)
+    tables[0] = 1.0
+    rows = (torch.arange(k) << tau).unsqueeze(0)
+    weights = torch.ones(1, k)
+    y = weighted_lookup(rows, weights, tables, impl=impl)
+    expected = torch.tensor(1 + 63 * 2.0**-12).to(dtype)
+    assert y.dtype == dtype and expected != 1.0
+    assert torch.equal(y, expected.expand(1, d))
+    # Same for the table gradient: 64 tokens add 2**-12 each to one row already holding 1 from token 0.
+    tables.requires_grad_(True)
+    rows = torch.zeros(k, 1, dtype=torch.int64)
+    grad_out = torch.full((k, d), 2.0**-12, dtype=dtype)
+    grad_out[0] = 1.0
+    y = weighted_lookup(rows, torch.ones(k, 1), tables, impl=impl)
+    (grad_tables,) = torch.autograd.grad(y, tables, grad_out)
+    assert torch.equal(grad_tables[0], expected.expand(d))
+
+
+def test_leading_dims_and_no_grad_decode_path():
+    rows, weights, tables, _ = make_inputs(6, 4, 40, 5)
+    rows, weights, tables = rows.reshape(2, 3, 4), weights.float().reshape(2, 3, 4), tables.float()
+    with torch.no_grad():
+        outs = [weighted_lookup(rows, weights, tables, impl=impl) for impl in IMPLS]
+    ref = float64_reference(rows.reshape(6, 4), weights.reshape(6, 4), tables, torch.zeros(6, 40))[0]
+    for out in outs:
+        assert out.shape == (2, 3, 40)
+        torch.testing.assert_close(out.reshape(6, 40).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_only_weights_or_only_tables_need_grad():
+    rows, weights, tables, grad_out = make_inputs(10, 4, 33, 4)
+    ref_y, ref_gt, ref_gw = float64_reference(rows, weights, tables, grad_out)
+    w = weights.float().requires_grad_(True)
+    (gw,) = torch.autograd.grad(weighted_lookup(rows, w, tables.float(), impl="fused"), w, grad_out.float())
+    torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-5)
+    t = tables.float().requires_grad_(True)
+    (gt,) = torch.autograd.grad(weighted_lookup(rows, weights.float(), t, impl="fused"), t, grad_out.float())
+    torch.testing.assert_close(gt.double(), ref_gt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
+def test_fused_backward_is_deterministic_and_uses_the_kernel():
+    rows, weights, tables, grad_out = make_inputs(300, 16, 96, 4, seed=7)  # many repeats of each row
+    tables = tables.float()
+    assert memory_ops.resolve_impl("fused", tables) == "cpu_kernel"
+    assert memory_ops.resolve_impl("auto", tables) == "cpu_kernel"
+    first = run("fused", rows, weights.float(), tables, grad_out.float())
+    second = run("fused", rows, weights.float(), tables, grad_out.float())
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_layer_impls_agree_on_all_gradients(dtype):
+    """The layer (hash + lookup + bias) gives the same output and x / tables / bias gradients per path."""
+    torch.manual_seed(0)
+    base = MemoryLayer(40, 27, code_length=10, impl="torch")
+    with torch.no_grad():
+        base.tables.normal_()
+    base = base.to(dtype)
+    x0 = torch.randn(2, 5, 40)
+    grad_out = torch.randn(2, 5, 27).to(dtype)
+    results = {}
+    for impl in IMPLS:
+        layer = MemoryLayer(40, 27, code_length=10, impl=impl).to(dtype)
+        layer.load_state_dict(base.state_dict())
+        x = x0.clone().requires_grad_(True)
+        layer(x).backward(grad_out)
+        results[impl] = (layer(x).detach(), layer.tables.grad, layer.bias.grad, x.grad)
+    # float64 reference of the whole layer: the torch path with every tensor in float64.
+    ref_layer = MemoryLayer(40, 27, code_length=10, impl="torch").double()
+    ref_layer.load_state_dict({k: v.double() for k, v in base.state_dict().items()})
+    x = x0.double().requires_grad_(True)
+    ref_y = ref_layer(x)
+    ref_y.backward(grad_out.double())
+    ref = (ref_y.detach(), ref_layer.tables.grad, ref_layer.bias.grad, x.grad)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    for impl, got in results.items():
+        for name, g, r in zip(("y", "tables", "bias", "x"), got, ref, strict=True):
+            assert g.dtype == (torch.float32 if name == "x" else dtype), (impl, name)
+            torch.testing.assert_close(g.double(), r, rtol=rtol, atol=rtol * r.abs().max().item(),
+                                       msg=f"{impl} {name}")
+
+
+def test_embedding_bag_fallback_matches(monkeypatch):
+    """Without a compiler the fused path falls back to F.embedding_bag, with one warning, same numbers."""
+    import torch.utils.cpp_extension as cpp
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: g++ not found\nmore detail")
+
+    monkeypatch.setattr(cpp, "load", no_compiler)
+    memory_ops.load_cpu_extension.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert memory_ops.load_cpu_extension() is None
+        assert len(caught) == 1 and "g++ not found" in str(caught[0].message)
+        assert "\n" not in str(caught[0].message)
+        for dtype in (torch.float32, torch.bfloat16):
+            rows, weights, tables, grad_out = make_inputs(12, 4, 19, 6, seed=2)
+            tables = tables.to(dtype)
+            assert memory_ops.resolve_impl("fused", tables) == "embedding_bag"
+            ref_y, ref_gt, ref_gw = float64_reference(rows, weights.float(), tables, grad_out.to(dtype))
+            y, gt, gw = run("fused", rows, weights.float(), tables, grad_out)
+            assert y.dtype == gt.dtype == dtype
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(y.double(), ref_y, rtol=eps, atol=1e-6)
+            torch.testing.assert_close(gt.double(), ref_gt, rtol=eps, atol=1e-6)
+            torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-5)
+    finally:
+        memory_ops.load_cpu_extension.cache_clear()
+
+
+def test_bad_impl_and_triton_and_bad_rows_fail_clearly():
+    rows, weights, tables, _ = make_inputs(3, 2, 8, 3)
+    with pytest.raises(ValueError, match="choose one of: auto, torch, fused, triton"):
+        weighted_lookup(rows, weights, tables, impl="cuda")
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        MemoryLayer(8, 4, code_length=4, impl="cuda")
+    with pytest.raises(ValueError, match="triton"):
+        weighted_lookup(rows, weights, tables.float(), impl="triton")
+    with pytest.raises(ValueError, match="must have one shape"):
+        weighted_lookup(rows, weights[:, :1], tables, impl="fused")
+    if HAS_KERNEL:
+        with pytest.raises(RuntimeError, match="outside the table"):
+            weighted_lookup(rows + 1000, weights.float(), tables.float(), impl="fused")
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("weighting", "temperature", "tau"), [("l1_prob", 1.0, 8), ("prob", 0.5, 10),
+                                                               ("prob", 2.0, 1), ("l1_prob", 1.0, 16)])
+def test_fused_inference_hash_matches_hash_chunks(dtype, weighting, temperature, tau):
+    from memoryformer.nn.memory_layer import hash_chunks
+
+    gen = torch.Generator().manual_seed(tau)
+    x = (torch.randn(3, 5, 4 * tau, generator=gen) * 3).to(dtype)
+    x[0, 0, :tau] = 0.0  # sign(0) = +1: code all ones, p = 2**-tau
+    x[0, 1, :tau] = -0.0
+    with torch.no_grad():
+        rows, weights = memory_ops.hash_inference(x, tau, weighting, temperature, impl="fused")
+    ref = hash_chunks(x.double(), tau, weighting, temperature)
+    assert rows.shape == weights.shape == (3, 5, 4) and weights.dtype == torch.float32
+    assert torch.equal(rows, ref.rows)
+    assert torch.all(rows[0, :2, 0] == (1 << tau) - 1)
+    torch.testing.assert_close(weights.double(), ref.weights, rtol=2e-6, atol=1e-30)
+    # A gradient-carrying input, or the torch path, is left to hash_chunks (autograd).
+    assert memory_ops.hash_inference(x.float().requires_grad_(True), tau, weighting, temperature) is None
+    assert memory_ops.hash_inference(x, tau, weighting, temperature, impl="torch") is None
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
+def test_memory_layer_decode_path_equals_training_path():
+    torch.manual_seed(1)
+    layer = MemoryLayer(64, 48, code_length=8)
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        fast = layer(x)  # fused hash + kernel lookup
+    slow = layer(x.clone().requires_grad_(True))  # torch hash + autograd lookup
+    reference = MemoryLayer(64, 48, code_length=8, impl="torch")
+    reference.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fast, reference(x).detach(), rtol=1e-6, atol=1e-7)
