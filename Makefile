@@ -6,7 +6,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 PIP         := $(VENV)/bin/pip
 STAMP       := $(VENV)/.installed
-EXTRAS      ?= dev,eval,deepspeed,wandb
+EXTRAS      ?= dev,eval,deepspeed,wandb,tensorboard
 TORCH_PIN   ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1

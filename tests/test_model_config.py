@@ -46,7 +46,10 @@ def test_paper_models_are_presets():
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        ({"num_tables": 60}, "model.n_embd=512 must equal model.num_tables (K=60) * model.code_length (tau=8)"),
+        (
+            {"num_tables": 60},
+            "model.n_embd=512 must equal model.num_tables (K=60) * model.code_length (tau=8)",
+        ),
         ({"n_head": 7}, "model.n_embd=512 is not divisible by model.n_head=7"),
         ({"block": "mamba"}, "model.block='mamba' is not supported"),
         ({"expand_bits": 4}, "model.expand_bits=4"),

@@ -1,0 +1,87 @@
+"""Structured (typed) schema of `train.py`'s config, registered in Hydra's ConfigStore as `train_schema`.
+
+`conf/config.yaml` lists `train_schema` first in its defaults, so every composed config is checked against
+these dataclasses: a misspelt key (`optim.lrr=1`) or a wrong type (`optim.lr=fast`) fails at composition
+with OmegaConf's message naming the key. The model and data groups reuse the dataclasses that validate
+them (`ModelConfig`, `DataConfig`); `trainer`, `logger` and `callbacks` are free-form because their keys
+are Lightning's own arguments (`trainer.max_steps=60` is `Trainer(max_steps=60)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from memoryformer.config import ModelConfig
+from memoryformer.data.config import DataConfig
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule and clipping (`conf/optim/*.yaml`); defaults are the paper's MemoryFormer recipe.
+
+    lr 3e-3 is 3x Pythia-70M's (paper section 3); min lr is 0.01 * lr as in the released configs.
+    """
+
+    name: str = "adamw"  # "adamw" (decoupled decay, the released FusedAdam) | "adam" (L2 decay)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_tables: bool = True  # weight decay on Memory Layer tables (released code: yes)
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
+    warmup_ratio: float = 0.01  # share of max_steps spent in linear warmup
+    warmup_steps: int | None = None  # overrides warmup_ratio when set
+    decay_steps: int | None = None  # steps until min lr; None: max_steps (GPT-NeoX lr-decay-iters unset)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    """The root of `train.py`'s config: groups plus the run-level keys that tie them together.
+
+    Batch arithmetic: `global_batch_size` sequences per optimizer step =
+    micro batch x `trainer.accumulate_grad_batches` x devices x `trainer.num_nodes`.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] | None = None
+    callbacks: dict[str, Any] | None = None
+    paths: dict[str, Any] = field(default_factory=dict)
+
+    name: str = "run"  # run name: output folder and logger run name
+    seed: int = 1234
+    global_batch_size: int = 32  # sequences per optimizer step, all devices together
+    max_tokens: int | None = None  # token budget; sets trainer.max_steps when given
+    val_every_n_steps: int | None = None  # optimizer steps between validations (None: once per epoch)
+    validate_at_start: bool = False  # log val/loss of the untrained model at step 0 (fresh runs only)
+    ckpt_every_n_steps: int | None = None  # optimizer steps between checkpoints (None: only last)
+    keep_last_k: int = 3  # step checkpoints kept (last.ckpt is kept in addition)
+    ckpt_path: str | None = None  # resume from: a .ckpt path, "last" (newest last.ckpt of this name) or null
+    activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
+    compile: bool = False  # torch.compile the model for training
+    peak_tflops_per_device: float | None = None  # for MFU (2 FLOPs per multiply-add); None: MFU not logged
+    bucket_stats_every_n_steps: int = 50  # Memory Layer bucket-usage stats cadence; 0 disables
+    export_final: bool = True  # write the final model with memoryformer.checkpoint.export_model
+    print_config: bool = True
+    validate_only: bool = False  # build and check everything, then exit without training (tests, dry runs)
+
+
+def register_configs() -> None:
+    """Register `TrainConfig` as `train_schema` and `OptimConfig` as `optim/optim_schema` (ConfigStore).
+
+    Also registers the `div` resolver used by the hash-shape sweep.
+    """
+    if not OmegaConf.has_resolver("div"):
+        # `${div:a,b}` = a // b, e.g. model.num_tables=${div:${model.n_embd},${model.code_length}} in sweeps
+        OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)

@@ -1,0 +1,282 @@
+"""Training callbacks: throughput/MFU, Memory Layer bucket usage, loss printing, graceful interrupt.
+
+FLOP convention: `memoryformer.flops.training_flops_per_token` counts a multiply-add as ONE FLOP (the
+paper's convention); the TFLOP/s and MFU logged here use the usual MFU convention of TWO FLOPs per
+multiply-add, so `train/tflops` is comparable with a GPU's datasheet peak (e.g. H100 SXM bf16 dense 989).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from memoryformer.nn.memory_layer import MemoryLayer
+
+FLOPS_PER_MAC = 2
+
+
+def _batch_tokens(batch: Any) -> int:
+    ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+    return int(ids.numel())
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs `train/tokens_seen`, `train/tokens_per_s`, `train/tflops` and (with a peak) `train/mfu`.
+
+    Measured per optimizer step, all ranks together (`tokens per rank x world size`), wall time between
+    consecutive step ends with validation time excluded. `flops_per_token` is in multiply-adds (paper
+    convention) and is doubled here; `peak_tflops_per_device` uses the same 2-FLOPs-per-MAC convention.
+    """
+
+    def __init__(
+        self, flops_per_token: float | None = None, peak_tflops_per_device: float | None = None
+    ) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak_tflops_per_device = peak_tflops_per_device
+        self.tokens_seen = 0
+        self._step_tokens = 0
+        self._last_step = -1
+        self._t_last: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._t_last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._step_tokens += _batch_tokens(batch) * trainer.world_size
+        if trainer.global_step == self._last_step:
+            return  # still accumulating gradients
+        self._last_step = trainer.global_step
+        now = time.perf_counter()
+        dt = now - (self._t_last or now)
+        self._t_last = now
+        self.tokens_seen += self._step_tokens
+        metrics = {"train/tokens_seen": float(self.tokens_seen)}
+        if dt > 0:
+            tps = self._step_tokens / dt
+            metrics["train/tokens_per_s"] = tps
+            if self.flops_per_token:
+                tflops = FLOPS_PER_MAC * self.flops_per_token * tps / 1e12
+                metrics["train/tflops"] = tflops
+                if self.peak_tflops_per_device:
+                    metrics["train/mfu"] = tflops / (self.peak_tflops_per_device * trainer.world_size)
+        self._step_tokens = 0
+        pl_module.log(
+            "train/tokens_per_s", metrics.pop("train/tokens_per_s", 0.0), prog_bar=True, on_step=True
+        )
+        pl_module.log_dict(metrics, on_step=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t_last = time.perf_counter()  # validation time is not training throughput
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens_seen = int(state_dict["tokens_seen"])
+
+
+def bucket_usage(codes: torch.Tensor, code_length: int) -> torch.Tensor:
+    """Share of the 2**tau buckets of each table hit at least once. `codes` `[..., K]` -> `[K]` in (0, 1]."""
+    k = codes.shape[-1]
+    flat = codes.reshape(-1, k).long() + (torch.arange(k, device=codes.device) << code_length)
+    counts = torch.bincount(flat.reshape(-1), minlength=k << code_length).view(k, 1 << code_length)
+    return (counts > 0).float().mean(dim=1)
+
+
+class BucketUsageMonitor(L.Callback):
+    """Every `every_n_steps`, logs per Memory Layer the mean hash weight and the share of buckets used.
+
+    Keys: `hash/<layer>/weight_mean`, `buckets/<layer>/used_min` and `used_mean` (over the K tables), and
+    model-wide `buckets/used_min` and `hash/weight_mean`. A table whose codes collapse onto a few buckets is
+    a training bug, so a table using at most `collapse_share` of its buckets also triggers a warning.
+    """
+
+    def __init__(self, every_n_steps: int = 50, collapse_share: float = 1 / 64) -> None:
+        self.every_n_steps = every_n_steps
+        self.collapse_share = collapse_share
+        self._hooks: list[Any] = []
+        self._stats: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _layers(self, pl_module: L.LightningModule) -> dict[str, MemoryLayer]:
+        model = getattr(pl_module, "model", pl_module)
+        return {name: m for name, m in model.named_modules() if isinstance(m, MemoryLayer)}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.every_n_steps <= 0 or self._hooks or trainer.global_step % self.every_n_steps:
+            return
+        for name, layer in self._layers(pl_module).items():
+            self._hooks.append(layer.register_forward_hook(self._make_hook(name), with_kwargs=True))
+
+    def _make_hook(self, name: str):
+        def hook(module: MemoryLayer, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            with torch.no_grad():
+                hashed = kwargs.get("hashed") or (args[1] if len(args) > 1 else None) or module.hash(args[0])
+                self._stats[name] = {
+                    "used": bucket_usage(hashed.codes(), module.code_length),
+                    "weight_mean": hashed.weights.float().mean(),
+                }
+
+        return hook
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._hooks:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if not self._stats:
+            return
+        metrics: dict[str, float] = {}
+        for name, s in self._stats.items():
+            metrics[f"buckets/{name}/used_min"] = float(s["used"].min())
+            metrics[f"buckets/{name}/used_mean"] = float(s["used"].mean())
+            metrics[f"hash/{name}/weight_mean"] = float(s["weight_mean"])
+        used_min = min(float(s["used"].min()) for s in self._stats.values())
+        metrics["buckets/used_min"] = used_min
+        metrics["hash/weight_mean"] = sum(float(s["weight_mean"]) for s in self._stats.values()) / len(
+            self._stats
+        )
+        if used_min <= self.collapse_share:
+            worst = min(self._stats, key=lambda n: float(self._stats[n]["used"].min()))
+            rank_zero_warn(
+                f"Memory Layer {worst!r} has a table using only {used_min:.2%} of its buckets at step "
+                f"{trainer.global_step}: its hash has collapsed (check the norm before the hash and the lr)."
+            )
+        self._stats = {}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+@rank_zero_only
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+class LossPrinter(L.Callback):
+    """Prints one plain line every `every_n_steps` optimizer steps and after each validation (rank 0).
+
+    The rich progress bar redraws in place; these lines stay in `make train`'s output and in log files.
+    """
+
+    def __init__(self, every_n_steps: int = 10) -> None:
+        self.every_n_steps = every_n_steps
+        self._last = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last or step % self.every_n_steps:
+            return
+        self._last = step
+        m = trainer.callback_metrics
+        parts = [f"step {step:>6}/{trainer.max_steps}"]
+        for key, fmt in (("train/loss", ".4f"), ("train/lr", ".2e"), ("train/tokens_per_s", ",.0f")):
+            if key in m:
+                parts.append(f"{key.split('/')[-1]} {float(m[key]):{fmt}}")
+        _print(" | ".join(parts))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            _print(f"step {trainer.global_step:>6} | val/loss {float(val):.4f}")
+
+
+class GracefulInterrupt(L.Callback):
+    """SIGTERM or SIGINT: finish the current batch, save `<dirpath>/last.ckpt`, then exit.
+
+    Also writes `last.ckpt` when training ends normally, so that it always holds the newest state.
+
+    Lightning already turns SIGTERM into a `SIGTERMException` at the next batch end; this callback makes
+    SIGINT (Ctrl+C) take the same path instead of a KeyboardInterrupt raised mid-step, and writes the
+    checkpoint from `on_exception`. Other exceptions (e.g. a NaN loss) save nothing, so the newest
+    checkpoint stays the last good one.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+        self._previous: Any = None
+        self.saved_path: str | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero or trainer.world_size == 1:
+            try:
+                self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                self._previous = None
+        self._trainer = trainer
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        rank_zero_info("SIGINT received: stopping after this batch and saving a checkpoint.")
+        self._trainer._signal_connector.received_sigterm = True
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException | KeyboardInterrupt):
+            return
+        path = os.path.join(self.dirpath, "last.ckpt")
+        trainer.save_checkpoint(path)
+        self.saved_path = path
+        rank_zero_info(
+            f"Interrupted at step {trainer.global_step}: saved {path}; resume with ckpt_path=last or "
+            f"ckpt_path={path}."
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # ModelCheckpoint writes last.ckpt only at validation / checkpoint steps; the final state of a run
+        # that completed must be the newest last.ckpt so that ckpt_path=last continues from it.
+        trainer.save_checkpoint(os.path.join(self.dirpath, "last.ckpt"))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+class ParameterDigest(L.Callback):
+    """At the end of fit, every rank writes `digest_rank<r>.json`: float64 sum and SHA-256 of its weights.
+
+    Lets a test (or a user debugging DDP divergence) check that all ranks hold identical parameters.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sha = hashlib.sha256()
+        total = 0.0
+        for name, p in sorted(pl_module.state_dict().items()):
+            t = p.detach().cpu().contiguous()
+            sha.update(name.encode())
+            sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            total += float(t.double().sum())
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        out = Path(self.dirpath) / f"digest_rank{trainer.global_rank}.json"
+        out.write_text(
+            json.dumps(
+                {
+                    "rank": trainer.global_rank,
+                    "sum": total,
+                    "sha256": sha.hexdigest(),
+                    "step": trainer.global_step,
+                }
+            )
+        )

@@ -1,0 +1,109 @@
+"""Optimizer and learning-rate schedule of the paper's recipe (Pythia's, paper.md section 4).
+
+AdamW with betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on weight matrices only (never on biases or norm
+gains, i.e. parameters with fewer than 2 dims); the Memory Layer tables are decayed like weights unless
+`decay_tables` is false (the released code decays them). The schedule is GPT-NeoX's: linear warmup over
+`warmup_ratio` of the steps, then cosine decay from `lr` to `lr * min_lr_ratio` at `max_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from memoryformer.config import ConfigError
+from memoryformer.nn.memory_layer import MemoryLayer
+
+OPTIMIZERS = ("adamw", "adam")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def parameter_groups(
+    model: nn.Module, weight_decay: float, decay_tables: bool = True
+) -> list[dict[str, Any]]:
+    """Split trainable parameters into `decay` (2-D+ weights), `tables` and `no_decay` (biases, norms).
+
+    Returns torch optimizer groups `{"params", "weight_decay", "name"}`; empty groups are dropped.
+    """
+    table_ids = {
+        id(m.tables) for m in model.modules() if isinstance(m, MemoryLayer) and m.tables.requires_grad
+    }
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "tables": [], "no_decay": []}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in table_ids:
+            groups["tables"].append(p)
+        elif p.ndim >= 2:
+            groups["decay"].append(p)
+        else:
+            groups["no_decay"].append(p)
+    decays = {"decay": weight_decay, "tables": weight_decay if decay_tables else 0.0, "no_decay": 0.0}
+    return [
+        {"params": params, "weight_decay": decays[name], "name": name}
+        for name, params in groups.items()
+        if params
+    ]
+
+
+def build_optimizer(model: nn.Module, optim: Any) -> torch.optim.Optimizer:
+    """The optimizer `optim.name` over `parameter_groups(model, ...)` with lr, betas and eps from `optim`."""
+    if optim.name not in OPTIMIZERS:
+        raise ConfigError(
+            f"optim.name={optim.name!r} is not supported; choose one of: {', '.join(OPTIMIZERS)}."
+        )
+    groups = parameter_groups(model, optim.weight_decay, optim.decay_tables)
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    # "adam" keeps decay coupled to the gradient (L2), as torch.optim.Adam does; "adamw" decouples it,
+    # as the released code's FusedAdam (adam_w_mode) did.
+    cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+    return cls(groups, **kwargs)
+
+
+def warmup_steps_for(optim: Any, max_steps: int) -> int:
+    """Warmup length: `optim.warmup_steps` when set, else `round(optim.warmup_ratio * max_steps)`."""
+    if optim.warmup_steps is not None:
+        return int(optim.warmup_steps)
+    return int(round(optim.warmup_ratio * max_steps))
+
+
+def lr_multiplier(
+    schedule: str, warmup_steps: int, decay_steps: int, min_lr_ratio: float
+) -> Callable[[int], float]:
+    """`step -> lr / optim.lr` for `LambdaLR`; `step` counts optimizer steps already taken (0-based).
+
+    Warmup: (step + 1) / warmup for step < warmup (the first update is not wasted at lr 0). Then
+    cosine: r + (1 - r) * (1 + cos(pi * progress)) / 2, linear: r + (1 - r) * (1 - progress), with
+    progress = (step - warmup) / (decay_steps - warmup) clamped to [0, 1] and r = `min_lr_ratio`.
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError(
+            f"optim.schedule={schedule!r} is not supported; choose one of: {', '.join(SCHEDULES)}."
+        )
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps)))
+        if schedule == "cosine":
+            return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
+
+    return multiplier
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, optim: Any, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """`LambdaLR` following `lr_multiplier`, decaying over `optim.decay_steps` or else `max_steps`."""
+    decay_steps = optim.decay_steps or max_steps
+    fn = lr_multiplier(optim.schedule, warmup_steps_for(optim, max_steps), decay_steps, optim.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

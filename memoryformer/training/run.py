@@ -1,0 +1,274 @@
+"""Everything `train.py` does, as functions: check the config, build model/data/trainer, fit, export.
+
+`train(cfg)` takes a composed `DictConfig` (from `@hydra.main` or Hydra's compose API in tests) and returns
+a summary dict. `check_config(cfg)` runs every start-up check and raises `ConfigError` with one sentence
+naming the key and the fix, before anything is built.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import netrc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from memoryformer.config import ConfigError, ModelConfig
+from memoryformer.data.config import DataConfig
+from memoryformer.schema import OptimConfig
+from memoryformer.training.callbacks import ThroughputMonitor
+from memoryformer.training.module import LMTrainingModule
+from memoryformer.training.strategy import build_strategy
+
+WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
+#: Keys of the root config that are not Trainer arguments but are turned into them by `trainer_kwargs`.
+NOT_TRAINER_KEYS = ("gradient_clip_val",)
+
+
+@dataclass
+class RunPlan:
+    """The checked, derived numbers of a run (what `check_config` computed)."""
+
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    world_size: int
+    accumulate: int
+    micro_batch_size: int
+    max_steps: int
+    tokens_per_step: int
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def world_size(trainer_cfg: dict[str, Any]) -> int:
+    """Processes in the run: devices per node x `num_nodes` (`devices` may be an int, a list or "auto")."""
+    devices = trainer_cfg.get("devices", "auto")
+    nodes = int(trainer_cfg.get("num_nodes", 1) or 1)
+    if isinstance(devices, list | tuple):
+        per_node = len(devices)
+    elif isinstance(devices, str) and devices.isdigit():
+        per_node = int(devices)
+    elif isinstance(devices, int) and devices > 0:
+        per_node = devices
+    else:  # "auto" or -1: every visible accelerator
+        accelerator = str(trainer_cfg.get("accelerator", "auto"))
+        gpus = torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") else 0
+        per_node = gpus if gpus > 0 else 1
+    return per_node * nodes
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+    except (FileNotFoundError, netrc.NetrcParseError):
+        auth = None
+    return auth is not None
+
+
+def check_loggers(logger_cfg: dict[str, Any] | None) -> None:
+    """Refuse a W&B logger that would try to go online without credentials (one sentence, at start)."""
+    for name, spec in (logger_cfg or {}).items():
+        if not isinstance(spec, dict) or spec.get("_target_") != WANDB_TARGET:
+            continue
+        offline = bool(spec.get("offline")) or os.environ.get("WANDB_MODE") in (
+            "offline",
+            "disabled",
+            "dryrun",
+        )
+        if not offline and not _wandb_has_credentials():
+            raise ConfigError(
+                f"logger.{name} is W&B online but no API key is set; export WANDB_API_KEY "
+                f"(or run `wandb login`), "
+                f"or set logger.{name}.offline=true (or WANDB_MODE=offline)."
+            )
+
+
+def check_config(cfg: DictConfig) -> RunPlan:
+    """Validate the composed config and derive the batch arithmetic and step budget (see `RunPlan`)."""
+    model = ModelConfig.from_dict(_plain(cfg.model))
+    data = DataConfig(**_plain(cfg.data))
+    optim = OptimConfig(**_plain(cfg.optim))
+    trainer_cfg = _plain(cfg.trainer)
+    if data.seq_len > model.block_size:
+        raise ConfigError(
+            f"data.seq_len={data.seq_len} exceeds model.block_size={model.block_size}; "
+            f"lower data.seq_len or raise model.block_size."
+        )
+    if optim.lr <= 0 or not 0 <= optim.min_lr_ratio <= 1:
+        raise ConfigError(
+            f"optim.lr={optim.lr} must be > 0 and optim.min_lr_ratio={optim.min_lr_ratio} in [0, 1]."
+        )
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        raise ConfigError(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1).")
+    world = world_size(trainer_cfg)
+    accumulate = int(trainer_cfg.get("accumulate_grad_batches", 1) or 1)
+    per_step = world * accumulate
+    gbs = int(cfg.global_batch_size)
+    if gbs <= 0 or gbs % per_step:
+        raise ConfigError(
+            f"global_batch_size={gbs} is not divisible by devices x num_nodes x "
+            f"trainer.accumulate_grad_batches = {world} x {accumulate} = {per_step}; "
+            f"pick a global_batch_size that is a multiple of {per_step}."
+        )
+    tokens_per_step = gbs * data.seq_len
+    max_steps = trainer_cfg.get("max_steps", -1)
+    max_steps = -1 if max_steps is None else int(max_steps)
+    if cfg.max_tokens is not None:
+        max_steps = math.ceil(int(cfg.max_tokens) / tokens_per_step)
+    if max_steps <= 0:
+        raise ConfigError(
+            "trainer.max_steps is not set; give trainer.max_steps=N or max_tokens=N "
+            "(the lr schedule needs a horizon)."
+        )
+    check_loggers(_plain(cfg.logger))
+    ckpt = cfg.ckpt_path
+    if ckpt not in (None, "last") and not os.path.exists(str(ckpt)):
+        raise ConfigError(
+            f"ckpt_path={ckpt!r} does not exist; give a .ckpt file, ckpt_path=last or leave it null."
+        )
+    return RunPlan(model, data, optim, world, accumulate, gbs // per_step, max_steps, tokens_per_step)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, runs_root: str, current_dir: str | None = None) -> str | None:
+    """`"last"` -> the newest `last.ckpt` under `runs_root/*/checkpoints/` (None when there is none).
+
+    Hydra gives every run its own folder, so Lightning's own `"last"` (which only looks in the current
+    run's checkpoint folder) would never find the interrupted run; any other value is returned unchanged.
+    """
+    if ckpt_path != "last":
+        return ckpt_path
+    found = [
+        p
+        for p in glob.glob(os.path.join(runs_root, "**", "checkpoints", "last.ckpt"), recursive=True)
+        if current_dir is None or not Path(p).resolve().is_relative_to(Path(current_dir).resolve())
+    ]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def trainer_kwargs(cfg: DictConfig, plan: RunPlan) -> dict[str, Any]:
+    """Keyword arguments of `L.Trainer` from `cfg.trainer` plus what the run-level keys imply."""
+    kwargs = dict(_plain(cfg.trainer))
+    kwargs["max_steps"] = plan.max_steps
+    kwargs["strategy"] = build_strategy(kwargs.get("strategy"), kwargs.get("precision"))
+    kwargs.setdefault("gradient_clip_val", plan.optim.grad_clip or None)
+    if cfg.val_every_n_steps:
+        # Lightning counts val_check_interval in micro-batches; ours is in optimizer steps.
+        kwargs["val_check_interval"] = int(cfg.val_every_n_steps) * plan.accumulate
+        kwargs["check_val_every_n_epoch"] = None
+    kwargs.setdefault("default_root_dir", cfg.paths.output_dir)
+    return kwargs
+
+
+def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[L.Callback]:
+    """Instantiate `cfg.callbacks` (a name -> `_target_` mapping); fills the throughput monitor's FLOPs.
+
+    A progress bar callback is dropped when `trainer.enable_progress_bar` is false (Lightning refuses both).
+    """
+    callbacks = []
+    show_bar = bool(cfg.trainer.get("enable_progress_bar", True))
+    for spec in (cfg.callbacks or {}).values():
+        if spec is None:
+            continue
+        cb = instantiate(spec)
+        if isinstance(cb, ProgressBar) and not show_bar:
+            continue
+        if isinstance(cb, ThroughputMonitor) and cb.flops_per_token is None:
+            from memoryformer.flops import training_flops_per_token
+
+            cb.flops_per_token = training_flops_per_token(plan.model, plan.data.seq_len)
+        callbacks.append(cb)
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    """Instantiate every entry of `cfg.logger` (name -> `_target_` mapping); none means no logging."""
+    return [instantiate(spec) for spec in (cfg.logger or {}).values() if spec is not None]
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Check, build and fit one run; returns `{"val_loss", "train_loss", "step", "ckpt_dir", ...}`."""
+    plan = check_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_dir = Path(cfg.paths.ckpt_dir)
+    if cfg.print_config:
+        rank_zero_info(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    from memoryformer.data.datamodule import LMDataModule
+
+    datamodule = LMDataModule(
+        plan.data, plan.micro_batch_size, plan.model.vocab_size, plan.model.block_size, seed=plan.data.seed
+    )
+    module = LMTrainingModule(
+        model=plan.model.to_dict(),
+        optim=_plain(cfg.optim),
+        max_steps=plan.max_steps,
+        activation_checkpointing=bool(cfg.activation_checkpointing),
+        compile=bool(cfg.compile),
+    )
+    kwargs = trainer_kwargs(cfg, plan)
+    trainer = L.Trainer(**kwargs, callbacks=build_callbacks(cfg, plan), logger=build_loggers(cfg) or False)
+    summary: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "ckpt_dir": str(ckpt_dir),
+        "max_steps": plan.max_steps,
+        "micro_batch_size": plan.micro_batch_size,
+        "world_size": plan.world_size,
+    }
+    if cfg.validate_only:
+        return summary
+    if trainer.is_global_zero:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, ckpt_dir / "config.yaml", resolve=True)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_root, str(output_dir))
+    if cfg.ckpt_path == "last" and ckpt_path is None:
+        rank_zero_info(f"ckpt_path=last: no last.ckpt under {cfg.paths.runs_root}; starting from scratch.")
+    elif ckpt_path:
+        rank_zero_info(f"Resuming from {ckpt_path}")
+    try:
+        if cfg.validate_at_start and ckpt_path is None:
+            (initial,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+            summary["initial_val_loss"] = initial.get("val/loss")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        _finish_wandb(trainer)
+
+    metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
+    }
+    summary.update(
+        step=trainer.global_step,
+        train_loss=metrics.get("train/loss"),
+        val_loss=metrics.get("val/loss"),
+        tokenizer_path=datamodule.tokenizer,
+    )
+    if cfg.export_final and trainer.is_global_zero and not _is_deepspeed(trainer):
+        from memoryformer.checkpoint import export_model
+
+        summary["export_dir"] = str(export_model(module.model, output_dir / "model", datamodule.tokenizer))
+    return summary
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    # close the W&B run so that the next job of a multirun (same process) starts its own run
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
+
+
+def _is_deepspeed(trainer: L.Trainer) -> bool:
+    return type(trainer.strategy).__name__ == "DeepSpeedStrategy"

@@ -1,0 +1,174 @@
+"""Every train.py config composes, and every bad config is refused at start with one clear sentence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+from memoryformer.config import ConfigError
+from memoryformer.schema import register_configs
+from memoryformer.training.run import check_config, resolve_ckpt_path, trainer_kwargs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register_configs()
+
+
+def _compose(*overrides: str, tmp: Path | None = None):
+    out = str(tmp or "/tmp/mf_cfg_test")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={out}", f"paths.runs_root={out}", *overrides])
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+TRAINERS = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_trainer_config_composes_and_checks(trainer: str) -> None:
+    cfg = _compose(f"trainer={trainer}", "trainer.devices=2", "trainer.accelerator=cpu")
+    plan = check_config(cfg)
+    assert plan.world_size == 2
+    assert plan.micro_batch_size * 2 * plan.accumulate == cfg.global_batch_size
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in ("nano_cpu", "smoke")])
+def test_paper_experiments_carry_the_papers_recipe(experiment: str) -> None:
+    cfg = _compose(f"experiment={experiment}")
+    # paper.md section 4: 1024 sequences x 2048 tokens per step, Adam (0.9, 0.95), eps 1e-8, wd 0.1, clip 1.0
+    assert cfg.global_batch_size * cfg.data.seq_len == 2_097_152
+    assert list(cfg.optim.betas) == [0.9, 0.95] and cfg.optim.eps == 1e-8 and cfg.optim.weight_decay == 0.1
+    assert cfg.optim.grad_clip == 1.0 and cfg.optim.warmup_ratio == 0.01
+    # paper section 3: MemoryFormer lr = 3x the matching Pythia lr (Pythia: 1e-3, 6e-4, 3e-4)
+    lrs = {
+        "mf_tiny": 3e-3,
+        "mf_small": 1.8e-3,
+        "mf_base": 9e-4,
+        "pythia_70m": 1e-3,
+        "pythia_160m": 6e-4,
+        "pythia_410m": 3e-4,
+    }
+    assert cfg.optim.lr == pytest.approx(lrs[experiment])
+    steps = 143000 if experiment.startswith("pythia") else 106418
+    assert cfg.trainer.max_steps == steps
+
+
+def test_paper_recipe_is_the_default_optimizer() -> None:
+    cfg = _compose()
+    o = cfg.optim
+    assert (
+        o.name,
+        o.lr,
+        list(o.betas),
+        o.eps,
+        o.weight_decay,
+        o.grad_clip,
+        o.warmup_ratio,
+        o.min_lr_ratio,
+    ) == ("adamw", 3e-3, [0.9, 0.95], 1e-8, 0.1, 1.0, 0.01, 0.01)
+    kwargs = trainer_kwargs(cfg, check_config(cfg))
+    assert kwargs["gradient_clip_val"] == 1.0
+
+
+def test_smoke_and_nano_experiments_check() -> None:
+    for name in ("smoke", "nano_cpu"):
+        plan = check_config(_compose(f"experiment={name}"))
+        assert plan.model.name == "nano" and plan.max_steps > 0
+
+
+def test_max_tokens_sets_the_step_budget() -> None:
+    cfg = _compose("experiment=smoke", "max_tokens=1000")
+    plan = check_config(cfg)
+    # smoke: 4 sequences x 32 tokens = 128 tokens per step -> ceil(1000 / 128) = 8
+    assert plan.tokens_per_step == 128 and plan.max_steps == 8
+
+
+def test_val_every_is_counted_in_optimizer_steps() -> None:
+    cfg = _compose("experiment=smoke", "trainer.accumulate_grad_batches=2", "val_every_n_steps=3")
+    kwargs = trainer_kwargs(cfg, check_config(cfg))
+    assert kwargs["val_check_interval"] == 6 and kwargs["check_val_every_n_epoch"] is None
+
+
+def test_unknown_model_name_is_refused() -> None:
+    with pytest.raises(MissingConfigException, match="model/gpt5"):
+        _compose("model=gpt5")
+
+
+def test_unknown_key_is_refused_by_the_schema() -> None:
+    with pytest.raises(Exception, match="lrr"):
+        _compose("optim.lrr=1")
+
+
+def test_hidden_size_must_equal_k_times_tau() -> None:
+    cfg = _compose("model.num_tables=15")
+    with pytest.raises(ConfigError, match=r"n_embd=128 must equal model.num_tables \(K=15\)"):
+        check_config(cfg)
+
+
+def test_batch_not_divisible_by_devices_times_accumulation() -> None:
+    cfg = _compose("global_batch_size=10", "trainer.devices=2", "trainer.accumulate_grad_batches=2")
+    with pytest.raises(ConfigError, match=r"global_batch_size=10 is not divisible .* = 2 x 2 = 4") as err:
+        check_config(cfg)
+    assert str(err.value).count(";") == 1 and "\n" not in str(err.value)
+
+
+def test_missing_data_path_is_refused(tmp_path: Path) -> None:
+    cfg = _compose("data.source=indexed", f"data.paths=[{tmp_path}/nope]")
+    with pytest.raises(ConfigError, match=r"data.paths\[0\].*nope.*does not exist"):
+        check_config(cfg)
+
+
+def test_wandb_online_without_api_key_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = _compose("logger=wandb")
+    with pytest.raises(ConfigError, match="logger.wandb is W&B online but no API key"):
+        check_config(cfg)
+    check_config(_compose("logger=wandb", "logger.wandb.offline=true"))  # offline is fine
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    check_config(cfg)
+
+
+def test_missing_resume_checkpoint_is_refused() -> None:
+    with pytest.raises(ConfigError, match="ckpt_path='/no/such.ckpt' does not exist"):
+        check_config(_compose("ckpt_path=/no/such.ckpt"))
+
+
+def test_ckpt_last_finds_the_newest_run(tmp_path: Path) -> None:
+    import os
+    import time
+
+    old = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    new = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    for p in (old, new):
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"x")
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    assert resolve_ckpt_path("last", str(tmp_path)) == str(new)
+    assert resolve_ckpt_path("last", str(tmp_path), current_dir=str(tmp_path / "b")) == str(old)
+    assert resolve_ckpt_path("last", str(tmp_path / "none")) is None
+    assert resolve_ckpt_path("x.ckpt", str(tmp_path)) == "x.ckpt"
+
+
+def test_loggers_compose_together() -> None:
+    cfg = _compose("logger=[csv,tensorboard,wandb]", "logger.wandb.offline=true")
+    assert set(cfg.logger) == {"csv", "tensorboard", "wandb"}
+    assert OmegaConf.select(cfg, "logger.wandb.project") == "memoryformer"
+
+
+@pytest.mark.parametrize("sweeper", ["grid", "optuna_lr", "optuna_hash"])
+def test_sweeper_configs_compose(sweeper: str) -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/sweeper={sweeper}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert "optim.lr" in params
+
+
+def test_div_resolver_derives_k_from_tau() -> None:
+    cfg = _compose("model.code_length=4", "model.num_tables='${div:${model.n_embd},${model.code_length}}'")
+    assert check_config(cfg).model.num_tables == 32  # 128 / 4

@@ -1,0 +1,41 @@
+"""Train a MemoryFormer or Pythia model: `python train.py [group=option ...] [key=value ...]`.
+
+Examples:
+    python train.py experiment=nano_cpu                     # make train: nano model, bundled corpus, CPU
+    python train.py experiment=mf_tiny trainer=deepspeed_zero2 trainer.devices=8
+    python train.py -m optim.lr=1e-3,2e-3,3e-3,4e-3          # the paper's Table 4 lr ablation (multirun)
+    python train.py experiment=nano_cpu ckpt_path=last       # resume the newest run of that name
+
+The composed config (conf/config.yaml) is printed, saved beside the checkpoints and checked before anything
+is built; Hydra's output folder (outputs/<name>/<time>/) holds the run. The return value (final validation
+loss) is what Hydra sweepers such as Optuna minimise.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from memoryformer.config import ConfigError
+from memoryformer.schema import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point: run `memoryformer.training.run.train` and return the final validation loss."""
+    from memoryformer.training.run import train
+
+    try:
+        summary = train(cfg)
+    except ConfigError as err:
+        print(f"Config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return summary.get("val_loss")
+
+
+if __name__ == "__main__":
+    main()
