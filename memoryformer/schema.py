@@ -66,6 +66,7 @@ class TrainConfig:
     keep_last_k: int = 3  # step checkpoints kept (last.ckpt is kept in addition)
     ckpt_path: str | None = None  # resume from: a .ckpt path, "last" (newest last.ckpt of this name) or null
     activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
+    activation_checkpointing_every: int = 1  # with activation_checkpointing: every n-th block (1 = all)
     compile: bool = False  # torch.compile the model for training
     peak_tflops_per_device: float | None = None  # for MFU (2 FLOPs per multiply-add); None: MFU not logged
     bucket_stats_every_n_steps: int = 50  # Memory Layer bucket-usage stats cadence; 0 disables

@@ -303,13 +303,15 @@ def test_pythia_init_uses_wang_init_for_output_layers():
 
 
 # --------------------------------------------------------------------------- training
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("every", [1, 2])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(every):
     config = tiny()
     idx = torch.randint(0, config.vocab_size, (2, 12))
     grads = []
     for enabled in (False, True):
         model = seeded(config).train()
-        model.set_gradient_checkpointing(enabled)
+        model.set_gradient_checkpointing(enabled, every=every)
+        assert model.checkpointed_blocks == (set(range(0, config.n_layer, every)) if enabled else set())
         _, loss = model(idx, idx)
         loss.backward()
         tables = model.blocks[0].attn.q_proj.tables

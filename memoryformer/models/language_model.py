@@ -48,7 +48,7 @@ class LanguageModel(nn.Module):
         else:
             self.norm_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.gradient_checkpointing = False
+        self.checkpointed_blocks: frozenset[int] = frozenset()
         init_weights(self, config)
 
     # ------------------------------------------------------------------ forward
@@ -75,9 +75,9 @@ class LanguageModel(nn.Module):
         x = self.wte(idx)
         positions = torch.arange(start, start + t, device=idx.device)
         cos, sin = rotary_cos_sin(positions, self.config.rotary_ndims, self.config.rotary_base, x.dtype)
-        use_checkpoint = self.gradient_checkpointing and self.training and kv_cache is None
-        for block in self.blocks:
-            if use_checkpoint:
+        use_checkpoint = self.training and kv_cache is None and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if use_checkpoint and i in self.checkpointed_blocks:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, kv_cache)
@@ -96,9 +96,22 @@ class LanguageModel(nn.Module):
         """An empty `KVCache` for this model, holding up to `max_len` (default `block_size`) positions."""
         return KVCache(self.config.n_layer, max_len or self.config.block_size)
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in backward instead of storing them (training only)."""
-        self.gradient_checkpointing = enabled
+    def set_gradient_checkpointing(self, enabled: bool = True, every: int = 1) -> None:
+        """Recompute block activations in backward instead of storing them (training only).
+
+        With `every=n`, blocks 0, n, 2n, ... are checkpointed: memory falls by about that share of the
+        blocks' activations while the recompute cost grows by the same share, so n trades the two.
+        """
+        if every < 1:
+            raise ValueError(f"activation checkpointing every={every} must be >= 1 (1 = every block).")
+        self.checkpointed_blocks = (
+            frozenset(range(0, self.config.n_layer, every)) if enabled else frozenset()
+        )
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """True when at least one block recomputes its activations in backward."""
+        return bool(self.checkpointed_blocks)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters; `exclude_embeddings` leaves out `wte` and `lm_head` (Pythia's convention)."""

@@ -65,6 +65,7 @@ class LMTrainingModule(L.LightningModule):
         max_steps: int,
         tokenizer_path: str | None = None,
         activation_checkpointing: bool = False,
+        activation_checkpointing_every: int = 1,
         compile: bool = False,
         check_finite_grads: bool = True,
     ) -> None:
@@ -73,7 +74,7 @@ class LMTrainingModule(L.LightningModule):
         self.model_config = ModelConfig.from_dict(dict(model))
         self.optim_config = OptimConfig(**dict(optim))
         self.model = LanguageModel(self.model_config)
-        self.model.set_gradient_checkpointing(activation_checkpointing)
+        self.model.set_gradient_checkpointing(activation_checkpointing, every=activation_checkpointing_every)
         self._compiled: Any = None
 
     def setup(self, stage: str) -> None:

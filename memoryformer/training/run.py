@@ -134,6 +134,11 @@ def check_config(cfg: DictConfig) -> RunPlan:
             "trainer.max_steps is not set; give trainer.max_steps=N or max_tokens=N "
             "(the lr schedule needs a horizon)."
         )
+    if int(cfg.activation_checkpointing_every) < 1:
+        raise ConfigError(
+            f"activation_checkpointing_every={cfg.activation_checkpointing_every} must be >= 1 "
+            f"(1 checkpoints every block, n every n-th block)."
+        )
     check_loggers(_plain(cfg.logger))
     ckpt = cfg.ckpt_path
     if ckpt not in (None, "last") and not os.path.exists(str(ckpt)):
@@ -218,6 +223,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         optim=_plain(cfg.optim),
         max_steps=plan.max_steps,
         activation_checkpointing=bool(cfg.activation_checkpointing),
+        activation_checkpointing_every=int(cfg.activation_checkpointing_every),
         compile=bool(cfg.compile),
     )
     kwargs = trainer_kwargs(cfg, plan)
