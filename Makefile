@@ -6,7 +6,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 PIP         := $(VENV)/bin/pip
 STAMP       := $(VENV)/.installed
-EXTRAS      ?= dev,eval,deepspeed,wandb,tensorboard
+EXTRAS      ?= dev,eval,deepspeed,wandb,tensorboard,sweep
 TORCH_PIN   ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## create .venv and install torch 2.13.0 + the package with its extras
 
 train: $(STAMP) ## train the nano MemoryFormer on the bundled corpus (CPU, a few minutes) and evaluate it
-	$(PY) train.py experiment=nano_cpu
+	$(PY) scripts/make_train.py $(TRAIN_ARGS)
 
 test: $(STAMP) ## run the whole test suite (offline)
 	$(PY) -m pytest -q
