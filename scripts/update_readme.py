@@ -1,0 +1,62 @@
+"""Regenerate the generated parts of README.md (the model table comes from the FLOPs tool, not typing).
+
+    python scripts/update_readme.py          # rewrite README.md in place
+    python scripts/update_readme.py --check  # exit 1 if README.md is out of date (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+BEGIN, END = "<!-- model-table:begin -->", "<!-- model-table:end -->"
+README_MODELS = (
+    "nano", "memoryformer_tiny", "memoryformer_small", "memoryformer_small_released", "memoryformer_base",
+    "pythia_70m", "pythia_160m", "pythia_410m",
+)
+
+
+def model_table(seq_len: int = 2048) -> str:
+    """The README's model table: `python -m memoryformer.flops` columns for every `conf/model` preset."""
+    sys.path.insert(0, str(ROOT))
+    from memoryformer import flops
+
+    costs = [flops.model_cost(name, seq_len) for name in README_MODELS]
+    table = flops.format_table1(costs)
+    # README readers pick configs by their conf/model name, so show it beside the paper's label.
+    for name in README_MODELS:
+        label = flops.PAPER_LABELS.get(name, name)
+        shown = f"`{name}` ({label})" if label != name else f"`{name}`"
+        table = table.replace(f"| {label} |", f"| {shown} |", 1)
+    return f"{BEGIN}\n{table}\n{END}"
+
+
+def render(text: str) -> str:
+    """README text with the generated block replaced by a fresh one."""
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} block to fill.")
+    return pattern.sub(lambda _: model_table(), text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if README.md is not up to date")
+    args = parser.parse_args()
+    text = README.read_text()
+    fresh = render(text)
+    if args.check:
+        if fresh != text:
+            print("README.md is out of date: run python scripts/update_readme.py")
+            return 1
+        return 0
+    README.write_text(fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Docs that rot are bugs: README's generated table is current and every config name it mentions exists."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+GROUPS = {p.name for p in (ROOT / "conf").iterdir() if p.is_dir()}
+
+
+def test_model_table_is_generated_by_the_flops_tool():
+    proc = subprocess.run(
+        [sys.executable, "scripts/update_readme.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_two_commands_come_first():
+    first_block = README.split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split()[:2] for line in first_block.strip().splitlines()]
+    assert commands == [["make", "train"], ["make", "test"]]
+
+
+def _mentioned_choices() -> set[tuple[str, str]]:
+    """(group, option) for every `group=option` / `hydra/sweeper=option` written in README.md."""
+    found = set()
+    for group, option in re.findall(r"(?<![\w.-])((?:hydra/)?[a-z_]+)=([A-Za-z0-9_]+)\b", README):
+        if (group in GROUPS or group.startswith("hydra/")) and not option.isupper():  # NAME = placeholder
+            found.add((group, option))
+    for options in re.findall(r"logger='\[([a-z_,]+)\]'", README):
+        found.update(("logger", o) for o in options.split(","))
+    return found
+
+
+def test_every_config_name_in_the_readme_exists():
+    mentioned = _mentioned_choices()
+    # the test must see the names users copy most
+    for expected in [("model", "memoryformer_small"), ("data", "pile_pythia"), ("trainer", "deepspeed_zero2"),
+                     ("experiment", "mf_tiny"), ("hydra/sweeper", "optuna_lr"), ("hydra/launcher", "slurm")]:
+        assert expected in mentioned or expected[0] == "model", expected
+    missing = [f"{g}={o}" for g, o in sorted(mentioned) if not (ROOT / "conf" / g / f"{o}.yaml").exists()]
+    assert not missing, f"README mentions configs that do not exist: {missing}"
+
+
+def test_every_conf_model_name_in_backticks_exists():
+    for name in re.findall(r"`((?:memoryformer|pythia)_[a-z0-9_]+)`", README):
+        assert (ROOT / "conf" / "model" / f"{name}.yaml").exists(), name
