@@ -4,6 +4,8 @@
     python evaluate.py checkpoint=PATH eval.tasks=[piqa,arc_easy] eval.limit=200 eval.device=cuda
     python evaluate.py checkpoint=PATH eval.data_dir=/data/lm_eval  # offline: download_eval_data.py
     python evaluate.py baseline=hf model_path=/models/pythia-70m-deduped
+    python evaluate.py checkpoint=PATH eval.tasks=sample eval.data_dir=DIR  # held-out perplexity, bundled
+        # corpus; DIR from `python -m memoryformer.data.sample --export-eval DIR` (what `make train` runs)
 
 Writes results.json (lm-eval's output), results.md and run_info.json into the Hydra run directory; render
 several runs as the paper's Table 1 with `python -m memoryformer.evaluation.report RUN_DIR...`.
@@ -24,7 +26,8 @@ from memoryformer.evaluation.config import EvaluateConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    """Validate the config, run lm-eval, write the results; returns the average of the chosen metrics."""
+    """Validate the config, run lm-eval, write the results; returns the average of the chosen accuracy
+    metrics (or, when only perplexity tasks ran, their average word perplexity) for Hydra sweepers."""
     from memoryformer.checkpoint import CheckpointError
     from memoryformer.evaluation.data import DataError
     from memoryformer.evaluation.harness import AdapterError
@@ -40,7 +43,8 @@ def main(cfg: DictConfig) -> float:
     rows = task_scores(results, config.eval) if results else []
     print((out_dir / "results.md").read_text() if results else "")
     print(f"results written to {out_dir}")
-    return sum(r["value"] for r in rows) / len(rows) if rows else 0.0
+    acc = [r["value"] for r in rows if r["kind"] == "accuracy"] or [r["value"] for r in rows]
+    return sum(acc) / len(acc) if acc else 0.0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import glob
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -206,19 +207,47 @@ def test_bucket_usage_counts_distinct_codes_per_table() -> None:
 
 @pytest.mark.slow
 def test_make_train_recipe_learns(tmp_path: Path) -> None:
-    """`make train` (experiment=nano_cpu): the validation loss ends well below the untrained model's."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                "experiment=nano_cpu",
-                f"paths.output_dir={tmp_path}",
-                f"paths.runs_root={tmp_path}",
-                "trainer.enable_progress_bar=false",
-                "print_config=false",
-            ],
-        )
-    summary = train(cfg)
-    initial, final = summary["initial_val_loss"], summary["val_loss"]
+    """`make train`'s own recipe (read from `make -n train`, run in a temporary run folder): nano_cpu's
+    validation loss ends well below the untrained model's, and the evaluation stage (evaluate.py through
+    lm-eval) reports a finite held-out perplexity below that of the untrained model on the same task."""
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    from memoryformer.config import ModelConfig
+    from memoryformer.evaluation.config import EvalSettings, EvaluateConfig
+    from memoryformer.evaluation.harness import MemoryFormerLM
+    from memoryformer.evaluation.runner import run_evaluation
+    from memoryformer.models import LanguageModel
+
+    run_dir = tmp_path / "make_train"
+    args = f"TRAIN_ARGS=--run-dir {run_dir} trainer.enable_progress_bar=false print_config=false"
+    dry = subprocess.run(["make", "-n", "train", args], cwd=ROOT, capture_output=True, text=True, check=True)
+    cmd = shlex.split(dry.stdout.strip().splitlines()[-1])  # the recipe line; earlier ones set up .venv
+    assert cmd[1] == "scripts/make_train.py", cmd
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "=== make train: summary ===" in proc.stdout
+
+    summary = json.loads((run_dir / "make_train.json").read_text())
+    initial, final = summary["val_loss_first"], summary["val_loss_last"]
     assert abs(initial - math.log(4096)) < 0.3  # untrained: ~uniform over the 4096-token vocabulary
     assert final < 0.7 * initial, (initial, final)
+
+    trained = json.loads((run_dir / "eval" / "results.json").read_text())["results"]["sample_heldout"]
+    assert summary["heldout"]["word_perplexity"] == trained["word_perplexity,none"]
+    assert (run_dir / "eval" / "results.md").is_file()
+    model_cfg = ModelConfig.from_dict(json.loads((run_dir / "model" / "config.json").read_text())["model"])
+    torch.manual_seed(0)
+    untrained_lm = MemoryFormerLM(
+        model=LanguageModel(model_cfg), tokenizer=str(run_dir / "model" / "tokenizer.json")
+    )
+    settings = EvalSettings(tasks=["sample"], data_dir=str(run_dir / "eval_data"), bootstrap_iters=0)
+    untrained = run_evaluation(
+        EvaluateConfig(checkpoint="unused", eval=settings), tmp_path / "untrained", lm=untrained_lm
+    )["results"]["sample_heldout"]
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        value = trained[f"{metric},none"]
+        assert math.isfinite(value) and value < untrained[f"{metric},none"], (metric, value, untrained)

@@ -8,10 +8,16 @@ Built once under `<cache_dir>/sample/<key>/` (key = Python version and the sampl
 `tokenizer.json`, `train.bin/.idx`, `val.bin/.idx` (our MMIDIDX writer, the same format as the Pile path).
 The build happens in a private temporary folder that is renamed into place, so two processes starting at
 once both succeed and neither sees a half-built cache.
+
+`export_heldout(dir)` (or `python -m memoryformer.data.sample --export-eval DIR`) writes the validation
+documents, as text, to `DIR/sample_heldout/validation.jsonl` (field `text`) for the lm-eval task
+`sample_heldout` (held-out perplexity; `evaluate.py eval.tasks=sample eval.data_dir=DIR`).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
 import sys
@@ -84,6 +90,18 @@ def corpus_key(max_bytes: int, vocab_size: int, val_every: int) -> str:
     return f"v{FORMAT_VERSION}-{py}-{max_bytes}b-{vocab_size}v-val{val_every}"
 
 
+def split_texts(max_bytes: int, val_every: int) -> dict[str, list[str]]:
+    """The corpus text, `{"train": [...], "val": [...]}`: every `val_every`-th file goes to validation."""
+    return _split([_read(p) for p in stdlib_files(max_bytes)], val_every)
+
+
+def _split(texts: list[str], val_every: int) -> dict[str, list[str]]:
+    return {
+        "train": [t for i, t in enumerate(texts) if i % val_every != val_every - 1],
+        "val": [t for i, t in enumerate(texts) if i % val_every == val_every - 1],
+    }
+
+
 def build_sample_corpus(
     cache_dir: str, max_bytes: int = 4_000_000, vocab_size: int = 4096, val_every: int = 20
 ) -> SampleCorpus:
@@ -103,10 +121,7 @@ def build_sample_corpus(
         tok.save(os.path.join(tmp, "tokenizer.json"))
         eos = tok.token_to_id(EOS)
         dtype = best_dtype(tok.get_vocab_size())
-        splits = {
-            "train": [t for i, t in enumerate(texts) if i % val_every != val_every - 1],
-            "val": [t for i, t in enumerate(texts) if i % val_every == val_every - 1],
-        }
+        splits = _split(texts, val_every)
         for split, split_texts in splits.items():
             with MMapIndexedDatasetBuilder(os.path.join(tmp, split), dtype) as builder:
                 for enc in tok.encode_batch(split_texts):
@@ -121,3 +136,48 @@ def build_sample_corpus(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return corpus
+
+
+#: lm-eval task (memoryformer/evaluation/tasks/sample_heldout.yaml) that scores the exported documents.
+HELDOUT_TASK = "sample_heldout"
+HELDOUT_SPLIT = "validation"
+
+
+def export_heldout(
+    out_dir: str | os.PathLike, max_bytes: int = 4_000_000, val_every: int = 20, max_docs: int | None = None
+) -> str:
+    """Write the validation documents to `out_dir/sample_heldout/validation.jsonl`; returns the file.
+
+    One JSON object `{"text": document}` per line, in corpus order, the text exactly as trained on (the
+    tokenized `val` split is these texts plus `<|endoftext|>`). `max_docs` keeps the first N only; with
+    the defaults there are 12 documents (138k characters, 42k BPE-4096 tokens), which the nano model
+    scores in seconds on a CPU, so all are kept unless asked.
+    """
+    docs = split_texts(max_bytes, val_every)["val"]
+    if max_docs is not None:
+        docs = docs[:max_docs]
+    folder = os.path.join(os.fspath(out_dir), HELDOUT_TASK)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{HELDOUT_SPLIT}.jsonl")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m memoryformer.data.sample --export-eval DIR [--max-docs N]` (see `export_heldout`)."""
+    parser = argparse.ArgumentParser(description="Export the sample corpus held-out documents.")
+    parser.add_argument(
+        "--export-eval", metavar="DIR", required=True, help="write DIR/sample_heldout/validation.jsonl"
+    )
+    parser.add_argument("--max-docs", type=int, default=None, help="keep only the first N documents")
+    parser.add_argument("--max-bytes", type=int, default=4_000_000, help="data.sample_max_bytes of the run")
+    parser.add_argument("--val-every", type=int, default=20, help="data.sample_val_every of the run")
+    args = parser.parse_args(argv)
+    print(export_heldout(args.export_eval, args.max_bytes, args.val_every, args.max_docs))
+
+
+if __name__ == "__main__":
+    main()

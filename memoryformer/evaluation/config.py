@@ -18,6 +18,9 @@ from memoryformer.config import ConfigError
 TASK_SETS: dict[str, list[str]] = {
     "paper": ["piqa", "winogrande", "wsc273", "arc_easy", "arc_challenge", "logiqa"],
     "paper_superglue_wsc": ["piqa", "winogrande", "wsc", "arc_easy", "arc_challenge", "logiqa"],
+    # Held-out perplexity on the bundled corpus (what `make train` reports); its data is written by
+    # `python -m memoryformer.data.sample --export-eval DIR`, so it needs eval.data_dir=DIR.
+    "sample": ["sample_heldout"],
 }
 METRICS = ("acc", "acc_norm")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -29,6 +29,17 @@ EVAL_SPLITS: dict[str, str] = {
     "arc_challenge": "test",
     "logiqa": "test",
 }
+#: Offline tasks whose data this project makes itself (no hub dataset): task -> (split, how to make it).
+GENERATED_SPLITS: dict[str, tuple[str, str]] = {
+    "sample_heldout": ("validation", "python -m memoryformer.data.sample --export-eval {root}"),
+}
+
+
+def task_split(task: str) -> str | None:
+    """The split lm-eval scores for an offline `task` (None for a task without an offline layout)."""
+    if task in GENERATED_SPLITS:
+        return GENERATED_SPLITS[task][0]
+    return EVAL_SPLITS.get(task)
 
 
 class DataError(FileNotFoundError):
@@ -56,15 +67,19 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
 def split_file(data_dir: str | os.PathLike | None, task: str, split: str | None = None) -> Path:
     """The file holding `task`'s evaluated split under `data_dir` (first of .jsonl, .json, .parquet)."""
     root = resolve_data_dir(data_dir)
-    split = split or EVAL_SPLITS.get(task)
+    split = split or task_split(task)
     if split is None:
         raise DataError(
-            f"task {task!r} has no offline data layout; tasks with one are: {', '.join(EVAL_SPLITS)}."
+            f"task {task!r} has no offline data layout; tasks with one are: "
+            f"{', '.join([*EVAL_SPLITS, *GENERATED_SPLITS])}."
         )
     for fmt in FORMATS:
         candidate = root / task / f"{split}.{fmt}"
         if candidate.is_file():
             return candidate
+    if task in GENERATED_SPLITS:
+        make = GENERATED_SPLITS[task][1].format(root=root)
+        raise DataError(f"task {task!r} needs {root / task / (split + '.jsonl')}; create it with `{make}`.")
     raise DataError(
         f"task {task!r} needs {root / task / (split + '.jsonl')} (or .json/.parquet) with the hub's fields; "
         f"fill {root} with `python scripts/download_eval_data.py --out {root} --tasks {task}`."
@@ -81,7 +96,7 @@ def load_local(task: str | None = None, data_dir: str | None = None, **_metadata
 
     if task is None:
         raise DataError("a memoryformer task YAML lacks dataset_kwargs.task; reinstall the package.")
-    split = EVAL_SPLITS[task]
+    split = task_split(task)
     path = split_file(data_dir, task, split)
     builder = "parquet" if path.suffix == ".parquet" else "json"
     # keep_in_memory: tiny eval splits need no Arrow cache files next to read-only data dirs.
