@@ -249,14 +249,47 @@ def test_fused_inference_hash_matches_hash_chunks(dtype, weighting, temperature,
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
-def test_memory_layer_decode_path_equals_training_path():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("bias", "tau", "out", "shape"), [(True, 8, 48, (1, 1)), (False, 10, 70, (2, 3)),
+                                                           (True, 4, 512, (5,))])
+def test_memory_layer_decode_path_equals_training_path(dtype, bias, tau, out, shape):
+    """Without gradients the layer runs as ONE fused call (`layer_inference`); it must equal the hash +
+    lookup + bias path taken with gradients, and the float64 torch reference."""
     torch.manual_seed(1)
-    layer = MemoryLayer(64, 48, code_length=8)
-    x = torch.randn(1, 1, 64)
+    layer = MemoryLayer(8 * tau, out, code_length=tau, bias=bias)
     with torch.no_grad():
-        fast = layer(x)  # fused hash + kernel lookup
-    slow = layer(x.clone().requires_grad_(True))  # torch hash + autograd lookup
-    reference = MemoryLayer(64, 48, code_length=8, impl="torch")
-    reference.load_state_dict(layer.state_dict())
-    torch.testing.assert_close(fast, slow.detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(fast, reference(x).detach(), rtol=1e-6, atol=1e-7)
+        layer.tables.normal_()
+        if bias:
+            layer.bias.normal_()
+    layer = layer.to(dtype)
+    x = torch.randn(*shape, 8 * tau)
+    with torch.no_grad():
+        assert memory_ops.layer_inference(x, layer.tables, layer.bias, tau, "l1_prob", 1.0) is not None
+        fast = layer(x)
+    slow = layer(x.clone().requires_grad_(True))  # torch hash + autograd lookup + bias
+    reference = MemoryLayer(8 * tau, out, code_length=tau, bias=bias, impl="torch").double()
+    reference.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    ref = reference(x.double()).detach()
+    assert fast.shape == (*shape, out) and fast.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    # fp32: equal to rounding; bf16: the fused path rounds once (bias added in fp32), the other twice.
+    torch.testing.assert_close(fast.double(), ref, rtol=eps, atol=eps * ref.abs().max().item())
+    torch.testing.assert_close(fast, slow.detach(), rtol=2 * eps, atol=2 * eps * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
+def test_fused_inference_is_skipped_where_it_does_not_apply():
+    layer = MemoryLayer(16, 8, code_length=8)
+    x = torch.randn(3, 16)
+    args = (layer.tables, layer.bias, 8, "l1_prob", 1.0)
+    assert memory_ops.layer_inference(x, *args) is None  # grad enabled and the tables require grad
+    with torch.no_grad():
+        assert memory_ops.layer_inference(x, *args, impl="torch") is None
+        assert memory_ops.layer_inference(x.double(), *args) is None
+        assert memory_ops.layer_inference(torch.randn(3, 24), *args) is None  # wrong width: hash() reports it
+        assert memory_ops.layer_inference(x, layer.tables.double(), None, 8, "l1_prob", 1.0) is None
+        layer.record_codes = True  # needs the codes, so it takes the hash + lookup path
+        layer(x)
+        assert layer.last_codes is not None and layer.last_codes.shape == (3, 2)
+        with pytest.raises(ValueError, match=r"expects input of shape \[\.\.\., 16\]"):
+            layer(torch.randn(3, 24))

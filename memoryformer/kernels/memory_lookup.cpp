@@ -7,9 +7,13 @@
 //             dw[n,k]     = <dy[n], T[rows[n,k]]>
 //
 // Tables may be float32, bfloat16 or float16; weights and every accumulator are float32.
-// The backward never scatters over the whole table: (n, k) pairs are bucketed by row chunk (a counting
-// sort), and each chunk of rows is owned by one thread, so the table gradient is accumulated without
-// atomics, in cache, and in a fixed order (the result is deterministic, unlike a scatter with atomics).
+// The backward has no zero-fill + scatter pass over the table gradient: (n, k) pairs are bucketed by row
+// chunk (a counting sort), each chunk of rows is owned by one thread and accumulated in an L2-sized fp32
+// scratch, then each gradient row is written once. No atomics, and a fixed order, so the result is
+// deterministic (the authors' CUDA scatter with atomics is not).
+//
+// Built with -march=native (the cached build's name includes a hash of the CPU's flags); the AVX2 paths
+// fall back to plain loops on CPUs without AVX2/FMA/F16C.
 
 // Only light headers (not torch/extension.h): the build takes seconds instead of over a minute.
 #include <ATen/Parallel.h>
@@ -25,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -84,15 +89,20 @@ void check_inputs(const at::Tensor& rows, const at::Tensor& weights, const at::T
 
 constexpr int64_t kTile = 64;  // output columns kept in eight AVX registers while the K rows stream past
 
-// out[0:d] = sum_k w[k] * tables[rr[k], 0:d] for one token; `next` (or null) are the next token's rows,
-// whose current tile is prefetched while this one is summed.
+// out[0:d] = init[0:d] + sum_k w[k] * tables[rr[k], 0:d] for one token (init = bias, or null for 0);
+// `next` (or null) are the next token's rows, whose current tile is prefetched while this one is summed.
 template <typename scalar_t>
 void lookup_token(const int64_t* rr, const int64_t* next, const float* w, const scalar_t* tables, scalar_t* out,
-                  int64_t k_tab, int64_t d) {
+                  int64_t k_tab, int64_t d, const float* init = nullptr) {
   int64_t j0 = 0;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
   for (; j0 + kTile <= d; j0 += kTile) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    if (init != nullptr) {
+      const float* b = init + j0;
+      a0 = load8(b), a1 = load8(b + 8), a2 = load8(b + 16), a3 = load8(b + 24);
+      a4 = load8(b + 32), a5 = load8(b + 40), a6 = load8(b + 48), a7 = load8(b + 56);
+    }
     for (int64_t k = 0; k < k_tab; ++k) {
       if (next != nullptr) prefetch_bytes(tables + next[k] * d + j0, kTile * sizeof(scalar_t));
       const scalar_t* t = tables + rr[k] * d + j0;
@@ -111,13 +121,13 @@ void lookup_token(const int64_t* rr, const int64_t* next, const float* w, const 
     store8(o + 32, a4), store8(o + 40, a5), store8(o + 48, a6), store8(o + 56, a7);
   }
   for (; j0 + 8 <= d; j0 += 8) {
-    __m256 a = _mm256_setzero_ps();
+    __m256 a = init != nullptr ? load8(init + j0) : _mm256_setzero_ps();
     for (int64_t k = 0; k < k_tab; ++k) a = _mm256_fmadd_ps(_mm256_set1_ps(w[k]), load8(tables + rr[k] * d + j0), a);
     store8(out + j0, a);
   }
 #endif
   for (; j0 < d; ++j0) {  // odd widths, and every column when built without AVX2
-    float a = 0.0f;
+    float a = init != nullptr ? init[j0] : 0.0f;
     for (int64_t k = 0; k < k_tab; ++k) a += w[k] * to_float(tables[rr[k] * d + j0]);
     out[j0] = from_float<scalar_t>(a);
   }
@@ -280,10 +290,26 @@ void dispatch_storage(at::ScalarType t, Fn&& fn) {
   }
 }
 
+// [..., w] -> [N, w] (contiguous) and the output shape [..., last]; reshaping here rather than in Python
+// saves a dispatch per call at decode time.
+at::Tensor flatten_tokens(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 1, "expected a tensor of shape [..., width]");
+  return t.reshape({-1, t.size(-1)}).contiguous();
+}
+std::vector<int64_t> lead_shape(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 1);
+  shape.push_back(last);
+  return shape;
+}
+
 }  // namespace
 
-// rows int64 [N, K], weights float32 [N, K], tables [R, D] -> [N, D] in the tables' dtype.
-at::Tensor lookup_forward(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& tables) {
+// rows int64 [..., K], weights [..., K] (any float dtype, read as fp32), tables [R, D] -> [..., D] in the
+// tables' dtype. Conversions happen here rather than in Python, where each would cost a dispatch.
+at::Tensor lookup_forward(const at::Tensor& rows_in, const at::Tensor& weights_in, const at::Tensor& tables_in) {
+  TORCH_CHECK(rows_in.sizes() == weights_in.sizes(), "rows and weights must have one shape");
+  const auto rows = flatten_tokens(rows_in), weights = flatten_tokens(weights_in.to(at::kFloat));
+  const auto tables = tables_in.contiguous();
   check_inputs(rows, weights, tables);
   const int64_t n_tok = rows.size(0), k_tab = rows.size(1), n_rows = tables.size(0), d = tables.size(1);
   auto out = at::empty({n_tok, d}, tables.options());
@@ -292,7 +318,7 @@ at::Tensor lookup_forward(const at::Tensor& rows, const at::Tensor& weights, con
     forward_kernel<scalar_t>(rows.data_ptr<int64_t>(), weights.data_ptr<float>(), tables.data_ptr<scalar_t>(),
                              out.data_ptr<scalar_t>(), n_tok, k_tab, d, n_rows);
   });
-  return out;
+  return rows_in.dim() == 2 ? out : out.view(lead_shape(rows_in, d));
 }
 
 // grad_out: float32 [N, D]. Returns (grad_tables [R, D] in the tables' dtype, grad_weights float32 [N, K]);
@@ -316,10 +342,11 @@ std::tuple<at::Tensor, at::Tensor> lookup_backward(const at::Tensor& grad_out, c
   return {dtables, dw};
 }
 
-// x [N, K * tau] (float32, bfloat16 or float16) -> (rows int64 [N, K], weights float32 [N, K]); no autograd.
-std::tuple<at::Tensor, at::Tensor> hash_forward(const at::Tensor& x, int64_t tau, bool l1_prob,
+// x [..., K * tau] (float32, bfloat16 or float16) -> (rows int64 [..., K], weights float32 [..., K]); no
+// autograd.
+std::tuple<at::Tensor, at::Tensor> hash_forward(const at::Tensor& x_in, int64_t tau, bool l1_prob,
                                                 double temperature) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be contiguous [N, K * tau]");
+  const auto x = flatten_tokens(x_in);
   TORCH_CHECK(tau >= 1 && tau <= 16 && x.size(1) % tau == 0, "x width must be a multiple of tau <= 16");
   const int64_t n_tok = x.size(0), k_tab = x.size(1) / tau;
   auto rows = at::empty({n_tok, k_tab}, x.options().dtype(at::kLong));
@@ -339,7 +366,46 @@ std::tuple<at::Tensor, at::Tensor> hash_forward(const at::Tensor& x, int64_t tau
       }
     });
   });
-  return {rows, weights};
+  if (x_in.dim() == 2) return {rows, weights};
+  return {rows.view(lead_shape(x_in, k_tab)), weights.view(lead_shape(x_in, k_tab))};
+}
+
+// The whole Memory Layer for inference, hash + lookup + bias in one call, so that a decoding step pays one
+// dispatch instead of a dozen: x [..., K * tau] (any float dtype, read as fp32), tables [K * 2^tau, D],
+// bias [D] or None -> [..., D] in the tables' dtype. No autograd.
+at::Tensor layer_forward(const at::Tensor& x_in, const at::Tensor& tables, const std::optional<at::Tensor>& bias,
+                         int64_t tau, bool l1_prob, double temperature) {
+  TORCH_CHECK(tables.dim() == 2 && tau >= 1 && tau <= 16, "tables must be [K * 2^tau, D], tau <= 16");
+  const auto x = flatten_tokens(x_in.to(at::kFloat));
+  const int64_t n_tok = x.size(0), width = x.size(1), k_tab = width / tau, d = tables.size(1);
+  TORCH_CHECK(width % tau == 0 && tables.size(0) == (k_tab << tau),
+              "x width and tables do not match: expected tables of [K * 2^tau, D] with K = width / tau");
+  const auto t = tables.contiguous();
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == d, "bias must be [D]");
+  }
+  auto out = at::empty({n_tok, d}, tables.options());
+  const float two_over_t = static_cast<float>(2.0 / (l1_prob ? 1.0 : temperature));
+  const float* px = x.data_ptr<float>();
+  const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
+  dispatch_storage(tables.scalar_type(), [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const scalar_t* pt = t.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, k_tab * d * 4));
+    at::parallel_for(0, n_tok, grain, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> rows(k_tab);
+      std::vector<float> weights(k_tab), denom(width);
+      for (int64_t n = begin; n < end; ++n) {
+        hash_token(px + n * width, rows.data(), weights.data(), denom.data(), k_tab, tau, l1_prob, two_over_t);
+        lookup_token(rows.data(), static_cast<const int64_t*>(nullptr), weights.data(), pt, po + n * d, k_tab, d,
+                     pb);
+      }
+    });
+  });
+  return x_in.dim() == 2 ? out : out.view(lead_shape(x_in, d));
 }
 
 TORCH_LIBRARY(memoryformer, m) {
@@ -347,10 +413,12 @@ TORCH_LIBRARY(memoryformer, m) {
   m.def("lookup_backward(Tensor grad_out, Tensor rows, Tensor weights, Tensor tables, bool need_tables, "
         "bool need_weights) -> (Tensor, Tensor)");
   m.def("hash_forward(Tensor x, int tau, bool l1_prob, float temperature) -> (Tensor, Tensor)");
+  m.def("layer_forward(Tensor x, Tensor tables, Tensor? bias, int tau, bool l1_prob, float temperature) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(memoryformer, CPU, m) {
   m.impl("lookup_forward", &lookup_forward);
   m.impl("lookup_backward", &lookup_backward);
   m.impl("hash_forward", &hash_forward);
+  m.impl("layer_forward", &layer_forward);
 }

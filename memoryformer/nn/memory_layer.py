@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memoryformer.nn.memory_ops import IMPLS, hash_inference, weighted_lookup
+from memoryformer.nn.memory_ops import IMPLS, hash_inference, layer_inference, weighted_lookup
 
 WEIGHTINGS = ("l1_prob", "prob")
 MAX_CODE_LENGTH = 16
@@ -237,6 +237,11 @@ class MemoryLayer(nn.Module):
     def forward(self, x: torch.Tensor, hashed: HashCodes | None = None) -> torch.Tensor:
         """`[..., in_features]` -> `[..., out_features]`; pass `hashed` to reuse another layer's hash."""
         if hashed is None:
+            if not self.record_codes:  # no gradient needed: hash + lookup + bias in one C++ call
+                y = layer_inference(x, self.tables, self.bias, self.code_length, self.weighting,
+                                    self.temperature, self.impl)
+                if y is not None:
+                    return y
             hashed = self.hash(x)
         elif hashed.rows.shape[:-1] != x.shape[:-1]:
             raise ValueError(

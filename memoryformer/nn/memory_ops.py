@@ -73,8 +73,9 @@ def _extension_name() -> str:
 
 @functools.cache
 def load_cpu_extension() -> object | None:
-    """`torch.ops.memoryformer`, holding the C++/OpenMP kernels `lookup_forward` and `lookup_backward`,
-    built on first call (seconds) and cached on disk; None, with a one-line warning, if the build fails.
+    """`torch.ops.memoryformer`, holding the C++/OpenMP kernels (`lookup_forward`, `lookup_backward`,
+    `hash_forward`, `layer_forward`), built on first call (seconds) and cached on disk; None, with a
+    one-line warning, if the build fails.
 
     Set `MEMORYFORMER_NO_EXTENSION=1` to skip the build and use the `F.embedding_bag` fallback.
     """
@@ -103,6 +104,23 @@ def load_cpu_extension() -> object | None:
         return None
 
 
+def _inference_ops(impl: str, a: torch.Tensor, b: torch.Tensor | None = None,
+                   c: torch.Tensor | None = None) -> object | None:
+    """The kernels when `impl` allows them and no gradient is needed through the CPU tensors `a`, `b`, `c`.
+
+    Called on every decoding step, so it avoids generators and extra dispatches.
+    """
+    if impl != "auto" and impl != "fused":
+        return None
+    grad = torch.is_grad_enabled()
+    for t in (a, b, c):
+        if t is None:
+            continue
+        if not t.is_cpu or t.dtype not in _KERNEL_DTYPES or (grad and t.requires_grad):
+            return None
+    return load_cpu_extension()
+
+
 class _CpuFusedLookup(torch.autograd.Function):
     """Autograd wrapper of the C++ kernels: `[N, K]` int64 rows, fp32 weights, `[R, D]` tables -> `[N, D]`."""
 
@@ -128,27 +146,41 @@ def hash_inference(
     """The Memory Layer hash in one fused C++ call: `x` `[..., K * tau]` -> (rows int64 `[..., K]`,
     weights float32 `[..., K]`), the same values as `memory_layer.hash_chunks`.
 
-    Only where no gradient is needed (decoding, evaluation), `impl` is not "torch" and the kernel is built;
-    returns None otherwise, and the caller hashes with torch ops. At one token the dozen small torch ops of
-    the hash cost several times the K-row lookup itself.
+    Only where no gradient is needed (decoding, evaluation), `impl` is "auto" or "fused" and the kernel is
+    built; returns None otherwise, and the caller hashes with torch ops. At one token the dozen small torch
+    ops of the hash cost several times the K-row lookup itself.
     """
-    if (
-        impl in ("torch", "triton")
-        or (torch.is_grad_enabled() and x.requires_grad)
-        or x.device.type != "cpu"
-        or x.dtype not in _KERNEL_DTYPES
-        or weighting not in ("l1_prob", "prob")
-        or x.dim() == 0
-        or x.shape[-1] % code_length
-        or load_cpu_extension() is None
-    ):
+    if x.dim() == 0 or x.shape[-1] % code_length or (weighting != "l1_prob" and weighting != "prob"):
         return None
-    lead, d = x.shape[:-1], x.shape[-1]
-    rows, weights = load_cpu_extension().hash_forward(
-        x.reshape(-1, d).contiguous(), code_length, weighting == "l1_prob", float(temperature)
-    )
-    k = d // code_length
-    return rows.reshape(*lead, k), weights.reshape(*lead, k)
+    ops = _inference_ops(impl, x)
+    if ops is None:
+        return None
+    return ops.hash_forward(x, code_length, weighting == "l1_prob", float(temperature))
+
+
+def layer_inference(
+    x: torch.Tensor,
+    tables: torch.Tensor,
+    bias: torch.Tensor | None,
+    code_length: int,
+    weighting: str,
+    temperature: float,
+    impl: str = "auto",
+) -> torch.Tensor | None:
+    """A whole Memory Layer (hash + lookup + bias) in one C++ call: `x` `[..., K * tau]` with tables
+    `[K * 2**tau, D]` and bias `[D]` -> `[..., D]` in the tables' dtype, bias added in fp32.
+
+    Same conditions as `hash_inference` (no gradient needed, CPU kernel available, impl auto or fused), and
+    the table must have the K * 2**tau rows the input width implies; returns None otherwise.
+    """
+    if x.dim() == 0 or x.shape[-1] % code_length or (weighting != "l1_prob" and weighting != "prob"):
+        return None
+    if tables.dim() != 2 or tables.shape[0] != (x.shape[-1] // code_length) << code_length:
+        return None
+    ops = _inference_ops(impl, x, tables, bias)
+    if ops is None:
+        return None
+    return ops.layer_forward(x, tables, bias, code_length, weighting == "l1_prob", float(temperature))
 
 
 def resolve_impl(impl: str, tables: torch.Tensor) -> str:
@@ -177,6 +209,9 @@ def weighted_lookup(
     tables `[R, D]` -> `[..., D]` in the tables' dtype, accumulated in fp32, by the path `impl`."""
     if rows.shape != weights.shape:
         raise ValueError(f"rows {tuple(rows.shape)} and weights {tuple(weights.shape)} must have one shape.")
+    ops = _inference_ops(impl, weights, tables)
+    if ops is not None:  # decoding: one dispatch, no autograd wrapper, no Python-side reshapes or casts
+        return ops.lookup_forward(rows, weights, tables)
     path = resolve_impl(impl, tables)
     if path == "torch":
         return reference_lookup(rows, weights, tables)
