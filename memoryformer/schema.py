@@ -38,6 +38,7 @@ class OptimConfig:
     warmup_steps: int | None = None  # overrides warmup_ratio when set
     decay_steps: int | None = None  # steps until min lr; None: max_steps (GPT-NeoX lr-decay-iters unset)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    fused: bool = True  # torch's fused (single-kernel) Adam/AdamW step: ~4x faster on CPU, and on GPU
 
 
 @dataclass

@@ -59,7 +59,9 @@ def build_optimizer(model: nn.Module, optim: Any) -> torch.optim.Optimizer:
             f"optim.name={optim.name!r} is not supported; choose one of: {', '.join(OPTIMIZERS)}."
         )
     groups = parameter_groups(model, optim.weight_decay, optim.decay_tables)
-    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    # The fused step matters for MemoryFormer: its hundreds of millions of table entries make the
+    # optimizer step about half of a training step with the per-tensor loop (docs/benchmarks.md).
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=bool(optim.fused))
     # "adam" keeps decay coupled to the gradient (L2), as torch.optim.Adam does; "adamw" decouples it,
     # as the released code's FusedAdam (adam_w_mode) did.
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
