@@ -53,8 +53,8 @@ def test_quick_start_commands_resolve_to_real_recipes():
     # `make train` itself runs end to end in tests/test_train_run.py::test_make_train_recipe_learns (slow);
     # running `make test` from inside the test suite would recurse, so both are checked as make resolves them.
     for target, needle in (("train", "scripts/make_train.py"), ("test", "-m pytest")):
-        proc = subprocess.run(["make", "-n", "-o", ".venv/.installed", target], cwd=ROOT, capture_output=True,
-                              text=True)
+        cmd = ["make", "--no-print-directory", "-n", "-o", ".venv/.installed", target]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert needle in proc.stdout, proc.stdout
     assert (ROOT / "scripts" / "make_train.py").exists()

@@ -223,8 +223,14 @@ def test_make_train_recipe_learns(tmp_path: Path) -> None:
 
     run_dir = tmp_path / "make_train"
     args = f"TRAIN_ARGS=--run-dir {run_dir} trainer.enable_progress_bar=false print_config=false"
-    dry = subprocess.run(["make", "-n", "train", args], cwd=ROOT, capture_output=True, text=True, check=True)
-    cmd = shlex.split(dry.stdout.strip().splitlines()[-1])  # the recipe line; earlier ones set up .venv
+    dry = subprocess.run(
+        ["make", "--no-print-directory", "-n", "train", args],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    # the recipe line; earlier ones may set up .venv (and under `make test` make prints directory lines)
+    recipe = [line for line in dry.stdout.splitlines() if "scripts/make_train.py" in line]
+    assert len(recipe) == 1, dry.stdout
+    cmd = shlex.split(recipe[0])
     assert cmd[1] == "scripts/make_train.py", cmd
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, env=env, capture_output=True, text=True)
