@@ -120,3 +120,65 @@ def test_adapter_loads_a_lightning_ckpt_with_its_tokenizer(tmp_path):
     path = _lightning_ckpt(model, tmp_path / "m.ckpt", tokenizer_path=str(tok))
     lm = MemoryFormerLM.create_from_arg_string(f"checkpoint={path}", {"batch_size": 2, "device": "cpu"})
     torch.testing.assert_close(_logits(lm.model), _logits(model), rtol=0, atol=0)
+
+
+DS_SAVE_SCRIPT = """
+import sys, torch, deepspeed
+from torch import nn
+from memoryformer.models import build_model
+
+out = sys.argv[1]
+deepspeed.init_distributed(dist_backend="gloo")
+torch.manual_seed(0)
+
+
+class Wrapper(nn.Module):
+    # Lightning's DeepSpeedStrategy wraps the LightningModule (whose plain model is `self.model`) in a
+    # module whose child is `_forward_module`; parameter names are `_forward_module.model.<key>`.
+    def __init__(self):
+        super().__init__()
+        self._forward_module = nn.Module()
+        self._forward_module.model = build_model("nano", n_layer=1, block_size=32, vocab_size=256)
+
+
+wrapper = Wrapper()
+model = wrapper._forward_module.model
+config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+          "zero_optimization": {"stage": 2}}
+# a torch optimizer, as Lightning passes one: DeepSpeed's own CPU Adam would compile a C++ op first
+optimizer = torch.optim.AdamW(wrapper.parameters(), lr=1e-2)
+engine, *_ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=config)
+x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+_, loss = model(x, x)
+engine.backward(loss)
+engine.step()
+# what Lightning's DeepSpeedStrategy.save_checkpoint passes: the checkpoint dict minus state_dict/optimizer
+client_state = {"epoch": 0, "global_step": 1, "hyper_parameters": {"model": model.config.to_dict()}}
+engine.save_checkpoint(out, client_state=client_state, tag="checkpoint")
+torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out + "/expected.pt")
+"""
+
+
+@pytest.mark.slow
+def test_real_deepspeed_zero2_checkpoint_loads_with_the_trained_weights(tmp_path):
+    pytest.importorskip("deepspeed")
+    import os
+    import subprocess
+
+    script = tmp_path / "save.py"
+    script.write_text(DS_SAVE_SCRIPT)
+    out = tmp_path / "epoch=0-step=1.ckpt"  # Lightning names the DeepSpeed checkpoint directory like a file
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571",
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = torch.load(out / "expected.pt")
+    (out / "expected.pt").unlink()
+    loaded, tok = load_model(out)
+    assert tok is None
+    state = loaded.state_dict()
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
