@@ -31,14 +31,23 @@ OWN_ORDER = ("bench_memory_layer", "bench_models")
 NOTES = """## How to read these numbers
 
 - **Compute paths.** `torch` is the authors' reference (gather K rows into `[tokens, K, d_out]`, multiply,
-  sum); `fused` is `memoryformer/kernels/memory_lookup.cpp` on CPU (AVX2 register tiles of 64 columns, fp32
-  accumulation for fp32/bf16/fp16 tables, a backward that buckets (token, table) pairs by row chunk so that
-  each thread owns its rows: no atomics, deterministic, table rows and gradient in cache) and `embedding_bag`
-  on CUDA; `auto` picks `fused`. Without gradients (decoding, evaluation) a whole `MemoryLayer` (hash +
-  lookup + bias) is one C++ call.
-- **The floor is not always a floor.** It divides bytes by the measured DRAM copy bandwidth, but a
-  512 x 512 layer's tables (64 x 256 rows x 2 KiB = 32 MiB fp32) largely fit in this CPU's last-level
-  cache, so a lookup can run faster than the floor; at one token, fixed call costs dominate instead.
+  sum); `fused` is `memoryformer/kernels/memory_lookup.cpp` on CPU and `embedding_bag` on CUDA; `auto`
+  picks `fused`. The C++ forward has two loops, both with fp32 accumulation for fp32/bf16/fp16 tables: per
+  token (AVX2 register tiles of 64 columns, rows prefetched 8 ahead; no parallel region for one or two
+  tokens) and, once every table row is read by about three tokens or more, a cache-blocked loop: for each
+  block of 2048 tokens and 64-column slab it packs two tables' slabs (128 KiB) into L2 and lets every token
+  of the block read them there, so the table streams from memory once per block instead of once per token
+  (at 4096 tokens: 64 MiB instead of 512 MiB). The backward buckets (token, table) pairs by row chunk so
+  that each thread owns its rows (no atomics, deterministic) and writes only the touched rows of a gradient
+  that comes zeroed from fresh mmap pages, so the untouched rows cost nothing (huge pages once about 1 row
+  in 16 is touched). Without gradients a whole `MemoryLayer` (hash + lookup + bias) is one C++ call.
+- **The floor is not a floor at many tokens.** It assumes every selected row comes from DRAM; the blocked
+  loop reads each row from memory once per 2048 tokens, so `fused / floor` drops well below 1 at 4096
+  tokens. At one token, fixed call costs (Python, op dispatch) are most of the time.
+- **Forward + backward at a few tokens** is still far above the floor: the table gradient is dense (33 MB
+  for a 512 x 512 layer), and autograd hands a new one to every step. Writing only the touched rows into
+  lazily zeroed pages cut 1 token from ~17 ms to under 1 ms; what is left is page faults (~3 us per 4 KiB
+  page on this VM) and, for the layer, the torch ops of the hash's backward.
 - **Decode is bounded by the LM head.** Both models keep the untied 512 x 50304 head (103 MB fp32 read per
   token). Case 2 prints that bound next to the measured speed-up.
 - **Training costs more, not less, on CPU.** MemoryFormer-tiny has 467M parameters (415M in tables) against

@@ -251,7 +251,7 @@ def test_fused_inference_hash_matches_hash_chunks(dtype, weighting, temperature,
 @pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("bias", "tau", "out", "shape"), [(True, 8, 48, (1, 1)), (False, 10, 70, (2, 3)),
-                                                           (True, 4, 512, (5,))])
+                                                           (True, 4, 512, (5,)), (True, 4, 128, (3, 40))])
 def test_memory_layer_decode_path_equals_training_path(dtype, bias, tau, out, shape):
     """Without gradients the layer runs as ONE fused call (`layer_inference`); it must equal the hash +
     lookup + bias path taken with gradients, and the float64 torch reference."""
@@ -293,3 +293,61 @@ def test_fused_inference_is_skipped_where_it_does_not_apply():
         assert layer.last_codes is not None and layer.last_codes.shape == (3, 2)
         with pytest.raises(ValueError, match=r"expects input of shape \[\.\.\., 16\]"):
             layer(torch.randn(3, 24))
+
+
+# Shapes where each table row is read by >= 3 tokens (tokens >= 3 * 2**tau) and the width is a multiple of 64:
+# the C++ forward takes its cache-blocked loop (packed 64-column table slabs, 2048-token blocks) there. The
+# last one spans two token blocks and a partial one.
+BLOCKED_SHAPES = [(64, 4, 128, 4), (200, 3, 64, 6), (4500, 2, 64, 3)]
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES)
+def test_blocked_forward_matches_float64_reference(shape, dtype):
+    rows, weights, tables, grad_out = make_inputs(*shape, seed=3)
+    tables, grad_out = tables.to(dtype), grad_out.to(dtype).float()  # run() feeds dy in the output dtype
+    ref_y, ref_gt, ref_gw = float64_reference(rows, weights.float(), tables, grad_out)
+    y, gt, gw = run("fused", rows, weights.float(), tables, grad_out)
+    with torch.no_grad():
+        y_nograd = weighted_lookup(rows, weights.float(), tables, impl="fused")
+    eps = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-6
+    scale = ref_y.abs().max().item()
+    # fp32 accumulation, one rounding to the tables' dtype at the end
+    torch.testing.assert_close(y.double(), ref_y, rtol=eps, atol=eps * scale)
+    assert torch.equal(y, y_nograd)
+    torch.testing.assert_close(gt.double(), ref_gt, rtol=eps, atol=eps * ref_gt.abs().max().item())
+    torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-5 * ref_gw.abs().max().item())
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
+def test_blocked_forward_falls_back_when_rows_leave_their_table():
+    # The blocked loop assumes rows[n, k] lies in table k (what the hash produces); any other row layout must
+    # still be computed exactly, by the per-token loop.
+    rows, weights, tables, _ = make_inputs(64, 4, 128, 4, seed=5)
+    rows = rows.flip(-1).contiguous()  # column k now indexes table K-1-k
+    with torch.no_grad():
+        y = weighted_lookup(rows, weights.float(), tables.float(), impl="fused")
+    ref = float64_reference(rows, weights.float(), tables.float(), torch.zeros(64, 128))[0]
+    torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
+@pytest.mark.parametrize("tokens", [1, 600])
+def test_large_table_gradient_is_zero_outside_touched_rows_and_accumulates(tokens):
+    # 2048 x 512 fp32 = 4 MiB: the table gradient comes from fresh zero pages and only touched rows are
+    # written (1 token: 8 of 2048 rows), or huge pages when most rows are touched (600 tokens).
+    rows, weights, tables, grad_out = make_inputs(tokens, 8, 512, 8, seed=11)
+    t32 = tables.float().requires_grad_(True)
+    w32 = weights.float()
+    _, ref_gt, _ = float64_reference(rows, w32, t32.detach(), grad_out.float())
+    for _ in range(2):  # the second backward adds into the first gradient (AccumulateGrad's in-place add)
+        weighted_lookup(rows, w32, t32, impl="fused").backward(grad_out.float())
+    torch.testing.assert_close(t32.grad.double(), 2 * ref_gt, rtol=1e-5, atol=1e-5)
+    untouched = torch.ones(t32.shape[0], dtype=torch.bool)
+    untouched[rows.reshape(-1)] = False
+    assert int(untouched.sum()) >= (2048 - 8 if tokens == 1 else 1)  # one row per table per token
+    assert bool((t32.grad[untouched] == 0).all())
+    (gt,) = torch.autograd.grad(weighted_lookup(rows, w32, t32, impl="fused"), t32, grad_out.float())
+    gt.mul_(0.5).add_(1.0)  # the gradient is an ordinary writable tensor (optimizers and clipping write it)
+    torch.testing.assert_close(gt.double(), 0.5 * ref_gt + 1.0, rtol=1e-5, atol=1e-5)

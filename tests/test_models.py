@@ -203,10 +203,18 @@ def test_qkv_share_one_hash(monkeypatch):
 
     monkeypatch.setattr(MemoryLayer, "hash", counting_hash)
     monkeypatch.setattr(MemoryLayer, "lookup", recording_lookup)
-    with torch.no_grad():
-        model(torch.randint(0, config.vocab_size, (1, 6)))
-    # Per block: one hash for Q/K/V together, one for each Memory Block layer; 5 would mean QKV hash thrice.
-    assert len(hash_calls) == 3 * config.n_layer
+    # With gradients every layer goes through hash() + lookup(); without them the Memory Block layers take
+    # the one-call inference path, but Q/K/V must still share one hash.
+    for grad in (True, False):
+        hash_calls.clear()
+        for v in lookups.values():
+            v.clear()
+        with torch.set_grad_enabled(grad):
+            model(torch.randint(0, config.vocab_size, (1, 6)))
+        qkv_hashes = [layer for layer in hash_calls if id(layer) in names]
+        assert len(qkv_hashes) == config.n_layer  # 3 per block would mean Q, K and V hash separately
+        if grad:  # plus one for each Memory Block layer
+            assert len(hash_calls) == 3 * config.n_layer
     assert lookups["q"] == lookups["k"] == lookups["v"]
     assert len(lookups["q"]) == config.n_layer
 

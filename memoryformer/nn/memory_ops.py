@@ -173,12 +173,13 @@ def layer_inference(
     Same conditions as `hash_inference` (no gradient needed, CPU kernel available, impl auto or fused), and
     the table must have the K * 2**tau rows the input width implies; returns None otherwise.
     """
-    if x.dim() == 0 or x.shape[-1] % code_length or (weighting != "l1_prob" and weighting != "prob"):
-        return None
-    if tables.dim() != 2 or tables.shape[0] != (x.shape[-1] // code_length) << code_length:
-        return None
     ops = _inference_ops(impl, x, tables, bias)
-    if ops is None:
+    if ops is None or (weighting != "l1_prob" and weighting != "prob"):
+        return None
+    shape, t_shape = x.shape, tables.shape  # each .shape / .dim() costs a fraction of a microsecond
+    if not shape or len(t_shape) != 2 or t_shape[0] != (shape[-1] // code_length) << code_length:
+        return None
+    if shape[-1] % code_length:
         return None
     return ops.layer_forward(x, tables, bias, code_length, weighting == "l1_prob", float(temperature))
 
