@@ -17,24 +17,14 @@ import lm_eval.tasks
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from memoryformer.evaluation.config import TASK_SETS
-from memoryformer.evaluation.data import EVAL_SPLITS
-
-UPSTREAM_YAML = {
-    "piqa": "piqa/piqa.yaml",
-    "winogrande": "winogrande/default.yaml",
-    "wsc273": "wsc273/default.yaml",
-    "wsc": "super_glue/wsc/default.yaml",
-    "arc_easy": "arc/arc_easy.yaml",
-    "arc_challenge": "arc/arc_challenge.yaml",
-    "logiqa": "logiqa/logiqa.yaml",
-}
+from memoryformer.evaluation.data import EVAL_SPLITS, UPSTREAM_TASK_YAML
 
 
 def download(task: str, out: Path) -> Path:
     """Download the split lm-eval scores for `task` and write it as JSON Lines; returns the file."""
     import datasets
 
-    cfg = load_yaml(Path(lm_eval.tasks.__file__).parent / UPSTREAM_YAML[task], resolve_func=False)
+    cfg = load_yaml(Path(lm_eval.tasks.__file__).parent / UPSTREAM_TASK_YAML[task], resolve_func=False)
     split = cfg.get("test_split") or cfg.get("validation_split")
     if split != EVAL_SPLITS[task]:
         raise SystemExit(
@@ -61,9 +51,9 @@ def main() -> None:
     names: list[str] = []
     for item in args.tasks.split(","):
         for t in TASK_SETS.get(item.strip(), [item.strip()]):
-            if t not in UPSTREAM_YAML:
+            if t not in UPSTREAM_TASK_YAML:
                 raise SystemExit(
-                    f"error: no offline layout for task {t!r}; choose from {', '.join(UPSTREAM_YAML)}."
+                    f"error: no offline layout for task {t!r}; choose from {', '.join(UPSTREAM_TASK_YAML)}."
                 )
             if t not in names:
                 names.append(t)

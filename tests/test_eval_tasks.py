@@ -19,21 +19,12 @@ from eval_test_helpers import FIXTURES, save_tokenizer, tiny_model  # noqa: E402
 
 from memoryformer.config import ConfigError  # noqa: E402
 from memoryformer.evaluation.config import TASK_SETS, EvaluateConfig  # noqa: E402
-from memoryformer.evaluation.data import EVAL_SPLITS, DataError, load_local  # noqa: E402
+from memoryformer.evaluation.data import EVAL_SPLITS, UPSTREAM_TASK_YAML, DataError, load_local  # noqa: E402
 from memoryformer.evaluation.runner import build_task_manager, run_evaluation  # noqa: E402
 
 PAPER = TASK_SETS["paper"]
 ALL_LOCAL = list(EVAL_SPLITS)
 UPSTREAM = Path(lm_eval.tasks.__file__).parent
-UPSTREAM_YAML = {
-    "piqa": "piqa/piqa.yaml",
-    "winogrande": "winogrande/default.yaml",
-    "wsc273": "wsc273/default.yaml",
-    "wsc": "super_glue/wsc/default.yaml",
-    "arc_easy": "arc/arc_easy.yaml",
-    "arc_challenge": "arc/arc_challenge.yaml",
-    "logiqa": "logiqa/logiqa.yaml",
-}
 
 
 def _rows(task: str) -> list[dict]:
@@ -50,7 +41,7 @@ def local_tm():
 @pytest.mark.parametrize("task", ALL_LOCAL)
 def test_local_task_sends_the_same_requests_as_lm_evals_hub_task(task, local_tm):
     ours = local_tm.load([task])["tasks"][task]
-    upstream = dict(load_yaml(UPSTREAM / UPSTREAM_YAML[task], resolve_func=True))
+    upstream = dict(load_yaml(UPSTREAM / UPSTREAM_TASK_YAML[task], resolve_func=True))
     # lm-eval's own YAML with only the data source swapped for the same local file.
     assert (upstream.get("test_split") or upstream.get("validation_split")) == EVAL_SPLITS[task]
     for key in ("tag", "training_split"):

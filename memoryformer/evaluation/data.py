@@ -29,6 +29,17 @@ EVAL_SPLITS: dict[str, str] = {
     "arc_challenge": "test",
     "logiqa": "test",
 }
+#: lm-eval's own YAML for each offline task (relative to `lm_eval/tasks/`): where its hub dataset, split,
+#: prompts and metrics come from. Our offline YAMLs must send the same requests (tests/test_eval_tasks.py).
+UPSTREAM_TASK_YAML: dict[str, str] = {
+    "piqa": "piqa/piqa.yaml",
+    "winogrande": "winogrande/default.yaml",
+    "wsc273": "wsc273/default.yaml",
+    "wsc": "super_glue/wsc/default.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "logiqa": "logiqa/logiqa.yaml",
+}
 #: Offline tasks whose data this project makes itself (no hub dataset): task -> (split, how to make it).
 GENERATED_SPLITS: dict[str, tuple[str, str]] = {
     "sample_heldout": ("validation", "python -m memoryformer.data.sample --export-eval {root}"),
