@@ -87,6 +87,7 @@ class ModelCost:
     qkv_layer_mb_fp16: float  # storage of Memory Layer Q (paper Table 3's "Memory Size")
     memory_block_mb_fp16: float  # storage of both Memory Block layers (paper Table 5's "Memory Size")
     tables_gb_fp16: float  # all tables of the whole model
+    head_per_token: int = 0  # multiply-adds of the LM head per token (n_embd x vocab)
 
     def as_dict(self) -> dict:
         """JSON-ready dict, with derived block totals spelled out."""
@@ -171,6 +172,7 @@ def model_cost(config: ModelConfig | str, seq_len: int = 2048) -> ModelCost:
         qkv_layer_mb_fp16=qkv_mb,
         memory_block_mb_fp16=sum(m.storage_bytes_fp16 for m in ffn_layers) / MEGA,
         tables_gb_fp16=tables * FP16_BYTES / GIGA,
+        head_per_token=_lm_head_params(model),
     )
 
 
@@ -193,10 +195,7 @@ def training_flops_per_token(config: ModelConfig | str, seq_len: int) -> float:
     for both block types. Multiply by 2 for FLOPs in the "two per multiply-add" convention of MFU.
     """
     cost = model_cost(config, seq_len)
-    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_name(config)
-    per_token_block = cost.block.total_exact / seq_len
-    head = cfg.n_embd * cfg.vocab_size
-    return 3.0 * (cfg.n_layer * per_token_block + head)
+    return 3.0 * (cost.layers * cost.block.total_exact / seq_len + cost.head_per_token)
 
 
 # ---------------------------------------------------------------------- paper table reproductions
