@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-fast lint format bench eval flops docker-build clean
+.PHONY: help setup train test test-fast lint format bench throughput eval flops docker-build clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -46,6 +46,10 @@ format: $(STAMP) ## ruff format + autofix
 
 bench: $(STAMP) ## benchmarks -> docs/benchmarks.md
 	$(PY) benchmarks/run.py
+
+throughput: $(STAMP) ## training tokens/s of the paper rows on this device -> docs/throughput.json + README
+	$(PY) benchmarks/bench_throughput.py --record
+	$(PY) scripts/update_readme.py
 
 eval: $(STAMP) ## zero-shot evaluation of a checkpoint: make eval CKPT=path
 	$(PY) evaluate.py checkpoint=$(CKPT)

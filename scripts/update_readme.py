@@ -1,4 +1,5 @@
-"""Regenerate the generated parts of README.md (the model table comes from the FLOPs tool, not typing).
+"""Regenerate the generated parts of README.md: the model table (from the FLOPs tool) and the cost table
+of the paper's rows (from `memoryformer.compute_budget` and the measurements in docs/throughput.json).
 
     python scripts/update_readme.py          # rewrite README.md in place
     python scripts/update_readme.py --check  # exit 1 if README.md is out of date (used by the tests)
@@ -13,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-BEGIN, END = "<!-- model-table:begin -->", "<!-- model-table:end -->"
+BLOCKS = ("model-table", "cost-table")
 README_MODELS = (
     "nano", "memoryformer_tiny", "memoryformer_small", "memoryformer_small_released", "memoryformer_base",
     "pythia_70m", "pythia_160m", "pythia_410m",
@@ -32,15 +33,28 @@ def model_table(seq_len: int = 2048) -> str:
         label = flops.PAPER_LABELS.get(name, name)
         shown = f"`{name}` ({label})" if label != name else f"`{name}`"
         table = table.replace(f"| {label} |", f"| {shown} |", 1)
-    return f"{BEGIN}\n{table}\n{END}"
+    return table
+
+
+def cost_table() -> str:
+    """The README's "Reproducing the paper" table: tokens, FLOPs and measured device-hours per paper row."""
+    sys.path.insert(0, str(ROOT))
+    from memoryformer import compute_budget
+
+    return compute_budget.format_cost_table(compute_budget.load_measurements())
 
 
 def render(text: str) -> str:
-    """README text with the generated block replaced by a fresh one."""
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block to fill.")
-    return pattern.sub(lambda _: model_table(), text)
+    """README text with every generated block replaced by a fresh one."""
+    makers = {"model-table": model_table, "cost-table": cost_table}
+    for block in BLOCKS:
+        begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+        pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no {begin} ... {end} block to fill.")
+        fresh = f"{begin}\n{makers[block]()}\n{end}"
+        text = pattern.sub(lambda _, fresh=fresh: fresh, text)
+    return text
 
 
 def main() -> int:

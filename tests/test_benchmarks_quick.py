@@ -44,8 +44,9 @@ def _table_after(text: str, title: str) -> list[list[str]]:
 
 def test_discover_puts_our_cases_first(run_module):
     names = run_module.discover()
-    assert names[:2] == ["bench_memory_layer", "bench_models"]
-    assert names == names[:2] + sorted(names[2:])
+    # the numbered cases 1-5 first, in their order; the rest (data loading) by name
+    assert names[:3] == ["bench_memory_layer", "bench_models", "bench_throughput"]
+    assert names == names[:3] + sorted(names[3:])
     assert all((BENCH_DIR / f"{n}.py").exists() for n in names)
 
 
@@ -73,7 +74,8 @@ def test_a_failing_module_is_reported_not_fatal(run_module, tmp_path, monkeypatc
 @pytest.mark.slow
 def test_quick_run_writes_every_case(run_module, tmp_path):
     out = tmp_path / "benchmarks.md"
-    failures = run_module.main(["--quick", "--out", str(out), "--only", "bench_memory_layer", "bench_models"])
+    failures = run_module.main(["--quick", "--out", str(out), "--only", "bench_memory_layer", "bench_models",
+                                "bench_throughput"])
     text = out.read_text()
     assert failures == 0, text
     for needle in ("Machine:", "torch 2.", "torch threads", "Copy bandwidth", "Load average",
@@ -93,3 +95,8 @@ def test_quick_run_writes_every_case(run_module, tmp_path):
     assert flops[-1][0] == "Pythia / MemoryFormer"
     assert float(flops[-1][1].rstrip("x")) == pytest.approx(12 * 128 / (6 * 16), rel=1e-3)
     assert re.search(r"\| nano \| [\d.]+ M \|", text)
+    # Case 5: every paper row has a cost line, and the quick nano step ran
+    costs = _table_after(text, "## 5. Cost of the paper's rows")
+    for row in ("pythia_70m", "mf_tiny", "pythia_160m", "mf_small", "pythia_410m", "mf_base"):
+        assert any(r[0].startswith(f"`{row}`") for r in costs), row
+    assert re.search(r"Quick check: nano, 2 x 32 tokens, one step in [\d.]+ s", text)
