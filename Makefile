@@ -8,26 +8,29 @@ PIP         := $(VENV)/bin/pip
 STAMP       := $(VENV)/.installed
 EXTRAS      ?= dev,eval,deepspeed,wandb,tensorboard,sweep
 TORCH_PIN   ?= torch==2.13.0
+CONSTRAINTS ?= docker/constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-fast lint format bench throughput eval flops docker-build clean
+.PHONY: help setup train test test-fast lint format bench throughput eval flops docker-build docker-resolve clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@command -v $(PYTHON_BOOT) >/dev/null 2>&1 || { echo "need $(PYTHON_BOOT) on PATH (or make PYTHON_BOOT=python3)"; exit 1; }
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first: otherwise a dependency would pull a multi-GB CUDA build.
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[$(EXTRAS)]" "$(TORCH_PIN)"
+	# The Docker image's pins, all but torch (the image has its CUDA build): the tests run what it ships.
+	grep -v '^torch==' $(CONSTRAINTS) > $(VENV)/constraints.txt
+	$(PIP) install -q -e ".[$(EXTRAS)]" "$(TORCH_PIN)" --constraint $(VENV)/constraints.txt
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install torch 2.13.0 + the package with its extras
+setup: $(STAMP) ## create .venv: torch 2.13.0 CPU, then the package and extras at the image's pins
 
 train: $(STAMP) ## train the nano MemoryFormer on the bundled corpus (CPU, a few minutes) and evaluate it
 	$(PY) scripts/make_train.py $(TRAIN_ARGS)
@@ -59,6 +62,14 @@ flops: $(STAMP) ## parameters, FLOPs per block and table storage of the paper's 
 
 docker-build: ## build the GPU image (needs a Docker engine)
 	docker build -f docker/Dockerfile -t memoryformer:latest .
+
+docker-resolve: $(STAMP) ## resolve the image's pip install (Python 3.11, x86_64, pinned) from PyPI, no Docker
+	$(PIP) install -q uv
+	grep -v '^#' $(CONSTRAINTS) > $(VENV)/image-pins.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra deepspeed --extra eval --extra wandb --extra sweep \
+	    --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
+	    --constraint $(VENV)/image-pins.txt --build-constraint $(VENV)/image-pins.txt -o $(VENV)/image-resolved.txt
+	@echo "resolved: $(VENV)/image-resolved.txt"
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

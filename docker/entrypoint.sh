@@ -5,7 +5,7 @@
 # runs that command:
 #   docker run ... memoryformer:latest evaluate checkpoint=/outputs/run/checkpoints/last.ckpt
 set -euo pipefail
-cd /workspace/memoryformer
+cd "$(dirname "$(readlink -f "$0")")/.."  # the repository root: /workspace/memoryformer in the image
 case "${1:-}" in
   evaluate) shift; exec python evaluate.py hydra.run.dir=/outputs/eval/\${now:%Y-%m-%d_%H-%M-%S} "$@" ;;
   flops)    shift; exec python -m memoryformer.flops "$@" ;;
