@@ -9,7 +9,7 @@ import gc
 
 import torch
 import torch.nn.functional as F
-from benchutil import fmt_ratio, fmt_time, load_average, md_table, measure
+from benchutil import fmt_ratio, fmt_time, load_average, md_table, measure, proc_kib_field
 
 from memoryformer.config import ModelConfig
 from memoryformer.flops import model_cost
@@ -102,14 +102,8 @@ def _vm_hwm_reset() -> bool:
 
 def _vm_hwm() -> float | None:
     """Peak resident set of this process in bytes since the last reset (Linux), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    peak = proc_kib_field("/proc/self/status", "VmHWM")
+    return float(peak) if peak is not None else None
 
 
 def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
-from benchutil import copy_bandwidth, cpu_model, load_average  # noqa: E402
+from benchutil import copy_bandwidth, cpu_model, load_average, proc_kib_field  # noqa: E402
 
 from memoryformer.compute_budget import (  # noqa: E402
     MEASUREMENTS,
@@ -93,14 +93,8 @@ def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
+    available = proc_kib_field("/proc/meminfo", "MemAvailable")
+    return available if available is not None else 1 << 62
 
 
 def _free(device: torch.device) -> None:

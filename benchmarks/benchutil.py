@@ -64,6 +64,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def proc_kib_field(path: str, key: str) -> int | None:
+    """A "Key:  N kB" line of a Linux /proc file, in bytes; None where the file or the key is missing."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(f"{key}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def copy_bandwidth(megabytes: int = 256) -> float:
     """Measured copy bandwidth in bytes/s, counting read plus write (2 x buffer size per copy); median."""
     src = torch.randn(megabytes * (1 << 20) // 4)
