@@ -7,7 +7,9 @@
 One measured step is what `train.py` does per micro-batch without the data loader and the strategy: the
 model from the experiment's `ModelConfig` at its `data.seq_len`, forward with loss, backward, global grad-norm
 clipping at 1.0 and a fused AdamW step over `memoryformer.training.optim`'s parameter groups, under bf16
-autocast on CUDA (Lightning's "bf16-mixed": fp32 weights) or fp32 on CPU. tokens/s = micro-batch x seq /
+autocast on CUDA (Lightning's "bf16-mixed" as `trainer=gpu` / `ddp` run it: fp32 weights, so 4-byte table
+reads; under `trainer=deepspeed_zero2` the weights are bf16 and a step moves about half the table bytes,
+so a number from here is conservative for DeepSpeed runs) or fp32 on CPU. tokens/s = micro-batch x seq /
 median step time after warm-up steps. A model whose weights, gradients and two AdamW moments do not fit the
 device (MF-base: 6.7B parameters, ~108 GB) is reported as such, not measured: measure it in a sharded run
 (`trainer=deepspeed_zero2`) and record that with `python -m memoryformer.compute_budget record`.
@@ -36,6 +38,7 @@ from benchutil import copy_bandwidth, cpu_model, load_average, proc_kib_field  #
 from memoryformer.compute_budget import (  # noqa: E402
     MEASUREMENTS,
     PAPER_EXPERIMENTS,
+    PEAK_BF16_TFLOPS,
     Measurement,
     format_cost_table,
     git_commit,
@@ -51,9 +54,6 @@ from memoryformer.models import LanguageModel  # noqa: E402
 from memoryformer.schema import OptimConfig  # noqa: E402
 from memoryformer.training.optim import build_optimizer  # noqa: E402
 
-#: Dense bf16 peak per device in TFLOP/s (two FLOPs per multiply-add), from the vendors' datasheets, for MFU.
-PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H200": 989.0, "H100 PCIe": 756.0,
-                    "A100": 312.0}
 #: Bytes per parameter held during training: fp32 weight + fp32 grad + two fp32 AdamW moments.
 TRAIN_BYTES_PER_PARAM = 16
 

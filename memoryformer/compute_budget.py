@@ -19,7 +19,7 @@ Method:
   (3) for a MemoryFormer row on a device where nothing is measured, `estimate_tokens_per_s`: attention and LM
   head (the only dense work left) at the MFU that GPT-NeoX reached on the Pythia row of the same width,
   plus the memory traffic of the table lookups and of AdamW at the device's datasheet bandwidth. A lookup
-  moves a 4-byte table entry per multiply-add, so FLOPs alone say nothing about its time.
+  moves a 2- or 4-byte table entry per multiply-add, so FLOPs alone say nothing about its time.
 """
 
 from __future__ import annotations
@@ -66,6 +66,12 @@ ADAMW_BYTES_PER_PARAM = 28
 TABLE_BYTES = 2
 
 
+#: Dense bf16/fp16 peak per device in TFLOP/s (two FLOPs per multiply-add, no sparsity) from the vendors'
+#: datasheets, keyed by a part of the name `torch.cuda.get_device_name` reports; for MFU and estimates.
+PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H200": 989.0, "H100 PCIe": 756.0,
+                    "A100": 312.0}
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """Datasheet numbers of one accelerator, for estimates: dense fp16/bf16 tensor peak in TFLOP/s (two
@@ -76,7 +82,7 @@ class DeviceSpec:
     memory_tb_per_s: float
 
 
-A100_40GB = DeviceSpec("NVIDIA A100-SXM4-40GB", peak_tflops=312.0, memory_tb_per_s=1.555)
+A100_40GB = DeviceSpec("NVIDIA A100-SXM4-40GB", peak_tflops=PEAK_BF16_TFLOPS["A100"], memory_tb_per_s=1.555)
 
 
 @dataclass(frozen=True)

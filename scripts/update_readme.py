@@ -14,7 +14,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-BLOCKS = ("model-table", "cost-table")
 README_MODELS = (
     "nano", "memoryformer_tiny", "memoryformer_small", "memoryformer_small_released", "memoryformer_base",
     "pythia_70m", "pythia_160m", "pythia_410m",
@@ -37,22 +36,26 @@ def model_table(seq_len: int = 2048) -> str:
 
 
 def cost_table() -> str:
-    """The README's "Reproducing the paper" table: tokens, FLOPs and measured device-hours per paper row."""
+    """The README's "What a row costs" table: tokens, FLOPs and device-hours per paper row (measured,
+    published or estimated; see `memoryformer.compute_budget`)."""
     sys.path.insert(0, str(ROOT))
     from memoryformer import compute_budget
 
     return compute_budget.format_cost_table(compute_budget.load_measurements())
 
 
+#: The README's generated blocks (`<!-- NAME:begin -->` ... `<!-- NAME:end -->`) and what fills each.
+BLOCKS = {"model-table": model_table, "cost-table": cost_table}
+
+
 def render(text: str) -> str:
     """README text with every generated block replaced by a fresh one."""
-    makers = {"model-table": model_table, "cost-table": cost_table}
-    for block in BLOCKS:
+    for block, make in BLOCKS.items():
         begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
         pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
         if not pattern.search(text):
             raise SystemExit(f"README.md has no {begin} ... {end} block to fill.")
-        fresh = f"{begin}\n{makers[block]()}\n{end}"
+        fresh = f"{begin}\n{make()}\n{end}"
         text = pattern.sub(lambda _, fresh=fresh: fresh, text)
     return text
 
