@@ -21,9 +21,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from memoryformer.config import ConfigError
+from memoryformer.errors import reports_user_errors
 from memoryformer.evaluation.config import EvaluateConfig
 
 
+@reports_user_errors
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     """Validate the config, run lm-eval, write the results; returns the average of the chosen accuracy

@@ -13,28 +13,24 @@ loss) is what Hydra sweepers such as Optuna minimise.
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from memoryformer.config import ConfigError
+from memoryformer.errors import exit_on_user_error, reports_user_errors
 from memoryformer.schema import register_configs
 
 register_configs()
 
 
+# reports_user_errors: a bad config, data file or checkpoint ends in one sentence and exit status 2
+@reports_user_errors
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point: run `memoryformer.training.run.train` and return the final validation loss."""
     from memoryformer.training.run import train
 
-    try:
-        summary = train(cfg)
-    except ConfigError as err:
-        print(f"Config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    return summary.get("val_loss")
+    with exit_on_user_error():
+        return train(cfg).get("val_loss")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from memoryformer.config import ConfigError
 from memoryformer.data.config import DataConfig, strip_extension
 from memoryformer.data.gpt_neox import BlendedDataset, GPTSampleDataset, PreshuffledDataset, blend_sizes
-from memoryformer.data.indexed import MMapIndexedDataset
+from memoryformer.data.indexed import DataError, MMapIndexedDataset
 from memoryformer.data.sample import build_sample_corpus
 from memoryformer.data.sampler import MegatronSampler
 from memoryformer.data.streaming import PackedStream, expand_globs
@@ -163,11 +163,13 @@ class LMDataModule(L.LightningDataModule):
     def _samples(self, ds: MMapIndexedDataset, num_samples: int | None, docs, name: str):
         c = self.cfg
         if c.index_mapping == "preshuffled":
-            return PreshuffledDataset(ds, c.seq_len, docs)
+            return PreshuffledDataset(ds, c.seq_len, docs, vocab_size=self.model_vocab_size)
         if num_samples is None:
             tokens = int(ds.sizes[docs].sum(dtype=np.int64)) if docs is not None else ds.num_tokens
             num_samples = max(1, (tokens - 1) // c.seq_len)
-        return GPTSampleDataset(ds, c.seq_len, num_samples, self.seed, c.cache_dir, docs, name)
+        return GPTSampleDataset(
+            ds, c.seq_len, num_samples, self.seed, c.cache_dir, docs, name, vocab_size=self.model_vocab_size
+        )
 
     def _setup_indexed(self, paths: list[str], weights: list[float], val_paths: list[str]) -> None:
         c = self.cfg
@@ -212,6 +214,18 @@ class LMDataModule(L.LightningDataModule):
                     for ds, (_, d) in zip(train_sets, split_docs, strict=True)
                 ]
             )
+        self._check_val_batch(len(self._val) if self._val is not None else None, paths + val_paths)
+
+    def _check_val_batch(self, samples: int | None, where: list[str]) -> None:
+        """Refuse a validation split too small for one batch: it would silently never validate."""
+        _, world = self._dist()
+        need = self.micro_batch_size * world
+        if samples is not None and self.cfg.val_samples > 0 and samples < need:
+            raise DataError(
+                f"the validation split of {', '.join(where)} has {samples} sample(s) of "
+                f"data.seq_len + 1 = {self.cfg.seq_len + 1} tokens, fewer than one validation batch of "
+                f"{need}; add validation data, raise data.val_fraction, or set data.val_samples=0."
+            )
 
     @staticmethod
     def _concat(parts: list):
@@ -248,6 +262,30 @@ class LMDataModule(L.LightningDataModule):
             self._val = (val_src, None)
         elif every:
             self._val = (train_src, (every, every - 1, True))
+        self._probe_stream()
+
+    def _probe_stream(self) -> None:
+        """Fail at start, naming the files, when the stream cannot fill one training batch or one validation
+        sample; otherwise Lightning would wait forever for a first batch that never comes.
+
+        Reads the first documents of this rank's first DataLoader worker only (a few documents on a
+        corpus of any size). An empty validation stream is fine when `val_samples=0`.
+        """
+        c = self.cfg
+        what = ", ".join(c.files) if c.source == "files" else f"data.hf_name={c.hf_name}"
+        need = self.micro_batch_size
+        got = self._stream(self._train).count_samples(need)
+        if got < need:
+            raise DataError(
+                f"{what} gave {got} training sample(s) of data.seq_len + 1 = {c.seq_len + 1} tokens, fewer "
+                f"than one micro-batch of {need}; add data, or lower data.seq_len or global_batch_size."
+            )
+        if self._val is not None and c.val_samples > 0 and self._stream(self._val).count_samples(1) < 1:
+            vwhat = ", ".join(c.val_files) if c.val_files else what
+            raise DataError(
+                f"{vwhat} gave no validation sample of data.seq_len + 1 = {c.seq_len + 1} tokens; give "
+                f"data.val_files, raise data.val_fraction, or set data.val_samples=0."
+            )
 
     def _stream(self, spec, limit: int | None = None) -> PackedStream:
         rank, world = self._dist()

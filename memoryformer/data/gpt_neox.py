@@ -102,11 +102,18 @@ class GPTSampleDataset:
         cache_dir: str,
         documents: np.ndarray | None = None,
         name: str = "train",
+        vocab_size: int | None = None,
     ) -> None:
-        self.indexed, self.seq_len = indexed, seq_len
+        self.indexed, self.seq_len, self.vocab_size = indexed, seq_len, vocab_size
         documents = np.arange(len(indexed), dtype=np.int32) if documents is None else documents
         if len(documents) == 0:
             raise DataError(f"{indexed.prefix} has no documents for the {name} split.")
+        tokens = int(indexed.sizes[documents].sum(dtype=np.int64))
+        if tokens < seq_len + 1:
+            raise DataError(
+                f"{indexed.prefix} holds {tokens} tokens in its {name} split, fewer than one sample of "
+                f"data.seq_len + 1 = {seq_len + 1}; add data or lower data.seq_len."
+            )
         tag = hashlib.sha1(np.ascontiguousarray(documents).tobytes()).hexdigest()[:10]
         base = os.path.join(
             os.path.expanduser(cache_dir),
@@ -134,11 +141,14 @@ class GPTSampleDataset:
         (d0, o0), (d1, o1) = self.sample_idx[k], self.sample_idx[k + 1]
         d0, o0, d1, o1 = int(d0), int(o0), int(d1), int(o1)
         if d0 == d1:
-            return self.indexed.get(int(self.doc_idx[d0]), o0, o1 - o0 + 1).astype(np.int64)
-        parts = [self.indexed.get(int(self.doc_idx[d0]), o0)]
-        parts += [self.indexed.get(int(self.doc_idx[d])) for d in range(d0 + 1, d1)]
-        parts.append(self.indexed.get(int(self.doc_idx[d1]), 0, o1 + 1))
+            return self._get(int(self.doc_idx[d0]), o0, o1 - o0 + 1).astype(np.int64)
+        parts = [self._get(int(self.doc_idx[d0]), o0)]
+        parts += [self._get(int(self.doc_idx[d])) for d in range(d0 + 1, d1)]
+        parts.append(self._get(int(self.doc_idx[d1]), 0, o1 + 1))
         return np.concatenate(parts).astype(np.int64)
+
+    def _get(self, doc: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        return self.indexed.check_ids(self.indexed.get(doc, offset, length), self.vocab_size, doc)
 
 
 class PreshuffledDataset:
@@ -148,9 +158,13 @@ class PreshuffledDataset:
     """
 
     def __init__(
-        self, indexed: MMapIndexedDataset, seq_len: int, documents: np.ndarray | None = None
+        self,
+        indexed: MMapIndexedDataset,
+        seq_len: int,
+        documents: np.ndarray | None = None,
+        vocab_size: int | None = None,
     ) -> None:
-        self.indexed, self.seq_len = indexed, seq_len
+        self.indexed, self.seq_len, self.vocab_size = indexed, seq_len, vocab_size
         self.documents = np.arange(len(indexed)) if documents is None else documents
         bad = np.flatnonzero(indexed.sizes[self.documents] != seq_len + 1)
         if len(bad):
@@ -165,7 +179,8 @@ class PreshuffledDataset:
         return len(self.documents)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.indexed.get(int(self.documents[i])).astype(np.int64)
+        doc = int(self.documents[i])
+        return self.indexed.check_ids(self.indexed.get(doc), self.vocab_size, doc).astype(np.int64)
 
 
 def build_blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:

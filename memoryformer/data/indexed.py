@@ -72,6 +72,8 @@ class MMapIndexedDataset:
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
                 raise DataError(f"{path} does not exist; give the prefix of an existing .bin/.idx pair.")
+            if not os.access(path, os.R_OK):
+                raise DataError(f"{path} cannot be read (permission denied); fix its permissions.")
         self._read_index(idx_path)
         expected = (
             int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if len(self.sizes) else 0
@@ -130,6 +132,20 @@ class MMapIndexedDataset:
             length = size - offset
         start = int(self.pointers[i]) // self.dtype.itemsize + offset
         return self._bin[start : start + length]
+
+    def check_ids(self, ids: np.ndarray, vocab_size: int | None, doc: int) -> np.ndarray:
+        """`ids` (tokens of document `doc`) unchanged, or `DataError` when one is >= `vocab_size`.
+
+        Called per sample rather than once over the whole `.bin` at start-up: a max over one sample is
+        free, a scan of the 300B-token Pile would take longer than many runs.
+        """
+        if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+            bad = int(ids.max())
+            raise DataError(
+                f"{self.prefix}.bin document {doc} holds token id {bad}, but model.vocab_size={vocab_size}; "
+                f"set model.vocab_size > {bad} or re-tokenize the data with the model's tokenizer."
+            )
+        return ids
 
     @property
     def num_tokens(self) -> int:

@@ -35,14 +35,37 @@ TEXT_SUFFIXES = (".txt", ".txt.zst", ".txt.gz")
 
 
 def expand_globs(patterns: list[str], key: str = "data.files") -> list[str]:
-    """Files matching `patterns`, each glob sorted, duplicates dropped, order kept."""
+    """Files matching `patterns`, each glob sorted, duplicates dropped, order kept; each one readable."""
     files: list[str] = []
     for i, pattern in enumerate(patterns):
         matched = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matched:
             raise DataError(f"{key}[{i}]={pattern!r} matches no file; fix the glob or the PILE_DIR variable.")
         files += [f for f in matched if f not in files]
+    for path in files:
+        check_readable(path, key)
     return files
+
+
+def check_readable(path: str, key: str = "data.files") -> None:
+    """Fail with one sentence when `path` is a folder, cannot be opened, or is empty (0 bytes).
+
+    Checked before streaming starts because an unreadable file would otherwise surface as a traceback from
+    inside `datasets`, and an empty one as a training loop that waits forever for its first batch.
+    """
+    if os.path.isdir(path):
+        raise DataError(
+            f"{key} entry {path} is a folder, not a data file; give a glob of files (e.g. DIR/*.jsonl)."
+        )
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise DataError(
+            f"{key} entry {path} cannot be read ({exc.strerror}); fix its permissions or the path."
+        ) from None
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{key} entry {path} is empty (0 bytes); remove it from {key} or re-create it.")
 
 
 @dataclass
@@ -242,6 +265,19 @@ class PackedStream(IterableDataset):
                 batch = []
         if batch:
             yield from (e.ids + tail for e in tok.encode_batch(batch, add_special_tokens=False))
+
+    def count_samples(self, at_most: int, worker: int = 0, workers: int = 1) -> int:
+        """Samples (up to `at_most`) that DataLoader worker `worker` of `workers` would yield on this rank.
+
+        Reads only as many documents as it takes, so probing a 300B-token corpus costs a few documents.
+        """
+        shard, num_shards = worker * self.world_size + self.rank, workers * self.world_size
+        count = 0
+        for _ in pack(self._token_lists(self._documents(shard, num_shards)), self.seq_len):
+            count += 1
+            if count >= at_most:
+                break
+        return count
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         role, workers, shard, num_shards = self._shard()

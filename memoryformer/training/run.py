@@ -148,6 +148,24 @@ def check_config(cfg: DictConfig) -> RunPlan:
     return RunPlan(model, data, optim, world, accumulate, gbs // per_step, max_steps, tokens_per_step)
 
 
+def check_writable_dir(path: Path, key: str) -> None:
+    """Create `path` and write a probe file in it, or raise `ConfigError` naming the key and the folder.
+
+    Checked before the model and data are built, so an unwritable folder fails in a second instead of at
+    the first checkpoint (or with a traceback from a logger).
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}={str(path)!r} cannot be written ({exc.strerror}); point {key} (or hydra.run.dir) "
+            f"at a writable folder."
+        ) from None
+
+
 def resolve_ckpt_path(ckpt_path: str | None, runs_root: str, current_dir: str | None = None) -> str | None:
     """`"last"` -> the newest `last.ckpt` under `runs_root/*/checkpoints/` (None when there is none).
 
@@ -209,6 +227,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     plan = check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_dir = Path(cfg.paths.ckpt_dir)
+    check_writable_dir(output_dir, "paths.output_dir")
     if cfg.print_config:
         rank_zero_info(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)

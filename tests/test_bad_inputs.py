@@ -1,0 +1,180 @@
+"""Every bad input to `train.py` ends in one sentence on stderr and a non-zero exit, never a hang or a
+traceback, and leaves the files it was given untouched.
+
+Each case runs `train.py experiment=smoke` in a subprocess with a timeout, so a run that hangs (as training
+on an empty .jsonl once did) fails the test instead of blocking the suite. Cases that build a Trainer
+before they fail take ~15 s of imports and set-up and are marked slow; the config cases take a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memoryformer.data.indexed import MMapIndexedDatasetBuilder
+
+ROOT = Path(__file__).resolve().parents[1]
+TOK = ROOT / "tests" / "fixtures" / "data" / "tokenizer.json"
+TIMEOUT_S = 150  # the slowest case fails in ~20 s on a busy 2-core machine; a hang would run for ever
+NANO_VOCAB = 4096  # conf/model/nano.yaml's vocab_size (the smoke experiment's model)
+
+
+def _indexed(prefix: Path, docs: list[np.ndarray]) -> Path:
+    with MMapIndexedDatasetBuilder(str(prefix), np.uint16) as builder:
+        for doc in docs:
+            builder.add_document(doc)
+    return prefix
+
+
+def _files_source(path: Path) -> list[str]:
+    return ["data.source=files", f"data.files=[{path}]", f"data.tokenizer={TOK}"]
+
+
+def _indexed_source(prefix: Path, tmp: Path, *extra: str) -> list[str]:
+    return ["data.source=indexed", f"data.paths=[{prefix}]", f"data.cache_dir={tmp / 'cache'}", *extra]
+
+
+def case_empty_jsonl(tmp: Path):
+    path = tmp / "empty.jsonl"
+    path.write_text("")
+    return _files_source(path), [str(path), "empty"], [path]
+
+
+def case_jsonl_shorter_than_a_batch(tmp: Path):
+    path = tmp / "short.jsonl"
+    path.write_text('{"text": "hello world"}\n')
+    return _files_source(path), [str(path), "fewer than one micro-batch of 4"], [path]
+
+
+def case_data_file_is_a_folder(tmp: Path):
+    path = tmp / "shards.jsonl"
+    path.mkdir()
+    return _files_source(path), [str(path), "folder"], []
+
+
+def case_unreadable_data_file(tmp: Path):
+    path = tmp / "secret.jsonl"
+    path.write_text('{"text": "hello world"}\n' * 50)
+    path.chmod(0)
+    return _files_source(path), [str(path), "cannot be read"], []
+
+
+def case_missing_data_file(tmp: Path):
+    prefix = tmp / "nothere"
+    return _indexed_source(prefix, tmp), [str(prefix), ".idx"], []
+
+
+def case_indexed_shorter_than_a_sample(tmp: Path):
+    prefix = _indexed(tmp / "tiny", [np.arange(10), np.arange(10)])
+    files = [Path(f"{prefix}.bin"), Path(f"{prefix}.idx")]
+    overrides = _indexed_source(prefix, tmp, "data.val_fraction=0.5")
+    return overrides, [str(prefix), "10 tokens", "33"], files  # smoke: seq_len 32 -> samples of 33
+
+
+def case_validation_shorter_than_a_batch(tmp: Path):
+    rng = np.random.default_rng(0)
+    prefix = _indexed(tmp / "fewval", [rng.integers(0, 300, 40) for _ in range(20)])
+    files = [Path(f"{prefix}.bin"), Path(f"{prefix}.idx")]
+    # 1 of 20 documents held out: 40 tokens = 1 sample of 33, fewer than a batch of 4
+    overrides = _indexed_source(prefix, tmp, "data.val_fraction=0.05")
+    return overrides, [str(prefix), "1 sample(s)", "validation batch of 4"], files
+
+
+def case_token_id_beyond_vocab(tmp: Path):
+    # past the first 64 documents (which setup samples when there is no tokenizer) every id is too big
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 300, 40) for _ in range(64)] + [np.full(40, 5000) for _ in range(136)]
+    prefix = _indexed(tmp / "badid", docs)
+    files = [Path(f"{prefix}.bin"), Path(f"{prefix}.idx")]
+    overrides = _indexed_source(prefix, tmp, "data.val_fraction=0.1")  # 20 held-out docs: 24 val samples
+    return overrides, [f"{prefix}.bin", "5000", f"model.vocab_size={NANO_VOCAB}"], files
+
+
+def case_unknown_model_key(tmp: Path):
+    return ["model.n_embdd=3"], ["model.n_embdd"], []
+
+
+def case_unknown_root_key(tmp: Path):
+    return ["foo=1"], ["'foo'"], []
+
+
+def case_unknown_model_preset(tmp: Path):
+    return ["model=nonexistent"], ["model=nonexistent", "memoryformer_tiny"], []
+
+
+def case_unknown_experiment(tmp: Path):
+    return ["experiment=nonexistent"], ["experiment=nonexistent", "nano_cpu"], []
+
+
+def case_run_dir_not_writable(tmp: Path):
+    blocker = tmp / "a_file"
+    blocker.write_text("keep me")
+    return [f"hydra.run.dir={blocker / 'run'}"], [str(blocker / "run"), "hydra.run.dir"], [blocker]
+
+
+def case_output_dir_not_writable(tmp: Path):
+    blocker = tmp / "a_file"
+    blocker.write_text("keep me")
+    return [f"paths.output_dir={blocker / 'out'}"], [str(blocker / "out"), "paths.output_dir"], [blocker]
+
+
+SLOW = pytest.mark.slow
+AS_ROOT = pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads a chmod 000 file anyway"
+)
+CASES = [
+    pytest.param(case_empty_jsonl, marks=SLOW, id="empty-jsonl"),
+    pytest.param(case_jsonl_shorter_than_a_batch, marks=SLOW, id="jsonl-shorter-than-a-batch"),
+    pytest.param(case_data_file_is_a_folder, marks=SLOW, id="data-file-is-a-folder"),
+    pytest.param(case_unreadable_data_file, marks=[SLOW, AS_ROOT], id="unreadable-data-file"),
+    pytest.param(case_missing_data_file, marks=SLOW, id="missing-data-file"),
+    pytest.param(case_indexed_shorter_than_a_sample, marks=SLOW, id="indexed-shorter-than-a-sample"),
+    pytest.param(case_validation_shorter_than_a_batch, marks=SLOW, id="validation-shorter-than-a-batch"),
+    pytest.param(case_token_id_beyond_vocab, marks=SLOW, id="token-id-beyond-vocab"),
+    pytest.param(case_unknown_model_key, id="unknown-model-key"),
+    pytest.param(case_unknown_root_key, id="unknown-root-key"),
+    pytest.param(case_unknown_model_preset, id="unknown-model-preset"),
+    pytest.param(case_unknown_experiment, id="unknown-experiment"),
+    pytest.param(case_run_dir_not_writable, id="run-dir-not-writable"),
+    pytest.param(case_output_dir_not_writable, marks=SLOW, id="output-dir-not-writable"),
+]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("make_case", CASES)
+def test_bad_input_fails_with_one_sentence(make_case: Callable, tmp_path: Path) -> None:
+    overrides, expected, kept = make_case(tmp_path)
+    before = {p: _digest(p) for p in kept}
+    own_dir = any(o.startswith("hydra.run.dir=") for o in overrides)
+    run_dir = [] if own_dir else [f"hydra.run.dir={tmp_path}/run"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}  # Hydra's default reporting
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    env.update(TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "train.py", "experiment=smoke", *run_dir, *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,  # a hang raises TimeoutExpired: the test fails
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    message = errors[0]
+    assert "\n" not in message and message.endswith("."), message
+    for needle in expected:
+        assert needle in message, (needle, message)
+    for path, digest in before.items():
+        assert path.is_file() and _digest(path) == digest, f"{path} changed or vanished"
