@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-fast lint format bench throughput eval flops docker-build docker-resolve clean
+.PHONY: help setup train test test-fast lint format bench throughput gpu-check eval flops docker-build docker-resolve clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench: $(STAMP) ## benchmarks -> docs/benchmarks.md
 throughput: $(STAMP) ## training tokens/s of the paper rows on this device -> docs/throughput.json + README
 	$(PY) benchmarks/bench_throughput.py --record
 	$(PY) scripts/update_readme.py
+
+gpu-check: $(STAMP) ## CUDA checks (Memory Layer vs float64, MF-tiny ZeRO-2 bf16 fit, GB/s, MFU) -> docs/gpu_check.json
+	$(PY) scripts/gpu_check.py
 
 eval: $(STAMP) ## zero-shot evaluation of a checkpoint: make eval CKPT=path
 	$(PY) evaluate.py checkpoint=$(CKPT)

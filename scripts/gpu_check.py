@@ -1,0 +1,378 @@
+"""`make gpu-check`: what can only be verified on a CUDA GPU, in one run of at most 8 minutes on one H200.
+
+1. memory_layer: the Memory Layer on CUDA (the path `memory_impl=auto` takes there, and the "torch" path),
+   in fp32 and bf16, against a float64 reference of the paper's formulas written out below: forward output
+   and the gradients of tables, bias and input. Pass: max |got - ref| <= rtol * max |ref| (TOLERANCES).
+2. fit: MF-tiny, 50 steps, `trainer=deepspeed_zero2`, bf16-mixed, on the bundled sample corpus; pass when
+   the mean train loss of the last 5 steps is at least LOSS_DROP_NATS below that of the first 5.
+3. throughput: lookup bandwidth (GB/s of table rows read by the forward) and MF-tiny's training
+   tokens/s and MFU (multiply-adds from `memoryformer.flops.training_flops_per_token`, x2 FLOPs, over the
+   datasheet peak in `memoryformer.compute_budget.PEAK_BF16_TFLOPS`).
+4. Everything goes to docs/gpu_check.json (device, torch / CUDA versions, timestamps, pass/fail per check).
+
+Without CUDA it prints one sentence and exits 2. The parts are functions so that tests can run the
+comparison and report logic on CPU tensors (tests/test_gpu_check.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as `python scripts/gpu_check.py` from a checkout
+
+from memoryformer.compute_budget import PEAK_BF16_TFLOPS  # noqa: E402
+from memoryformer.nn import MemoryLayer  # noqa: E402
+from memoryformer.nn.memory_ops import resolve_impl, weighted_lookup  # noqa: E402
+
+REPORT = ROOT / "docs" / "gpu_check.json"
+EXIT_FAILED, EXIT_NO_CUDA = 1, 2
+#: max |got - ref| <= rtol * max |ref|. fp32: summation order of the fused kernels (and atomics in the
+#: table gradient) differs from float64 by a few ulps of the largest term (CPU: ~2e-7). bf16: outputs and
+#: gradients are stored with 8 mantissa bits (2**-9 relative rounding each; CPU: up to 3.5e-3 of max).
+TOLERANCES = {"float32": 1e-5, "bfloat16": 1e-2}
+IMPLS = ("auto", "torch")
+LOSS_DROP_NATS = 1.0  # 50 steps from ~ln(50304) = 10.8 nats; learning the 4096 ids in use alone gives 2.5
+FIT_STEPS = 50
+#: seconds per part on one H200; the whole run must stay under TOTAL_BUDGET_S (8 minutes)
+BUDGET_S = {"memory_layer": 60, "fit": 300, "bandwidth": 60}
+TOTAL_BUDGET_S = 480
+#: MF-tiny's Memory Layer shape (K = 64 tables of 2**8 rows, 512 wide) and one micro-batch of tokens
+BANDWIDTH_SHAPE = {"tokens": 16384, "num_tables": 64, "code_length": 8, "width": 512}
+
+
+class NoCudaError(RuntimeError):
+    """No CUDA device is visible; the message says what torch reports."""
+
+
+# ----------------------------------------------------------------------------- float64 reference
+def reference_memory_layer(
+    x: torch.Tensor,
+    tables: torch.Tensor,
+    bias: torch.Tensor | None,
+    code_length: int,
+    weighting: str = "l1_prob",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Memory Layer forward in float64 from the paper's formulas (autograd gives the exact gradients).
+
+    Chunk k of x (tau values z) selects row code(z) + k * 2**tau, code = sum_j [z_j >= 0] * 2**(tau-1-j)
+    (MSB first); its weight is p(z; t) = prod_j sigmoid(2 |z_j| / t), times ||z||_1 for "l1_prob".
+    """
+    tau = code_length
+    z = x.double().reshape(*x.shape[:-1], -1, tau)
+    bits = (z >= 0).long()
+    code = (bits * (2 ** torch.arange(tau - 1, -1, -1, device=x.device))).sum(-1)
+    rows = code + torch.arange(z.shape[-2], device=x.device) * 2**tau
+    a = z.abs()
+    weight = torch.sigmoid(2.0 * a / temperature).prod(-1)
+    if weighting == "l1_prob":
+        weight = weight * a.sum(-1)
+    y = (weight[..., None] * tables.double()[rows]).sum(-2)
+    return y if bias is None else y + bias.double()
+
+
+def compare(name: str, got: torch.Tensor, ref: torch.Tensor, rtol: float) -> dict:
+    """One check's record: max abs error, the reference's scale, the bound rtol * scale, pass/fail."""
+    got, ref = got.detach().double(), ref.detach().double()
+    err = float((got - ref).abs().max())
+    scale = float(ref.abs().max())
+    bound = rtol * max(scale, 1e-30)
+    return {"name": name, "max_abs_err": err, "ref_max_abs": scale, "rtol": rtol, "passed": err <= bound}
+
+
+def check_memory_layer(
+    device: str,
+    dtype: torch.dtype,
+    impl: str,
+    tokens: int = 512,
+    num_tables: int = 16,
+    code_length: int = 8,
+    out_features: int = 64,
+    seed: int = 0,
+) -> list[dict]:
+    """Forward and tables / bias / input gradients of a `MemoryLayer(impl)` on `device` in `dtype` vs
+    `reference_memory_layer` on the same (rounded) values; one `compare` record per quantity."""
+    gen = torch.Generator().manual_seed(seed)
+    d = num_tables * code_length
+    layer = MemoryLayer(d, out_features, code_length=code_length, impl=impl)
+    with torch.no_grad():
+        layer.tables.copy_(torch.randn(layer.tables.shape, generator=gen))  # O(1) rows: every term shows
+        layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen))
+    layer = layer.to(device=device, dtype=dtype)
+    x = torch.randn(tokens, d, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    grad_out = torch.randn(tokens, out_features, generator=gen).to(device=device, dtype=dtype)
+    y = layer(x)
+    y.backward(grad_out)
+
+    x64 = x.detach().double().requires_grad_(True)
+    t64 = layer.tables.detach().double().requires_grad_(True)
+    b64 = layer.bias.detach().double().requires_grad_(True)
+    ref = reference_memory_layer(x64, t64, b64, code_length, layer.weighting, layer.temperature)
+    ref.backward(grad_out.double())
+
+    rtol = TOLERANCES[str(dtype).removeprefix("torch.")]
+    path = resolve_impl(impl, layer.tables)
+    tag = f"{device}/{str(dtype).removeprefix('torch.')}/impl={impl}({path})"
+    return [
+        compare(f"{tag}/forward", y, ref, rtol),
+        compare(f"{tag}/grad_tables", layer.tables.grad, t64.grad, rtol),
+        compare(f"{tag}/grad_bias", layer.bias.grad, b64.grad, rtol),
+        compare(f"{tag}/grad_input", x.grad, x64.grad, rtol),
+    ]
+
+
+# ----------------------------------------------------------------------------- throughput
+def lookup_bandwidth(device: str, dtype: torch.dtype, impl: str, iters: int = 20, **shape: int) -> dict:
+    """GB/s of table rows read by the lookup forward (tokens x K rows x width x bytes per value / time)."""
+    s = {**BANDWIDTH_SHAPE, **shape}
+    rows_per_table = 2 ** s["code_length"]
+    tables = torch.randn(s["num_tables"] * rows_per_table, s["width"], device=device, dtype=dtype)
+    rows = torch.randint(0, rows_per_table, (s["tokens"], s["num_tables"]), device=device)
+    rows += torch.arange(s["num_tables"], device=device) * rows_per_table
+    weights = torch.rand(s["tokens"], s["num_tables"], device=device)
+    with torch.no_grad():
+        for _ in range(3):  # warm-up: kernel selection, caching allocator
+            weighted_lookup(rows, weights, tables, impl=impl)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            weighted_lookup(rows, weights, tables, impl=impl)
+        _sync(device)
+    seconds = (time.perf_counter() - start) / iters
+    read = s["tokens"] * s["num_tables"] * s["width"] * tables.element_size()
+    return {
+        "impl": impl,
+        "path": resolve_impl(impl, tables),
+        "dtype": str(dtype).removeprefix("torch."),
+        **s,
+        "seconds_per_forward": seconds,
+        "table_bytes_read": read,
+        "gb_per_s": read / seconds / 1e9,
+    }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Datasheet dense bf16 peak of the device whose name contains a key of PEAK_BF16_TFLOPS."""
+    for key, peak in PEAK_BF16_TFLOPS.items():
+        if key in device_name:
+            return peak
+    return None
+
+
+def mfu(macs_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: 2 FLOPs per multiply-add x tokens/s over the peak FLOP/s (None: no peak)."""
+    return None if not peak else 2.0 * macs_per_token * tokens_per_s / (peak * 1e12)
+
+
+# ----------------------------------------------------------------------------- the 50-step fit
+def fit_command(run_dir: Path, steps: int = FIT_STEPS, peak: float | None = None) -> list[str]:
+    """`train.py` arguments of the MF-tiny DeepSpeed ZeRO-2 bf16 fit on the sample corpus (no checkpoints)."""
+    return [
+        sys.executable,
+        "train.py",
+        "experiment=mf_tiny",
+        "data=sample",
+        "trainer=deepspeed_zero2",
+        "trainer.devices=1",
+        "trainer.precision=bf16-mixed",
+        f"trainer.max_steps={steps}",
+        "trainer.accumulate_grad_batches=1",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "+trainer.enable_checkpointing=false",
+        "callbacks.model_checkpoint=null",
+        "callbacks.graceful_interrupt=null",
+        "global_batch_size=16",
+        "data.seq_len=256",
+        "data.num_workers=2",
+        "val_every_n_steps=25",
+        "ckpt_every_n_steps=null",
+        "export_final=false",
+        "logger=csv",
+        "print_config=false",
+        "name=gpu_check",
+        f"hydra.run.dir={run_dir}",
+        f"peak_tflops_per_device={peak if peak else 'null'}",
+    ]
+
+
+def read_metrics(metrics_csv: Path) -> tuple[list[float], list[float]]:
+    """Per-step train/loss and train/tokens_per_s from a Lightning CSV logger file, in step order."""
+    rows = list(csv.DictReader(metrics_csv.read_text().splitlines()))
+    losses = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    speeds = {int(r["step"]): float(r["train/tokens_per_s"]) for r in rows if r.get("train/tokens_per_s")}
+    return [losses[k] for k in sorted(losses)], [speeds[k] for k in sorted(speeds)]
+
+
+def loss_fell(losses: list[float], drop: float = LOSS_DROP_NATS, window: int = 5) -> bool:
+    """Mean of the last `window` losses at least `drop` nats below the mean of the first `window`."""
+    if len(losses) < 2 * window or not all(math.isfinite(v) for v in losses):
+        return False
+    return statistics.fmean(losses[-window:]) <= statistics.fmean(losses[:window]) - drop
+
+
+def run_fit(run_dir: Path, timeout_s: float, peak: float | None) -> dict:
+    """Run the fit in a subprocess (its log beside the metrics); loss, tokens/s and MFU figures."""
+    from memoryformer.config import ModelConfig
+    from memoryformer.flops import training_flops_per_token
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false"
+    )
+    start = time.time()
+    with open(run_dir / "train.log", "w") as log:
+        try:
+            rc = subprocess.run(
+                fit_command(run_dir, peak=peak),
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout_s,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    record: dict = {"returncode": rc, "seconds": time.time() - start, "log": str(run_dir / "train.log")}
+    metrics = run_dir / "csv" / "metrics.csv"
+    losses, speeds = read_metrics(metrics) if metrics.is_file() else ([], [])
+    steady = speeds[len(speeds) // 2 :]  # the first steps pay for kernel selection and allocator growth
+    tps = statistics.median(steady) if steady else None
+    macs = training_flops_per_token(ModelConfig.from_name("memoryformer_tiny"), 256)
+    record.update(
+        steps_logged=len(losses),
+        first_losses=losses[:5],
+        last_losses=losses[-5:],
+        loss_drop_required_nats=LOSS_DROP_NATS,
+        tokens_per_s=tps,
+        macs_per_token=macs,
+        mfu=mfu(macs, tps, peak) if tps else None,
+        peak_tflops=peak,
+        passed=rc == 0 and len(losses) >= FIT_STEPS - 1 and loss_fell(losses),
+    )
+    return record
+
+
+# ----------------------------------------------------------------------------- report
+def require_cuda() -> str:
+    """The CUDA device's name, or `NoCudaError` saying what torch sees."""
+    if not torch.cuda.is_available():
+        raise NoCudaError(
+            f"no CUDA device: torch {torch.__version__} (built for CUDA {torch.version.cuda}) sees none; "
+            f"run `make gpu-check` on a machine with an NVIDIA GPU and a CUDA build of torch."
+        )
+    return torch.cuda.get_device_name(0)
+
+
+def environment(device_name: str) -> dict:
+    """Device, versions and host of the report."""
+    return {
+        "device": device_name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+
+
+def write_report(report: dict, path: Path = REPORT) -> Path:
+    """Write `report` as indented JSON, atomically (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the checks (see the module docstring); 0 when all pass, 1 when one fails, 2 without CUDA."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPORT, help="JSON report path")
+    parser.add_argument(
+        "--run-dir", type=Path, default=ROOT / "outputs" / "gpu_check", help="fit's run folder"
+    )
+    parser.add_argument("--skip-fit", action="store_true", help="only the layer checks and the bandwidth")
+    args = parser.parse_args(argv)
+    try:
+        name = require_cuda()
+    except NoCudaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NO_CUDA
+    t0 = time.time()
+    report: dict = {
+        "started": _now(),
+        **environment(name),
+        "tolerances_rtol": TOLERANCES,
+        "budget_s": BUDGET_S,
+        "checks": {},
+    }
+
+    part = time.time()
+    layer = [
+        r
+        for dtype in (torch.float32, torch.bfloat16)
+        for impl in IMPLS
+        for r in check_memory_layer("cuda", dtype, impl)
+    ]
+    report["checks"]["memory_layer"] = {
+        "passed": all(r["passed"] for r in layer),
+        "results": layer,
+        "seconds": time.time() - part,
+    }
+
+    part = time.time()
+    bandwidth = [
+        lookup_bandwidth("cuda", dtype, impl) for dtype in (torch.bfloat16, torch.float32) for impl in IMPLS
+    ]
+    report["checks"]["lookup_bandwidth"] = {
+        "passed": True,
+        "results": bandwidth,
+        "seconds": time.time() - part,
+    }
+    write_report(report, args.out)  # keep the first figures even if the fit is killed
+
+    if not args.skip_fit:
+        left = TOTAL_BUDGET_S - (time.time() - t0) - 15
+        fit = run_fit(args.run_dir, min(BUDGET_S["fit"], left), peak_tflops(name))
+        report["checks"]["fit_mf_tiny_deepspeed_zero2_bf16"] = fit
+
+    report["finished"] = _now()
+    report["seconds"] = time.time() - t0
+    report["passed"] = all(c["passed"] for c in report["checks"].values())
+    write_report(report, args.out)
+    for key, check in report["checks"].items():
+        print(f"{'PASS' if check['passed'] else 'FAIL'}  {key}")
+    print(f"report: {args.out} ({report['seconds']:.0f} s)")
+    return 0 if report["passed"] else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
