@@ -178,3 +178,33 @@ def test_bad_input_fails_with_one_sentence(make_case: Callable, tmp_path: Path) 
         assert needle in message, (needle, message)
     for path, digest in before.items():
         assert path.is_file() and _digest(path) == digest, f"{path} changed or vanished"
+
+
+def test_worker_wrapped_error_is_reported_as_its_own_sentence() -> None:
+    from torch._utils import ExceptionWrapper
+
+    from memoryformer.data.indexed import DataError
+    from memoryformer.errors import one_line, sentence_for
+
+    sentence = "x.bin document 7 holds token id 5000, but model.vocab_size=4096; re-tokenize."
+    try:
+        raise DataError(sentence)
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as caught:
+        wrapped.reraise()  # what the main process sees when a DataLoader worker raised
+    assert "Traceback" in str(caught.value)
+    assert one_line(caught.value) == sentence
+    assert sentence_for(RuntimeError("a bug")) is None  # not ours: the traceback stays
+
+
+def test_unknown_group_option_lists_the_choices() -> None:
+    from hydra.errors import MissingConfigException
+
+    from memoryformer.errors import hydra_error_sentence
+
+    message = "In 'config': Could not find 'model/nanoo'"
+    err = MissingConfigException(message, "model/nanoo", ["nano", "pythia_70m"])
+    assert hydra_error_sentence(err) == (
+        "model=nanoo is not an option of the config group 'model'; choose one of: nano, pythia_70m."
+    )
