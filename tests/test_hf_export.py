@@ -226,3 +226,67 @@ def test_export_refuses_a_setting_the_hf_file_does_not_implement(tmp_path, monke
     with pytest.raises(CheckpointError, match=r"model\.qkv='linear' is not implemented.*default 'memory'"):
         export_model(LanguageModel(tiny_config(qkv="linear")), tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------ python -m memoryformer.export
+def _lightning_ckpt(model: LanguageModel, path: Path, tokenizer: Path) -> Path:
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": {"model": model.config.to_dict(), "tokenizer_path": str(tokenizer)},
+        },
+        path,
+    )
+    return path
+
+
+def test_export_cli_from_a_lightning_ckpt_keeps_weights_and_tokenizer(tmp_path, capsys):
+    from memoryformer.export import main
+
+    model = random_model(seed=7)
+    ckpt = _lightning_ckpt(model, tmp_path / "last.ckpt", save_tokenizer(tmp_path / "tok.json"))
+    main([f"checkpoint={ckpt}", f"out={tmp_path / 'hf'}"])
+    assert "exported" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
+    loaded, _ = load_model(tmp_path / "hf")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_export_cli_bad_arguments_are_one_sentence(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args, message in (
+        ([f"checkpoint={tmp_path / 'missing'}", f"out={tmp_path / 'o'}"], "does not exist"),
+        (["checkpoint=x"], "out= is required"),
+        (["ckpt=x", "out=y"], "is not one of checkpoint="),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "memoryformer.export", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.slow  # a real ZeRO-2 checkpoint written by DeepSpeed in a subprocess
+def test_export_from_a_real_deepspeed_checkpoint_directory(tmp_path):
+    pytest.importorskip("deepspeed")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_checkpoint import DS_SAVE_SCRIPT
+
+    from memoryformer.export import export
+
+    script = tmp_path / "save.py"
+    script.write_text(DS_SAVE_SCRIPT)
+    ds = tmp_path / "epoch=0-step=1.ckpt"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29573",
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), str(ds)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = torch.load(ds / "expected.pt")
+    (ds / "expected.pt").unlink()
+    out = export(str(ds), str(tmp_path / "hf"))
+    assert json.loads((out / "config.json").read_text())["model_type"] == "memoryformer"
+    loaded, _ = load_model(out)
+    assert set(loaded.state_dict()) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
