@@ -2,9 +2,11 @@
 
 Three formats are recognised by `load_model(path)`:
 
-1. An exported model directory (`export_model`): `config.json` = `{"model": ModelConfig.to_dict(),
-   "tokenizer": "tokenizer.json" | null}`, `model.safetensors` (our state dict) and optionally the
-   tokenizer file it names (relative to the directory).
+1. An exported model directory (`export_model`), a Hugging Face model directory (`memoryformer.hf.export`):
+   `config.json` with `model_type` "memoryformer" (our remote-code `MemoryFormerForCausalLM`) or "gpt_neox"
+   (Pythia rows, plain `GPTNeoXForCausalLM`), `model.safetensors` and optionally `tokenizer.json`.
+   The earlier format, `config.json` = `{"model": ModelConfig.to_dict(), "tokenizer": "tokenizer.json" |
+   null}` with our state dict in `model.safetensors`, is still read.
 2. A Lightning `.ckpt` file: `state_dict` keys are `model.<our key>`; `hyper_parameters["model"]` holds
    the model config (a dict, or a preset name); `hyper_parameters["tokenizer_path"]` optionally the tokenizer.
 3. A DeepSpeed checkpoint directory written by Lightning's `DeepSpeedStrategy` (a `latest` file and one
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 LIGHTNING_PREFIX = "model."
+#: `model_type` values of the Hugging Face directories we export (and read back).
+HF_MODEL_TYPES = ("memoryformer", "gpt_neox")
 
 
 class CheckpointError(ValueError):
@@ -40,32 +43,28 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- export
 def export_model(
-    model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer_path: str | None = None
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer_path: str | None = None,
+    eos_token: str = "<|endoftext|>",
 ) -> Path:
-    """Write `model` (a `LanguageModel`) as an exported directory (format 1) and return its path.
+    """Write `model` (a `LanguageModel`) as a Hugging Face model directory and return its path.
 
-    Weights are saved in their current dtype; `tokenizer_path`, when given, is copied in as
-    `tokenizer.json` so the directory is self-contained.
+    MemoryFormer: remote-code `MemoryFormerForCausalLM` (load with `trust_remote_code=True`); Pythia:
+    `GPTNeoXForCausalLM`. Weights keep their dtype, in `model.safetensors`; `tokenizer_path`, when given,
+    is copied in as `tokenizer.json` with a `tokenizer_config.json` whose eos/bos/pad is `eos_token`.
+    See `memoryformer.hf.export`.
     """
-    from safetensors.torch import save_file
+    from memoryformer.hf.export import export_hf
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses shared or non-contiguous storage; our weights are untied, so a clone is exact.
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    tokenizer_name = None
-    if tokenizer_path is not None:
-        src = Path(tokenizer_path)
-        if not src.is_file():
-            raise CheckpointError(
-                f"tokenizer file {src} does not exist; pass the path of a tokenizers JSON file."
-            )
-        shutil.copyfile(src, out / TOKENIZER_FILE)
-        tokenizer_name = TOKENIZER_FILE
-    meta = {"model": model.config.to_dict(), "tokenizer": tokenizer_name}
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return out
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise CheckpointError(
+            f"tokenizer file {tokenizer_path} does not exist; pass the path of a tokenizers JSON file."
+        )
+    try:
+        return export_hf(model, out_dir, tokenizer_path=tokenizer_path, eos_token=eos_token)
+    except ConfigError as err:
+        raise CheckpointError(f"cannot export to {out_dir}: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------------- load
@@ -99,9 +98,12 @@ def _read_exported(d: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str |
         meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{d / CONFIG_FILE} is not valid JSON ({err}); re-export the model.") from err
+    if isinstance(meta, dict) and "model" not in meta and meta.get("model_type") in HF_MODEL_TYPES:
+        return _read_hf_exported(d, meta)
     if not isinstance(meta, dict) or "model" not in meta:
         raise CheckpointError(
-            f"{d / CONFIG_FILE} has no 'model' key; re-export with memoryformer.checkpoint."
+            f"{d / CONFIG_FILE} has neither a 'model' key nor model_type "
+            f"{' or '.join(map(repr, HF_MODEL_TYPES))}; re-export with python -m memoryformer.export."
         )
     weights = d / WEIGHTS_FILE
     if not weights.is_file():
@@ -117,6 +119,39 @@ def _read_exported(d: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str |
             )
         tokenizer = str(tok)
     return _model_config(meta["model"], d / CONFIG_FILE), load_file(str(weights)), tokenizer
+
+
+def _read_hf_exported(
+    d: Path, meta: dict[str, Any]
+) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
+    """A Hugging Face directory written by `memoryformer.hf.export` (MemoryFormer or GPT-NeoX)."""
+    from safetensors.torch import load_file
+
+    weights = d / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{weights} is missing; re-export the model with python -m memoryformer.export."
+        )
+    state = load_file(str(weights))
+    try:
+        if meta["model_type"] == "memoryformer":
+            from memoryformer.hf.config_map import from_hf_config
+            from memoryformer.hf.export import from_hf_state
+
+            config, state = from_hf_config(meta), from_hf_state(state)
+        else:
+            from transformers import GPTNeoXConfig
+
+            from memoryformer.models.convert import config_from_hf, hf_key_map
+
+            config = config_from_hf(GPTNeoXConfig.from_pretrained(str(d), local_files_only=True))
+            inverse = {theirs: ours for ours, theirs in hf_key_map(config.n_layer).items()}
+            inverse["embed_out.weight"] = "lm_head.weight"  # transformers 4.x name of the head
+            state = {inverse.get(k, k): v for k, v in state.items()}
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"the model config stored in {d / CONFIG_FILE} is invalid: {err}") from err
+    tokenizer = d / TOKENIZER_FILE
+    return config, state, str(tokenizer) if tokenizer.is_file() else None
 
 
 def _read_lightning(ckpt: Any, src: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:

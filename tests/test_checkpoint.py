@@ -42,10 +42,25 @@ def test_export_and_load_round_trip_is_exact(tmp_path):
     tok = save_tokenizer(tmp_path / "tok.json")
     out = export_model(model, tmp_path / "export", tokenizer_path=str(tok))
     meta = json.loads((out / "config.json").read_text())
-    assert meta["tokenizer"] == "tokenizer.json" and meta["model"]["n_layer"] == 2
+    assert meta["model_type"] == "memoryformer" and meta["num_hidden_layers"] == 2
     loaded, tok_path = load_model(out)
     assert tok_path == str(out / "tokenizer.json")
     assert not loaded.training
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+
+
+def test_the_earlier_export_format_still_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_model(seed=5)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    save_tokenizer(legacy / "tokenizer.json")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(legacy / "model.safetensors"))
+    meta = {"model": model.config.to_dict(), "tokenizer": "tokenizer.json"}
+    (legacy / "config.json").write_text(json.dumps(meta))
+    loaded, tok_path = load_model(legacy)
+    assert tok_path == str(legacy / "tokenizer.json")
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
 
 
@@ -89,14 +104,14 @@ def test_missing_checkpoint_is_one_clear_sentence(tmp_path):
 def test_config_that_does_not_match_the_weights_is_one_clear_sentence(tmp_path):
     out = export_model(tiny_model(), tmp_path / "export")
     meta = json.loads((out / "config.json").read_text())
-    meta["model"]["vocab_size"] = 300
+    meta["vocab_size"] = 300
     (out / "config.json").write_text(json.dumps(meta))
     with pytest.raises(
         CheckpointError, match=r"do not match its model config.*lm_head\.weight \(260, 64\) vs \(300, 64\)"
     ):
         load_model(out)
-    meta["model"]["vocab_size"] = 260
-    meta["model"]["n_layer"] = 3
+    meta["vocab_size"] = 260
+    meta["num_hidden_layers"] = 3
     (out / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"weight\(s\) missing, e\.g\. blocks\.2\."):
         load_model(out)

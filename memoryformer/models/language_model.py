@@ -7,7 +7,7 @@ with a `KVCache`), and `generate` samples with the cache.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -132,15 +132,37 @@ class LanguageModel(nn.Module):
         eos_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        top_p: float | None = None,
     ) -> torch.Tensor:
         """Extend `idx` `[B, T]` by up to `max_new_tokens` tokens; returns `[B, T + n]`.
 
         Greedy (argmax) when `greedy` or `temperature == 0`, else samples softmax(logits / temperature),
-        restricted to the `top_k` most likely tokens when given. The model sees at most the last
-        `block_size` tokens, as if the full (cropped) sequence were recomputed every step; the KV cache
-        (`use_cache`) gives the same result and is rebuilt from the cropped window once it is full.
-        With `eos_token_id`, finished rows keep emitting it and generation stops when all rows finished.
+        restricted to the `top_k` most likely tokens and then to the smallest set whose probability reaches
+        `top_p` (nucleus sampling), when given. The model sees at most the last `block_size` tokens, as if
+        the full (cropped) sequence were recomputed every step; the KV cache (`use_cache`) gives the same
+        result and is rebuilt from the cropped window once it is full. With `eos_token_id`, finished rows
+        keep emitting it and generation stops when all rows finished. `stream` yields the same tokens.
         """
+        steps = self.stream(
+            idx, max_new_tokens, temperature, top_k, greedy, eos_token_id, use_cache, generator, top_p
+        )
+        new = list(steps)
+        return torch.cat((idx, torch.stack(new, dim=1)), dim=1) if new else idx
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        greedy: bool = False,
+        eos_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        top_p: float | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of each row, `[B]`, as it is chosen (see `generate` for the arguments)."""
         block_size = self.config.block_size
         cache = self.new_kv_cache() if use_cache else None
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
@@ -153,15 +175,15 @@ class LanguageModel(nn.Module):
                     cache.reset()
                     pending = idx[:, -block_size:]
                 logits, _ = self(pending, kv_cache=cache)
-            next_token = _pick(logits[:, -1].float(), temperature, top_k, greedy, generator)
+            next_token = _pick(logits[:, -1].float(), temperature, top_k, greedy, generator, top_p)
             if eos_token_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
                 finished |= next_token == eos_token_id
             idx = torch.cat((idx, next_token[:, None]), dim=1)
             pending = next_token[:, None]
+            yield next_token
             if eos_token_id is not None and bool(finished.all()):
                 break
-        return idx
 
 
 def _pick(
@@ -170,18 +192,37 @@ def _pick(
     top_k: int | None,
     greedy: bool,
     generator: torch.Generator | None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     """Next token per row from last-position logits `[B, V]` -> `[B]`."""
     if greedy or temperature == 0:
         return logits.argmax(dim=-1)
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy).")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must lie in (0, 1]; 1 keeps every token.")
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        logits = _nucleus(logits, top_p)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens of `[B, V]` logits until their probability reaches `top_p`; mask the rest.
+
+    A token is dropped when the tokens ranked above it already hold >= top_p of the mass, so the most likely
+    token always stays (Holtzman et al. 2020, as in transformers' TopPLogitsWarper up to ties).
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def build_model(config_or_name: ModelConfig | str | Mapping[str, Any], **overrides: Any) -> LanguageModel:

@@ -102,6 +102,10 @@ def check_config(cfg: DictConfig) -> RunPlan:
     model = ModelConfig.from_dict(_plain(cfg.model))
     data = DataConfig(**_plain(cfg.data))
     optim = OptimConfig(**_plain(cfg.optim))
+    if cfg.get("export_final") and model.is_memoryformer:
+        from memoryformer.hf.config_map import check_exportable
+
+        check_exportable(model)  # refuse now rather than after training, when the final export would fail
     trainer_cfg = _plain(cfg.trainer)
     if data.seq_len > model.block_size:
         raise ConfigError(
@@ -284,7 +288,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.export_final and trainer.is_global_zero and not _is_deepspeed(trainer):
         from memoryformer.checkpoint import export_model
 
-        summary["export_dir"] = str(export_model(module.model, output_dir / "model", datamodule.tokenizer))
+        eos = cfg.data.get("eos_token", "<|endoftext|>")
+        export_dir = export_model(module.model, output_dir / "model", datamodule.tokenizer, eos_token=eos)
+        summary["export_dir"] = str(export_dir)
     return summary
 
 

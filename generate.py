@@ -1,0 +1,37 @@
+"""Generate text from a trained model, streaming tokens to the terminal as they are produced.
+
+    python generate.py checkpoint=outputs/make_train/model prompt="Once upon a time"
+    python generate.py checkpoint=PATH prompt="The" max_new_tokens=100 temperature=0.7 top_k=50 top_p=0.9
+    python generate.py checkpoint=PATH prompt="The" greedy=true             # argmax decoding
+    python generate.py checkpoint=PATH prompt="The" num_samples=3 seed=1    # reproducible samples
+
+`checkpoint` is anything evaluate.py reads (exported or Hugging Face model directory, Lightning .ckpt,
+DeepSpeed directory). Options: conf/generate.yaml. A bad option prints one sentence on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from memoryformer.config import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    """Validate the options, then stream the samples to stdout."""
+    from memoryformer.checkpoint import CheckpointError
+    from memoryformer.generation import GenerateConfig, run_generation
+
+    try:
+        config = GenerateConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+        run_generation(config)
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
