@@ -9,6 +9,7 @@ bf16 / fp16 tables whose sums must accumulate in fp32.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -351,3 +352,23 @@ def test_large_table_gradient_is_zero_outside_touched_rows_and_accumulates(token
     (gt,) = torch.autograd.grad(weighted_lookup(rows, w32, t32, impl="fused"), t32, grad_out.float())
     gt.mul_(0.5).add_(1.0)  # the gradient is an ordinary writable tensor (optimizers and clipping write it)
     torch.testing.assert_close(gt.double(), 0.5 * ref_gt + 1.0, rtol=1e-5, atol=1e-5)
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_one():
+    # torch's build lock is a plain file: a process killed mid-build leaves it, and torch alone would then
+    # wait for it forever in every later process.
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from memoryformer.nn import memory_ops
+
+    if memory_ops.load_cpu_extension() is None:
+        pytest.skip("the C++ kernel does not build on this machine")
+    stale = Path(_get_build_directory(memory_ops._extension_name(), verbose=False)) / "lock"
+    stale.touch()
+    code = "from memoryformer.nn.memory_ops import load_cpu_extension as f; assert f() is not None"
+    done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not stale.exists()

@@ -19,11 +19,14 @@ Paths (`impl`, the `model.memory_impl` config key):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
 import platform
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -71,6 +74,24 @@ def _extension_name() -> str:
     return "memoryformer_lookup_" + hashlib.sha1(ident.encode()).hexdigest()[:10]
 
 
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path) -> Iterator[None]:
+    """Hold an OS lock on `build_dir` while torch builds or loads the extension there.
+
+    torch's own build lock is a plain file that a process killed mid-build (SIGKILL, OOM, a node dying)
+    leaves behind, and every later process then waits for it forever. An `flock` dies with its process, so
+    whoever holds ours knows that any torch lock file present is stale and removes it.
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "memoryformer.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @functools.cache
 def load_cpu_extension() -> object | None:
     """`torch.ops.memoryformer`, holding the C++/OpenMP kernels (`lookup_forward`, `lookup_backward`,
@@ -82,16 +103,20 @@ def load_cpu_extension() -> object | None:
     if os.environ.get("MEMORYFORMER_NO_EXTENSION", "0") not in ("", "0"):
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        load(
-            name=_extension_name(),
-            sources=[str(KERNEL_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        name = _extension_name()
+        build_dir = Path(_get_build_directory(name, verbose=False))
+        with _exclusive_build(build_dir):
+            load(
+                name=name,
+                sources=[str(KERNEL_SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
         return torch.ops.memoryformer
     except Exception as err:  # any build failure (no compiler, no ninja, bad flags) -> the portable path
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
