@@ -155,6 +155,7 @@ class _LinearCore(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.head_size = config.n_head, config.head_size
+        self.chunk = CHUNK  # positions per chunk of the prefix sums (tests shrink it to cross chunks)
 
     def features(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-negative features of q and k `[B, H, T, hs]` at positions `start..` -> two `[B, H, T, m]`."""
@@ -169,7 +170,7 @@ class _LinearCore(nn.Module):
         with torch.autocast(q.device.type, enabled=False):  # prefix sums in float32 even under bf16
             fq, fk = self.features(q.to(acc), k.to(acc), start)
             state = kv_cache.get_state(self.layer_idx) if kv_cache is not None else None
-            y, new_state = causal_linear_attention(fq, fk, v.to(acc), state, eps=self.eps)
+            y, new_state = causal_linear_attention(fq, fk, v.to(acc), state, self.eps, self.chunk)
         if kv_cache is not None:
             kv_cache.set_state(self.layer_idx, new_state)
         return _merge_heads(y.to(out_dtype))
@@ -297,12 +298,21 @@ class LinformerCore(nn.Module):
         return _merge_heads(blockwise_linformer(q, k, v, self.E, self.F, self.block))
 
     def flops(self, seq_len: int) -> int:
-        """Per head: sum over blocks b of l_b (l_b + b k) scores, twice (scores and mixing) times hs; plus
-        compressing keys and values of the nb - 1 completed blocks a later block reads (2 k L hs each)."""
-        L, k, d = self.block, self.k, self.n_head * self.head_size
-        nb = -(-seq_len // L)
-        pairs = sum(min(L, seq_len - b * L) * (min(L, seq_len - b * L) + b * k) for b in range(nb))
-        return 2 * pairs * d + 2 * (nb - 1) * k * L * d
+        """Multiply-adds at sequence length `seq_len`, all heads (`linformer_flops`)."""
+        return linformer_flops(seq_len, self.n_head, self.head_size, self.k, self.block)
+
+
+def linformer_flops(seq_len: int, n_head: int, head_size: int, k: int, block: int) -> int:
+    """Blockwise causal Linformer's multiply-adds, all heads.
+
+    Per head: a block b of l_b queries scores l_b own positions (the full square, as the softmax rule) and
+    b k compressed rows, then mixes as many values: 2 l_b (l_b + b k) hs; compressing keys and values of
+    the nb - 1 completed blocks that a later block reads costs 2 k L hs each.
+    """
+    d, nb = n_head * head_size, -(-seq_len // block)
+    lengths = [min(block, seq_len - b * block) for b in range(nb)]
+    pairs = sum(length * (length + b * k) for b, length in enumerate(lengths))
+    return 2 * pairs * d + 2 * (nb - 1) * k * block * d
 
 
 def blockwise_linformer(
