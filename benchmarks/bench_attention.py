@@ -51,19 +51,23 @@ def _time(core: torch.nn.Module, s: int, heads: int, head_size: int, rotary: int
 
 
 def crossover(lengths: list[int], softmax: list[float], other: list[float]) -> str:
-    """The length where `other` starts (or stops) beating softmax, interpolated log-log; or a bound."""
+    """Where `other` beats softmax, with each crossing interpolated log-log between measured lengths.
+
+    "wins above ~1024" (one crossing), "wins at every length" / "slower at every length" (none), or
+    every crossing in order when noise or two regimes give several ("wins below ~700, above ~4000").
+    """
     ratio = [math.log(a / b) for a, b in zip(softmax, other, strict=True)]  # > 0: the variant is faster
     if all(r > 0 for r in ratio):
         return f"wins at every length (< {lengths[0]})"
     if all(r <= 0 for r in ratio):
         return f"slower at every length (> {lengths[-1]})"
+    parts = []
     for i in range(len(lengths) - 1):
         if (ratio[i] > 0) != (ratio[i + 1] > 0):
             x0, x1 = math.log(lengths[i]), math.log(lengths[i + 1])
             x = x0 + (x1 - x0) * ratio[i] / (ratio[i] - ratio[i + 1])
-            side = "wins above" if ratio[i + 1] > 0 else "wins below"
-            return f"{side} ~{round(math.exp(x))}"
-    return "n/a"
+            parts.append(f"{'above' if ratio[i + 1] > 0 else 'below'} ~{round(math.exp(x))}")
+    return "wins " + ", ".join(parts)
 
 
 def run(quick: bool = False) -> str:
