@@ -26,7 +26,7 @@ sys.path.insert(1, str(ROOT))
 import torch  # noqa: E402
 from benchutil import copy_bandwidth, cpu_model, load_average, matmul_flops  # noqa: E402
 
-OWN_ORDER = ("bench_memory_layer", "bench_models", "bench_throughput")
+OWN_ORDER = ("bench_memory_layer", "bench_models", "bench_throughput", "bench_attention")
 
 NOTES = """## How to read these numbers
 

@@ -12,6 +12,7 @@ Table 1 and the authors' released configs) and EleutherAI's Pythia configs (GPT-
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ FFN_TYPES = ("memory_block", "mlp")
 WEIGHTINGS = ("l1_prob", "prob")
 MEMORY_IMPLS = ("auto", "torch", "fused", "triton")
 MAX_CODE_LENGTH = 16
+ATTENTION_TYPES = ("softmax", "linformer", "cosformer", "performer")
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,14 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5  # every nn.LayerNorm (Pythia's, and MemoryFormer's with norm=layernorm)
     parallel_residual: bool = True
 
+    # --- attention core (paper Table 2; both blocks; `memoryformer.models.efficient_attention`) ---
+    attention: str = "softmax"  # "softmax" | "linformer" | "cosformer" | "performer"
+    performer_features: int = 0  # m random features per head; 0 = int(head_size * ln(head_size)) (266 at 64)
+    performer_redraw_interval: int = 0  # redraw the features every n optimizer steps; 0 = never (default)
+    linformer_k: int = 64  # compressed rows per completed block (causal blockwise Linformer)
+    linformer_block: int = 256  # block length L; L >= sequence length is exact causal softmax
+    cosformer_m: int = 0  # M of the cos re-weighting; 0 = block_size (fixed, so decoding is well-defined)
+
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. source of a preset)
 
     def __post_init__(self) -> None:
@@ -90,6 +100,18 @@ class ModelConfig:
     def memory_block_hidden(self) -> int:
         """Width between the two Memory Block layers: K * (tau + expand_bits) (paper section 2.4)."""
         return self.num_tables * (self.code_length + self.expand_bits)
+
+    @property
+    def performer_num_features(self) -> int:
+        """m, the Performer's random features per head: `performer_features`, or int(hs * ln hs) when 0."""
+        if self.performer_features:
+            return self.performer_features
+        return max(1, int(self.head_size * math.log(self.head_size))) if self.head_size > 1 else 1
+
+    @property
+    def cosformer_horizon(self) -> int:
+        """M of cosFormer's cos(pi/2 * (i - j) / M): `cosformer_m`, or `block_size` when 0."""
+        return self.cosformer_m or self.block_size
 
     @property
     def is_memoryformer(self) -> bool:
@@ -119,6 +141,7 @@ class ModelConfig:
             raise ConfigError(
                 f"model.intermediate_size={self.intermediate_size} must be >= 0 (0 = 4*n_embd)."
             )
+        self._validate_attention()
         if self.block == "pythia":
             return
         _choice("model.norm", self.norm, NORM_TYPES)
@@ -154,6 +177,21 @@ class ModelConfig:
             raise ConfigError(
                 f"model.temperature={self.temperature} has no effect with model.weighting=l1_prob "
                 f"(the released code fixes t=1); set model.weighting=prob to use a temperature."
+            )
+
+    def _validate_attention(self) -> None:
+        """The attention core and its knobs (`model.attention`, `model.performer_*`, `linformer_*`, ...)."""
+        _choice("model.attention", self.attention, ATTENTION_TYPES)
+        for key in ("performer_features", "performer_redraw_interval", "cosformer_m"):
+            if int(getattr(self, key)) < 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 0 (0 = the default).")
+        for key in ("linformer_k", "linformer_block"):
+            if int(getattr(self, key)) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be a positive integer.")
+        if self.cosformer_m and self.cosformer_m < self.block_size:
+            raise ConfigError(
+                f"model.cosformer_m={self.cosformer_m} is shorter than model.block_size={self.block_size}, "
+                f"so distant tokens would get negative weights; set cosformer_m=0 (= block_size) or larger."
             )
 
     # ------------------------------------------------------------------ constructors

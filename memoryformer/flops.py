@@ -4,7 +4,9 @@ Run `python -m memoryformer.flops` for the six paper models, or `--model NAME`, 
 
 Convention (the paper's, section 2.4 and Table 1): a multiply-add counts as ONE FLOP and costs are for one
 block at sequence length s:
-- attention scores and mixing (softmax(QK^T) V): 2 s^2 d, with d the attention width;
+- attention scores and mixing (softmax(QK^T) V): 2 s^2 d, with d the attention width; an efficient
+  attention core (`model.attention`, paper Table 2) reports its own count (`core.flops(s)`, see
+  `memoryformer.models.efficient_attention`);
 - a dense `nn.Linear(i, o)`: s * i * o, so a standard block's QKV + output + 4x MLP gives 12 s d^2;
 - a `MemoryLayer` reads K rows of width o per token: s * K * o multiply-adds ("exact lookups"). The paper
   rounds a MemoryFormer block's lookups to 6 K s d (exact: 3Kd + K(tau+2)K + Kd = 5.25 K s d at tau=8), and
@@ -120,7 +122,8 @@ def block_cost(block: nn.Module, config: ModelConfig, seq_len: int) -> BlockCost
             lookups += seq_len * module.num_tables * module.out_features
             tables.add(module.num_tables)
     d = config.n_embd
-    attention = 2 * seq_len * seq_len * d
+    core = _attention_core(block)
+    attention = core.flops(seq_len) if core is not None else 2 * seq_len * seq_len * d
     if lookups and not dense:
         if len(tables) != 1:
             raise ValueError(f"Memory Layers of one block disagree on the table count K: {sorted(tables)}.")
@@ -136,6 +139,14 @@ def block_cost(block: nn.Module, config: ModelConfig, seq_len: int) -> BlockCost
         without_attention_paper=paper,
         num_tables=max(tables) if tables else 0,
     )
+
+
+def _attention_core(block: nn.Module) -> nn.Module | None:
+    """The block's attention core (softmax, Performer, ...), or None for a block without one."""
+    from memoryformer.models.efficient_attention import ATTENTION_CORES  # late, as in build_on_meta
+
+    core_types = tuple(ATTENTION_CORES.values())
+    return next((m for m in block.modules() if isinstance(m, core_types)), None)
 
 
 def memory_layer_mb(in_features: int, out_features: int, code_length: int) -> float:
@@ -221,6 +232,90 @@ def table5_rows() -> list[dict]:
     return out
 
 
+#: Paper Table 2: FLOPs per block at s = 2048 (G) of Pythia-410M with its attention swapped, as printed.
+TABLE2_PAPER_G = {"pythia_410m": 34.4, "linformer_410m": 26.1, "cosformer_410m": 30.0, "performer_410m": 26.7}
+TABLE2_ATTENTION = {
+    "pythia_410m": "softmax", "linformer_410m": "linformer", "cosformer_410m": "cosformer",
+    "performer_410m": "performer",
+}
+
+
+def table2_config(row: str) -> ModelConfig:
+    """Pythia-410M with the attention of Table 2's `row` and our default knobs (`conf/experiment/<row>`)."""
+    return ModelConfig.from_name("pythia_410m", attention=TABLE2_ATTENTION[row], extra={"row": row})
+
+
+def _rounds_to(total: float, paper_g: float) -> bool:
+    return round(total / GIGA, 1) == paper_g
+
+
+def _reproducing_setting(row: str, cost: BlockCost, config: ModelConfig) -> str:
+    """Which knob value(s) make our count round to the paper's printed number, solved, not guessed."""
+    s, h, hs, d = cost.seq_len, config.n_head, config.head_size, config.n_embd
+    paper = TABLE2_PAPER_G[row] * GIGA
+    base = cost.without_attention_exact
+    if row == "performer_410m":
+        unit = s * h * (4 * hs + 2)  # cost per feature m (PerformerCore.flops)
+        ms = [m for m in range(1, 4 * hs) if _rounds_to(base + m * unit, TABLE2_PAPER_G[row])]
+        solved = (paper - base) / unit
+        return f"m = {ms[0]}..{ms[-1]} (solved m = {solved:.0f})" if ms else f"none (solved m = {solved:.0f})"
+    if row == "linformer_410m":
+        from memoryformer.models.efficient_attention import linformer_flops
+
+        ours = [
+            f"({block}, {k})"
+            for block in (2**i for i in range(4, 12))
+            for k in range(1, min(block, 64) + 1)
+            if _rounds_to(base + linformer_flops(s, h, hs, k, block), TABLE2_PAPER_G[row])
+        ]
+        published = [k for k in range(1, s) if _rounds_to(base + 4 * s * k * d, TABLE2_PAPER_G[row])]
+        text = f"published (non-causal) form 4 s k d: k = {published[0]}..{published[-1]}"
+        return text + (f"; our causal variant only at (L, k) = {', '.join(ours)}" if ours else
+                       "; our causal variant: none")
+    if row == "cosformer_410m":
+        attn = paper - base
+        return (f"none: M does not change the cost and the features are fixed at 2 hs = {2 * hs}; the "
+                f"paper's {attn / GIGA:.2f} G of attention is {attn / (s * s * d):.2f} s^2 d")
+    return "the project's rule (Table 1)"
+
+
+def table2_rows(seq_len: int = 2048) -> list[dict]:
+    """Paper Table 2's FLOPs column: Pythia-410M's block with each attention, counted from the modules."""
+    rows = []
+    for row in TABLE2_PAPER_G:
+        config = table2_config(row)
+        cost = model_cost(config, seq_len).block
+        knobs = {
+            "softmax": "",
+            "linformer": f"L={config.linformer_block}, k={config.linformer_k}",
+            "cosformer": f"M={config.cosformer_horizon}",
+            "performer": f"m={config.performer_num_features}",
+        }[config.attention]
+        rows.append({
+            "row": row, "attention": config.attention, "settings": knobs, "attention_flops": cost.attention,
+            "total_exact": cost.total_exact,
+            "paper_g": TABLE2_PAPER_G[row] if seq_len == 2048 else None,
+            "reproduces_paper": _reproducing_setting(row, cost, config) if seq_len == 2048 else "",
+        })
+    return rows
+
+
+def format_table2(rows: list[dict]) -> str:
+    """Markdown table of `table2_rows`."""
+    lines = [
+        "| Row | Attention | Our settings | Attn (G) | Total (G) | Paper (G) "
+        "| Setting that gives the paper's |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        paper = "" if r["paper_g"] is None else f"{r['paper_g']:.1f}"
+        lines.append(
+            f"| `{r['row']}` | {r['attention']} | {r['settings']} | {_g(r['attention_flops'])} "
+            f"| {_g(r['total_exact'])} | {paper} | {r['reproduces_paper']} |"
+        )
+    return "\n".join(lines)
+
+
 def _g(x: int | float) -> str:
     return f"{x / GIGA:.3f}"
 
@@ -254,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     costs = [model_cost(name, args.seq_len) for name in names]
     if args.json:
         print(json.dumps({"models": [c.as_dict() for c in costs], "table3": table3_rows(),
-                          "table5": table5_rows()}, indent=2))
+                          "table5": table5_rows(), "table2": table2_rows(args.seq_len)}, indent=2))
         return 0
     print(f"## FLOPs per block at s = {args.seq_len} (1 multiply-add = 1 FLOP, G = 1e9)\n")
     print(format_table1(costs))
@@ -263,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
             "\nNote: the paper prints MF-small as 1.0 G / 7.4 G; its own rule 6Ksd gives 0.906 G / 7.348 G "
             "(a rounding slip in the paper, see ../shared/paper.md section 5)."
         )
+    print(f"\n## Table 2: Pythia-410M's block with an efficient attention, s = {args.seq_len}\n")
+    print(format_table2(table2_rows(args.seq_len)))
+    print(
+        "\nThe paper gives no k, L, M or m. Counts are the prefix-sum / blockwise forms (docstrings of "
+        "memoryformer.models.efficient_attention); the last column solves for the knob values whose total "
+        "rounds to the paper's number."
+    )
     print("\n## Memory Layer storage, fp16 (paper Table 3: one Memory Layer Q)\n")
     print("| d | tau | K | out | Memory Size (MB) |\n|---|---|---|---|---|")
     for r in table3_rows():

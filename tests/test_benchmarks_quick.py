@@ -44,9 +44,9 @@ def _table_after(text: str, title: str) -> list[list[str]]:
 
 def test_discover_puts_our_cases_first(run_module):
     names = run_module.discover()
-    # the numbered cases 1-5 first, in their order; the rest (data loading) by name
-    assert names[:3] == ["bench_memory_layer", "bench_models", "bench_throughput"]
-    assert names == names[:3] + sorted(names[3:])
+    # the numbered cases first, in their order (6 = efficient attention); the rest (data loading) by name
+    assert names[:4] == ["bench_memory_layer", "bench_models", "bench_throughput", "bench_attention"]
+    assert names == names[:4] + sorted(names[4:])
     assert all((BENCH_DIR / f"{n}.py").exists() for n in names)
 
 
@@ -100,3 +100,30 @@ def test_quick_run_writes_every_case(run_module, tmp_path):
     for row in ("pythia_70m", "mf_tiny", "pythia_160m", "mf_small", "pythia_410m", "mf_base"):
         assert any(r[0].startswith(f"`{row}`") for r in costs), row
     assert re.search(r"Quick check: nano, 2 x 32 tokens, one step in [\d.]+ s", text)
+
+
+def test_attention_benchmark_quick_mode(run_module):
+    # run_module put benchmarks/ and the repository root on sys.path, as `make bench` does.
+    import bench_attention
+
+    text = bench_attention.run(quick=True)
+    assert text.startswith("## 6. Efficient attention vs softmax")
+    for title in ("### Forward (no grad)", "### Forward + backward"):
+        rows = _table_after(text, title)
+        assert [r[0] for r in rows] == ["softmax", "linformer", "cosformer", "performer"]
+        for row in rows:
+            for cell in row[1:3]:  # "12.3 ms (1.20x)": positive times; softmax's own speed-up is 1
+                time_part = cell.split(" (")[0]
+                assert _seconds(time_part) > 0
+            if row[0] == "softmax":
+                assert all(c.endswith("(1.00x)") for c in row[1:3])
+
+
+def test_attention_crossover_interpolates_log_log():
+    sys.path.insert(0, str(BENCH_DIR))
+    import bench_attention
+
+    # softmax 4x slower at 2048 and 4x faster at 512: equal at the geometric middle, 1024
+    assert bench_attention.crossover([512, 2048], [1.0, 4.0], [4.0, 1.0]) == "wins above ~1024"
+    assert bench_attention.crossover([512, 2048], [2.0, 4.0], [1.0, 1.0]).startswith("wins at every")
+    assert bench_attention.crossover([512, 2048], [1.0, 1.0], [2.0, 4.0]).startswith("slower at every")

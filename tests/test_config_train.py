@@ -50,9 +50,13 @@ def test_paper_experiments_carry_the_papers_recipe(experiment: str) -> None:
         "pythia_70m": 1e-3,
         "pythia_160m": 6e-4,
         "pythia_410m": 3e-4,
+        # paper Table 2: Pythia-410M's recipe with the attention swapped
+        "linformer_410m": 3e-4,
+        "cosformer_410m": 3e-4,
+        "performer_410m": 3e-4,
     }
     assert cfg.optim.lr == pytest.approx(lrs[experiment])
-    steps = 143000 if experiment.startswith("pythia") else 106418
+    steps = 106418 if experiment.startswith("mf_") else 143000
     assert cfg.trainer.max_steps == steps
 
 

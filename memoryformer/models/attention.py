@@ -3,16 +3,21 @@
 `MemoryFormerAttention` computes Q, K, V with three Memory Layers that share one hash of the input and has
 no output projection (paper section 2.4 and 3.1; released code `del_dense: true`). `NeoXAttention` is
 GPT-NeoX's: one fused `query_key_value` linear whose output is laid out per head as [q | k | v], and a
-`dense` output projection. Both apply rotary to Q and K after the projections and call `attend`.
+`dense` output projection. Both hand Q, K, V to an attention core chosen by `config.attention`: the
+default `softmax` core applies rotary and calls `attend`; the efficient ones of the paper's Table 2 live in
+`memoryformer.models.efficient_attention`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from memoryformer.config import ModelConfig
+from memoryformer.models.efficient_attention import build_attention_core
 from memoryformer.nn.memory_layer import MemoryLayer
 from memoryformer.nn.rotary import apply_rotary
 
@@ -25,7 +30,9 @@ class KVCache:
     `cache.length`. The model advances `length` after each forward. `reset()` empties it (keeps memory).
 
     Buffers per layer: keys and values `[B, n_head, max_len, head_size]`, allocated on first use with the
-    dtype and device of the keys, so the same cache works on CPU, GPU, fp32 or bf16.
+    dtype and device of the keys, so the same cache works on CPU, GPU, fp32 or bf16. Recurrent attention
+    cores (Performer, cosFormer) store a per-layer state object instead (`get_state` / `set_state`): their
+    memory does not grow with the number of positions.
     """
 
     def __init__(self, n_layer: int, max_len: int) -> None:
@@ -34,6 +41,15 @@ class KVCache:
         self.length = 0
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.states: list[Any] = [None] * n_layer
+
+    def get_state(self, layer: int) -> Any:
+        """The recurrent state a core stored for `layer` (None before its first forward)."""
+        return self.states[layer]
+
+    def set_state(self, layer: int, state: Any) -> None:
+        """Store `layer`'s recurrent state after the new positions (the model advances `length` later)."""
+        self.states[layer] = state
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `k`, `v` `[B, H, T, hs]` at positions `length..length+T-1`; return all keys/values so far.
@@ -64,8 +80,9 @@ class KVCache:
         self.length += n
 
     def reset(self) -> None:
-        """Forget all positions; the buffers are reused."""
+        """Forget all positions; the key/value buffers are reused, recurrent states dropped."""
         self.length = 0
+        self.states = [None] * self.n_layer
 
 
 def attend(
@@ -128,6 +145,7 @@ class MemoryFormerAttention(nn.Module):
             def make() -> nn.Module:
                 return nn.Linear(d, d)
         self.q_proj, self.k_proj, self.v_proj = make(), make(), make()
+        self.core = build_attention_core(config, layer_idx)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
@@ -139,7 +157,7 @@ class MemoryFormerAttention(nn.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))
-        return attend(q, k, v, cos, sin, kv_cache, self.layer_idx)
+        return self.core(q, k, v, cos, sin, kv_cache)
 
 
 class NeoXAttention(nn.Module):
@@ -157,6 +175,7 @@ class NeoXAttention(nn.Module):
         d = config.n_embd
         self.query_key_value = nn.Linear(d, 3 * d)
         self.dense = nn.Linear(d, d)
+        self.core = build_attention_core(config, layer_idx)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
@@ -165,4 +184,4 @@ class NeoXAttention(nn.Module):
         b, t, d = x.shape
         qkv = self.query_key_value(x).view(b, t, self.n_head, 3 * (d // self.n_head)).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=-1)
-        return self.dense(attend(q, k, v, cos, sin, kv_cache, self.layer_idx))
+        return self.dense(self.core(q, k, v, cos, sin, kv_cache))

@@ -108,6 +108,17 @@ class LanguageModel(nn.Module):
             frozenset(range(0, self.config.n_layer, every)) if enabled else frozenset()
         )
 
+    @torch.no_grad()
+    def begin_training_step(self, step: int) -> None:
+        """Tell step-driven modules (Performer feature redraws) that optimizer step `step` starts.
+
+        Called by the training loop before each training batch; a pure function of `step`, so gradient
+        accumulation, activation recompute and resumed runs all see the same features.
+        """
+        for module in self.modules():
+            if module is not self and hasattr(module, "begin_training_step"):
+                module.begin_training_step(step)
+
     @property
     def gradient_checkpointing(self) -> bool:
         """True when at least one block recomputes its activations in backward."""

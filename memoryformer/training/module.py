@@ -93,6 +93,10 @@ class LMTrainingModule(L.LightningModule):
         model = self._compiled if (self._compiled is not None and self.training) else self.model
         return model(input_ids, labels)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Let the model redraw step-driven randomness (Performer features) for this optimizer step."""
+        self.model.begin_training_step(self.global_step)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Mean next-token cross-entropy of one micro-batch; stops the run on a non-finite loss."""
         input_ids, labels = split_batch(batch)
