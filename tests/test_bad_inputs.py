@@ -226,3 +226,21 @@ def test_every_sample_is_checked_against_the_vocabulary(tmp_path: Path) -> None:
     assert [int(preshuffled[i].max()) for i in range(4)] == [7, 7, 7, 4096]  # 4096 < 4097 passes
     with pytest.raises(DataError, match="document 3 holds token id 4096"):
         PreshuffledDataset(ds, 8, vocab_size=NANO_VOCAB)[3]
+
+
+def test_unreadable_file_is_one_sentence_even_when_run_as_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # root reads chmod 000 files, so the subprocess case above is skipped there; this one fakes the denial
+    from memoryformer.data import streaming
+    from memoryformer.data.indexed import DataError
+
+    path = tmp_path / "secret.jsonl"
+    path.write_text('{"text": "hello"}\n')
+
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(streaming, "open", denied, raising=False)
+    with pytest.raises(DataError, match=rf"data\.files entry {path} cannot be read \(Permission denied\)"):
+        streaming.expand_globs([str(path)])
