@@ -208,3 +208,39 @@ def test_unknown_group_option_lists_the_choices() -> None:
     assert hydra_error_sentence(err) == (
         "model=nanoo is not an option of the config group 'model'; choose one of: nano, pythia_70m."
     )
+
+
+def test_every_sample_is_checked_against_the_vocabulary(tmp_path: Path) -> None:
+    from memoryformer.data.gpt_neox import GPTSampleDataset, PreshuffledDataset
+    from memoryformer.data.indexed import DataError, MMapIndexedDataset
+
+    docs = [np.full(9, 7)] * 3 + [np.array([1, 2, 3, 4096, 5, 6, 7, 8, 9])]  # 4096 = first id too big
+    ds = MMapIndexedDataset(str(_indexed(tmp_path / "ids", docs)))
+    samples = GPTSampleDataset(ds, 8, 4, seed=1, cache_dir=str(tmp_path), vocab_size=NANO_VOCAB)
+    expected = r"ids\.bin document 3 holds token id 4096, but model\.vocab_size=4096"
+    with pytest.raises(DataError, match=expected):
+        [samples[i] for i in range(len(samples))]
+    unchecked = GPTSampleDataset(ds, 8, 4, seed=1, cache_dir=str(tmp_path))  # no limit: reads as before
+    assert max(int(unchecked[i].max()) for i in range(len(unchecked))) == 4096
+    preshuffled = PreshuffledDataset(ds, 8, vocab_size=NANO_VOCAB + 1)
+    assert [int(preshuffled[i].max()) for i in range(4)] == [7, 7, 7, 4096]  # 4096 < 4097 passes
+    with pytest.raises(DataError, match="document 3 holds token id 4096"):
+        PreshuffledDataset(ds, 8, vocab_size=NANO_VOCAB)[3]
+
+
+def test_unreadable_file_is_one_sentence_even_when_run_as_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # root reads chmod 000 files, so the subprocess case above is skipped there; this one fakes the denial
+    from memoryformer.data import streaming
+    from memoryformer.data.indexed import DataError
+
+    path = tmp_path / "secret.jsonl"
+    path.write_text('{"text": "hello"}\n')
+
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(streaming, "open", denied, raising=False)
+    with pytest.raises(DataError, match=rf"data\.files entry {path} cannot be read \(Permission denied\)"):
+        streaming.expand_globs([str(path)])

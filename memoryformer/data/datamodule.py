@@ -155,9 +155,10 @@ class LMDataModule(L.LightningDataModule):
     def _open(self, prefix: str) -> MMapIndexedDataset:
         ds = MMapIndexedDataset(strip_extension(os.path.expanduser(prefix)))
         if self._vocab_size is None and len(ds):
-            # no tokenizer: at least make sure the ids fit the embedding
-            top = int(max(np.max(ds[i]) for i in range(min(len(ds), 64)) if len(ds[i])))
-            check_vocab_fits(top + 1, self.model_vocab_size, ds.prefix + ".bin")
+            # no tokenizer: fail at once if the first documents already overflow the embedding (every
+            # sample is checked again as it is read, see MMapIndexedDataset.check_ids)
+            for i in range(min(len(ds), 64)):
+                ds.check_ids(ds[i], self.model_vocab_size, i)
         return ds
 
     def _samples(self, ds: MMapIndexedDataset, num_samples: int | None, docs, name: str):
