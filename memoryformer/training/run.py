@@ -148,6 +148,21 @@ def check_config(cfg: DictConfig) -> RunPlan:
     return RunPlan(model, data, optim, world, accumulate, gbs // per_step, max_steps, tokens_per_step)
 
 
+def optim_for_precision(optim: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    """`optim` with `fused` off when fp16 mixed precision (`16-mixed`) would clip gradients outside DeepSpeed.
+
+    Lightning's fp16 AMP plugin must unscale gradients before clipping them, and refuses an optimizer that
+    unscales internally (torch's fused Adam/AdamW); so under `trainer.precision=16-mixed` with
+    `optim.grad_clip > 0` the step uses torch's foreach implementation, which computes the same update.
+    """
+    precision = str(trainer_cfg.get("precision", ""))
+    deepspeed = "deepspeed" in str(trainer_cfg.get("strategy")).lower()  # DeepSpeed clips by itself
+    if precision.startswith("16") and optim.get("fused") and optim.get("grad_clip") and not deepspeed:
+        rank_zero_info("trainer.precision=16-mixed with gradient clipping: using the non-fused AdamW step.")
+        return {**optim, "fused": False}
+    return optim
+
+
 def resolve_ckpt_path(ckpt_path: str | None, runs_root: str, current_dir: str | None = None) -> str | None:
     """`"last"` -> the newest `last.ckpt` under `runs_root/*/checkpoints/` (None when there is none).
 
@@ -220,7 +235,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     module = LMTrainingModule(
         model=plan.model.to_dict(),
-        optim=_plain(cfg.optim),
+        optim=optim_for_precision(_plain(cfg.optim), _plain(cfg.trainer)),
         max_steps=plan.max_steps,
         activation_checkpointing=bool(cfg.activation_checkpointing),
         activation_checkpointing_every=int(cfg.activation_checkpointing_every),
