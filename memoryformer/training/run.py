@@ -139,6 +139,7 @@ def check_config(cfg: DictConfig) -> RunPlan:
             f"activation_checkpointing_every={cfg.activation_checkpointing_every} must be >= 1 "
             f"(1 checkpoints every block, n every n-th block)."
         )
+    check_precision(trainer_cfg)
     check_loggers(_plain(cfg.logger))
     ckpt = cfg.ckpt_path
     if ckpt not in (None, "last") and not os.path.exists(str(ckpt)):
@@ -146,6 +147,19 @@ def check_config(cfg: DictConfig) -> RunPlan:
             f"ckpt_path={ckpt!r} does not exist; give a .ckpt file, ckpt_path=last or leave it null."
         )
     return RunPlan(model, data, optim, world, accumulate, gbs // per_step, max_steps, tokens_per_step)
+
+
+def check_precision(trainer_cfg: dict[str, Any]) -> None:
+    """Refuse fp16 (`16-mixed`) on CPU: Lightning has no fp16 AMP there and would silently train in bf16."""
+    precision = str(trainer_cfg.get("precision", ""))
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision.startswith("16") and on_cpu:
+        raise ConfigError(
+            f"trainer.precision={precision} needs a CUDA GPU: Lightning has no fp16 mixed precision on "
+            f"CPU and would silently train in bf16-mixed instead; on CPU use trainer.precision=bf16-mixed "
+            f"or 32-true."
+        )
 
 
 def optim_for_precision(optim: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
