@@ -22,6 +22,7 @@ QKV_TYPES = ("memory", "linear")
 FFN_TYPES = ("memory_block", "mlp")
 WEIGHTINGS = ("l1_prob", "prob")
 MEMORY_IMPLS = ("auto", "torch", "fused", "triton")
+MEMORY_BLOCK_ACTIVATIONS = ("none", "gelu")
 MAX_CODE_LENGTH = 16
 ATTENTION_TYPES = ("softmax", "linformer", "cosformer", "performer")
 
@@ -61,6 +62,11 @@ class ModelConfig:
     temperature: float = 1.0
     memory_bias: bool = True  # released code gives every Memory Layer a bias; the paper's Eq. 11 has none
     memory_impl: str = "auto"  # compute path of the Memory Layer lookup
+    # Table 6: activation between the two Memory Block layers, before their LayerNorm (see MemoryBlock)
+    memory_block_activation: str = "none"  # "none" (the paper's MemoryFormer) | "gelu"
+    # Table 3's d = 510 row: the Memory Layers hash the first hashed_width = K * tau dims of the n_embd-wide
+    # normalised input; outputs and the residual stream stay n_embd wide. 0 means n_embd (every other row).
+    hashed_width: int = 0
 
     # --- Pythia (GPT-NeoX) block ---
     intermediate_size: int = 0  # 0 means 4 * n_embd
@@ -114,6 +120,11 @@ class ModelConfig:
         return self.cosformer_m or self.block_size
 
     @property
+    def hash_width(self) -> int:
+        """Input dims the Memory Layers hash: `hashed_width`, or all of `n_embd` when it is 0."""
+        return self.hashed_width or self.n_embd
+
+    @property
     def is_memoryformer(self) -> bool:
         """True for the MemoryFormer block, False for the Pythia (GPT-NeoX) block."""
         return self.block == "memoryformer"
@@ -154,15 +165,26 @@ class ModelConfig:
                 f"model.num_tables={self.num_tables} and model.code_length={self.code_length} "
                 f"must be positive."
             )
-        if self.num_tables * self.code_length != self.n_embd:
+        _choice("model.memory_block_activation", self.memory_block_activation, MEMORY_BLOCK_ACTIVATIONS)
+        if not 0 <= self.hashed_width <= self.n_embd:
             raise ConfigError(
-                f"model.n_embd={self.n_embd} must equal model.num_tables (K={self.num_tables}) * "
+                f"model.hashed_width={self.hashed_width} must lie in [0, model.n_embd={self.n_embd}] "
+                f"(0 hashes all n_embd dims)."
+            )
+        width, what = (
+            (self.hashed_width, "model.hashed_width") if self.hashed_width else (self.n_embd, "model.n_embd")
+        )
+        if self.num_tables * self.code_length != width:
+            raise ConfigError(
+                f"{what}={width} must equal model.num_tables (K={self.num_tables}) * "
                 f"model.code_length (tau={self.code_length}) = {self.num_tables * self.code_length}; "
-                f"set model.num_tables={self.n_embd // self.code_length} or change n_embd."
-                if self.n_embd % self.code_length == 0
-                else f"model.n_embd={self.n_embd} must equal model.num_tables (K={self.num_tables}) * "
-                f"model.code_length (tau={self.code_length}); n_embd is not a multiple of tau, "
-                f"so change model.code_length or model.n_embd."
+                f"set model.num_tables={width // self.code_length} or change {what}."
+                if width % self.code_length == 0
+                else f"{what}={width} must equal model.num_tables (K={self.num_tables}) * "
+                f"model.code_length (tau={self.code_length}); {width} is not a multiple of tau, so change "
+                f"model.code_length, or set "
+                f"model.hashed_width={width // self.code_length * self.code_length} to hash only the "
+                f"first K * tau dims (paper Table 3's d = 510 row)."
             )
         if not 0 <= self.expand_bits <= 3:
             raise ConfigError(f"model.expand_bits={self.expand_bits} must be 0, 1, 2 or 3 (paper Table 5).")

@@ -90,6 +90,7 @@ class ModelCost:
     memory_block_mb_fp16: float  # storage of both Memory Block layers (paper Table 5's "Memory Size")
     tables_gb_fp16: float  # all tables of the whole model
     head_per_token: int = 0  # multiply-adds of the LM head per token (n_embd x vocab)
+    qkv_layer_flops: int = 0  # lookups of Memory Layer Q at seq_len: s * K * out (paper Table 3's FLOPs)
 
     def as_dict(self) -> dict:
         """JSON-ready dict, with derived block totals spelled out."""
@@ -171,6 +172,7 @@ def model_cost(config: ModelConfig | str, seq_len: int = 2048) -> ModelCost:
     attn = getattr(first, "attn", first)
     qkv_layers = [m for m in attn.modules() if isinstance(m, MemoryLayer)]
     qkv_mb = qkv_layers[0].storage_bytes_fp16 / MEGA if qkv_layers else 0.0
+    qkv_flops = seq_len * qkv_layers[0].num_tables * qkv_layers[0].out_features if qkv_layers else 0
     ffn_layers = _memory_block_layers(first)
     return ModelCost(
         name=config.name,
@@ -184,6 +186,7 @@ def model_cost(config: ModelConfig | str, seq_len: int = 2048) -> ModelCost:
         memory_block_mb_fp16=sum(m.storage_bytes_fp16 for m in ffn_layers) / MEGA,
         tables_gb_fp16=tables * FP16_BYTES / GIGA,
         head_per_token=_lm_head_params(model),
+        qkv_layer_flops=qkv_flops,
     )
 
 
@@ -210,13 +213,34 @@ def training_flops_per_token(config: ModelConfig | str, seq_len: int) -> float:
 
 
 # ---------------------------------------------------------------------- paper table reproductions
-def table3_rows() -> list[dict]:
-    """Paper Table 3's Memory Size column: one Memory Layer Q, fp16. The d=510 row has output width 512."""
-    rows = [(512, 512, 4), (512, 512, 8), (510, 512, 10)]
-    return [
-        {"d": d, "tau": tau, "K": d // tau, "out": h, "memory_mb_fp16": memory_layer_mb(d, h, tau)}
-        for d, h, tau in rows
-    ]
+#: Paper Table 3's rows (tau, K) at MF-tiny's width 512: tau = 10 fits K = 51 chunks, i.e. 510 hashed dims.
+TABLE3_TAUS = (4, 8, 10)
+
+
+def table3_config(tau: int, width: int = 512) -> ModelConfig:
+    """MF-tiny with tau-bit chunks: K = width // tau tables hash the first K * tau dims, outputs stay `width`.
+
+    This is what `experiment=table3_tau` composes (its `div`/`mul` interpolations); for tau = 10 it is the
+    paper's d = 510 row, whose Memory Size (53.5 MB) needs Memory Layer outputs of width 512.
+    """
+    k = width // tau
+    return ModelConfig.from_name(
+        "memoryformer_tiny", n_embd=width, code_length=tau, num_tables=k, hashed_width=k * tau
+    )
+
+
+def table3_rows(seq_len: int = 2048) -> list[dict]:
+    """Paper Table 3 from our modules: d (hashed width), tau, K, output width, FLOPs and Memory Size of
+    Memory Layer Q (fp16 storage; FLOPs = s * K * out lookups at s = `seq_len`)."""
+    rows = []
+    for tau in TABLE3_TAUS:
+        cfg = table3_config(tau)
+        cost = model_cost(cfg, seq_len)
+        rows.append({
+            "d": cfg.hash_width, "tau": tau, "K": cfg.num_tables, "out": cfg.n_embd,
+            "flops_g": cost.qkv_layer_flops / GIGA, "memory_mb_fp16": cost.qkv_layer_mb_fp16,
+        })
+    return rows
 
 
 def table5_rows() -> list[dict]:
@@ -348,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.model or list(PAPER_MODELS)
     costs = [model_cost(name, args.seq_len) for name in names]
     if args.json:
-        print(json.dumps({"models": [c.as_dict() for c in costs], "table3": table3_rows(),
+        print(json.dumps({"models": [c.as_dict() for c in costs], "table3": table3_rows(args.seq_len),
                           "table5": table5_rows(), "table2": table2_rows(args.seq_len)}, indent=2))
         return 0
     print(f"## FLOPs per block at s = {args.seq_len} (1 multiply-add = 1 FLOP, G = 1e9)\n")
@@ -356,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if "memoryformer_small" in names and args.seq_len == 2048:
         print(
             "\nNote: the paper prints MF-small as 1.0 G / 7.4 G; its own rule 6Ksd gives 0.906 G / 7.348 G "
-            "(a rounding slip in the paper, see ../shared/paper.md section 5)."
+            "(a rounding slip in the paper)."
         )
     print(f"\n## Table 2: Pythia-410M's block with an efficient attention, s = {args.seq_len}\n")
     print(format_table2(table2_rows(args.seq_len)))
@@ -366,9 +390,17 @@ def main(argv: list[str] | None = None) -> int:
         "rounds to the paper's number."
     )
     print("\n## Memory Layer storage, fp16 (paper Table 3: one Memory Layer Q)\n")
-    print("| d | tau | K | out | Memory Size (MB) |\n|---|---|---|---|---|")
-    for r in table3_rows():
-        print(f"| {r['d']} | {r['tau']} | {r['K']} | {r['out']} | {r['memory_mb_fp16']:.1f} |")
+    print("| d | tau | K | out | FLOPs (G) | Memory Size (MB) |\n|---|---|---|---|---|---|")
+    for r in table3_rows(args.seq_len):
+        print(
+            f"| {r['d']} | {r['tau']} | {r['K']} | {r['out']} | {r['flops_g']:.3f} "
+            f"| {r['memory_mb_fp16']:.1f} |"
+        )
+    print(
+        "\nd is the hashed width K * tau; Memory Layer outputs and the residual stream are 512 wide in every "
+        "row (model.hashed_width), as the d = 510 row's 53.5 MB requires. The paper prints the FLOPs rounded "
+        "up (0.14 / 0.07 / 0.06 G)."
+    )
     print("\n## Memory Block storage, fp16 (paper Table 5: both layers of MF-tiny's Memory Block)\n")
     print("| expand bits | tau' | Memory Size (MB) |\n|---|---|---|")
     for r in table5_rows():

@@ -34,9 +34,9 @@ class OptimConfig:
     weight_decay: float = 0.1
     decay_tables: bool = True  # weight decay on Memory Layer tables (released code: yes)
     schedule: str = "cosine"  # "cosine" | "linear" | "constant"
-    warmup_ratio: float = 0.01  # share of max_steps spent in linear warmup
+    warmup_ratio: float = 0.01  # share of the decay horizon (decay_steps, else max_steps) spent in warmup
     warmup_steps: int | None = None  # overrides warmup_ratio when set
-    decay_steps: int | None = None  # steps until min lr; None: max_steps (GPT-NeoX lr-decay-iters unset)
+    decay_steps: int | None = None  # cosine decay horizon in steps (lr reaches min lr there); None: max_steps
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     fused: bool = True  # torch's fused (single-kernel) Adam/AdamW step: ~4x faster on CPU, and on GPU
 
@@ -79,11 +79,14 @@ class TrainConfig:
 def register_configs() -> None:
     """Register `TrainConfig` as `train_schema` and `OptimConfig` as `optim/optim_schema` (ConfigStore).
 
-    Also registers the `div` resolver used by the hash-shape sweep.
+    Also registers the `div` and `mul` resolvers used by the hash-shape sweeps (Table 3).
     """
     if not OmegaConf.has_resolver("div"):
         # `${div:a,b}` = a // b, e.g. model.num_tables=${div:${model.n_embd},${model.code_length}} in sweeps
         OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
+    if not OmegaConf.has_resolver("mul"):
+        # `${mul:a,b}` = a * b, e.g. model.hashed_width=${mul:${model.num_tables},${model.code_length}}
+        OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)

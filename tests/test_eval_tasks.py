@@ -215,5 +215,12 @@ def test_config_errors_are_one_sentence():
         EvaluateConfig.from_mapping({"checkpoint": "x", "eval": {"metric": {"piqa": "f1"}}})
     with pytest.raises(ConfigError, match="unknown key eval.taskz"):
         EvaluateConfig.from_mapping({"checkpoint": "x", "eval": {"taskz": ["piqa"]}})
-    cfg = EvaluateConfig.from_mapping({"checkpoint": "x", "eval": {"tasks": "paper,wsc"}})
-    assert cfg.eval.tasks == [*PAPER, "wsc"]
+    cfg = EvaluateConfig.from_mapping({"checkpoint": "x", "eval": {"tasks": "paper,wsc273"}})
+    assert cfg.eval.tasks == [*PAPER, "wsc273"]
+
+
+def test_paper_set_uses_superglue_wsc_and_wsc273_stays_available():
+    # every WSC value the paper prints is k/104: SuperGLUE WSC's validation split, lm-eval's `wsc`
+    assert PAPER == ["piqa", "winogrande", "wsc", "arc_easy", "arc_challenge", "logiqa"]
+    assert TASK_SETS["paper_wsc273"] == [t if t != "wsc" else "wsc273" for t in PAPER]
+    assert EVAL_SPLITS["wsc"] == "validation" and EVAL_SPLITS["wsc273"] == "test"

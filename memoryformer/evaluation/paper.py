@@ -1,4 +1,4 @@
-"""The paper's printed Table 1 and Table 2 (`paper_results.yaml`), as plain dicts."""
+"""The paper's printed Tables 1-6 (`paper_results.yaml`), as plain dicts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.yaml"
 
 #: Our task names for the paper's six columns. The paper's WSC is SuperGLUE WSC (k/104); a run that
-#: evaluated lm-eval's `wsc273` instead fills the same column (the report says which one it read).
+#: evaluated lm-eval's `wsc273` instead fills the same column, labelled "(wsc273)" in the cell by the report.
 COLUMN_TASKS: dict[str, tuple[str, ...]] = {
     "piqa": ("piqa",),
     "winogrande": ("winogrande",),
@@ -24,11 +24,12 @@ COLUMN_TASKS: dict[str, tuple[str, ...]] = {
 
 @lru_cache(maxsize=1)
 def paper_results() -> dict[str, Any]:
-    """The data file as a dict: source, seq_len, tasks, task_labels, table1 and table2 (lists of rows)."""
+    """The data file as a dict: source, seq_len, tasks, task_labels, table1, table2 and table6 (lists of
+    rows), table3, table4 and table5 (title, metric, experiments, setting, columns, rows)."""
     with PAPER_RESULTS.open(encoding="utf-8") as f:
         return yaml.safe_load(f)
 
 
 def paper_row(table: str, model: str) -> dict[str, Any] | None:
-    """The row of `table` ("table1" | "table2") for our preset name `model`, or None."""
+    """The row of `table` ("table1" | "table2" | "table6") for our preset name `model`, or None."""
     return next((r for r in paper_results()[table] if r.get("model") == model), None)

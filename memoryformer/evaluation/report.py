@@ -1,13 +1,21 @@
-"""Render evaluation runs as the paper's Table 1 and Table 2, beside the paper's own numbers.
+"""The paper's six tables from finished runs, our numbers beside the paper's: Markdown and one PNG per table.
 
-    python -m memoryformer.evaluation.report outputs/eval/RUN_A outputs/eval/RUN_B ... --out report/
+    python -m memoryformer.report RUN_OR_FOLDER ... --out report/
+    (the same tool as `python -m memoryformer.evaluation.report`)
 
-Each RUN_DIR is an evaluate.py output (results.json + run_info.json). Table 1 lists, for each of the six
-paper models, the paper's row and then every run whose architecture matches it (layers, hidden size and
-block type); other runs follow. Layers, hidden size and FLOPs per block (s = 2048) come from the analytic
-counter `memoryformer.flops` applied to the model config; the paper's printed FLOPs are stored in
-`paper_results.yaml` and shown where they differ. Writes `report.md`, `table1.png` (grouped bars per task)
-and prints the Markdown.
+Each path is a training run (train.py's folder: `checkpoints/config.yaml`, `csv/metrics.csv`), an evaluate.py
+run (`results.json`, `run_info.json`), or any folder above them (`outputs/`, `multirun/table4_lr/`); see
+`memoryformer.evaluation.runs`. Tables 1, 2 and 6 report zero-shot accuracy from evaluation runs; Tables 3,
+4 and 5 the last validation perplexity of training runs (`memoryformer.evaluation.ablations`).
+
+Run -> row: a run belongs to a paper row when its training `name` (every experiment file sets it; the
+multirun jobs of `experiment=table4_lr` are all named table4_lr) is one of the row's `experiments` in
+`paper_results.yaml` and its saved config has the row's `match` values (e.g. optim.lr=2e-3). An evaluation
+run is tied to its training run through the checkpoint it evaluated. An evaluation run whose training run is
+not at hand (a Pythia baseline through `baseline=hf`, a copied checkpoint) falls back to the architecture:
+block type, layers, width (and K, tau) of the row's preset. Rows with no run read "not run", never 0.
+Our WSC cells say "(wsc273)" when the run evaluated lm-eval's wsc273 instead of the paper's SuperGLUE WSC.
+Layers, hidden size and FLOPs per block (s = 2048) of Tables 1 and 2 come from `memoryformer.flops`.
 """
 
 from __future__ import annotations
@@ -18,12 +26,23 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memoryformer.config import ModelConfig
+from memoryformer.config import ConfigError, ModelConfig
+from memoryformer.evaluation.ablations import ablation_markdown, ablation_rows, plot_ablation
 from memoryformer.evaluation.config import EvalSettings
 from memoryformer.evaluation.paper import COLUMN_TASKS, paper_results
 from memoryformer.evaluation.runner import task_scores
+from memoryformer.evaluation.runs import EvalRun, Runs, TrainRun, config_value, find_runs, same_value
 
 GIGA = 1e9
+ACCURACY_TABLES = ("table1", "table2", "table6")
+TITLES = {
+    "table1": "Table 1: zero-shot accuracy and FLOPs per block (s = 2048)",
+    "table2": "Table 2: efficient-attention variants of Pythia-410M",
+    "table3": "Table 3: tau / K at equal width, validation perplexity after 8000 steps",
+    "table4": "Table 4: learning rate, validation perplexity after 8000 steps",
+    "table5": "Table 5: expanding bits of the Memory Block, validation perplexity after 8000 steps",
+    "table6": "Table 6: MF-tiny without / with GeLU in the Memory Block, zero-shot accuracy",
+}
 
 
 @dataclass
@@ -37,6 +56,13 @@ class Row:
     metrics: dict[str, str] = field(default_factory=dict)  # paper column -> "acc" / "acc_norm (wsc273)"
     paper_flops: tuple[float, float] | None = None  # (w/o attention, total) as printed in the paper
     printed_average: float | None = None  # the paper's own Avg. column (its rounding of the mean)
+    spec: dict = field(default_factory=dict)  # the paper row's entry of paper_results.yaml
+    status: str | None = None  # "not run" / "not evaluated": a placeholder row without scores
+
+    @property
+    def uses_wsc273(self) -> bool:
+        """True when our WSC cell holds lm-eval's wsc273, not the paper's SuperGLUE WSC."""
+        return "(wsc273)" in self.metrics.get("wsc", "")
 
     @property
     def average(self) -> float | None:
@@ -56,12 +82,12 @@ def counter_flops(config: ModelConfig, seq_len: int = 2048) -> tuple[float, floa
 
 
 def paper_rows(table: str = "table1") -> list[Row]:
-    """The paper's rows of `table`, with our preset's config where the row is one of our models."""
+    """The paper's rows of `table` (table1, table2, table6), with our preset's config where it names one."""
     data = paper_results()
     rows = []
     for r in data[table]:
         cfg = ModelConfig.from_name(r["model"]) if r.get("model") else None
-        printed = (r.get("flops_wo_attn_g"), r["flops_total_g"])
+        printed = (r.get("flops_wo_attn_g"), r["flops_total_g"]) if "flops_total_g" in r else None
         rows.append(
             Row(
                 label=r["label"],
@@ -71,9 +97,35 @@ def paper_rows(table: str = "table1") -> list[Row]:
                 metrics=dict.fromkeys(data["tasks"], "paper"),
                 paper_flops=printed,
                 printed_average=r["avg"],
+                spec=r,
             )
         )
     return rows
+
+
+def _model_config(raw: dict | None) -> ModelConfig | None:
+    # A run from a branch with model keys we do not know yet is still reported, by its training name.
+    try:
+        return ModelConfig.from_dict(raw) if raw else None
+    except (ConfigError, TypeError):
+        return None
+
+
+def eval_row(run: EvalRun) -> Row:
+    """A row from one evaluate.py run: its label, its scores per paper column and the metric behind each."""
+    info = run.info
+    settings = EvalSettings(**{k: v for k, v in info["settings"]["eval"].items()})
+    by_task = {r["task"]: r for r in task_scores(run.results, settings)}
+    source = f"ours ({run.path.name})"
+    if run.train is not None:
+        source = f"ours ({'/'.join(run.train.path.resolve().parts[-3:])}, eval {run.path.name})"
+    row = Row(label=info.get("label", run.path.name), source=source, config=_model_config(info.get("model")))
+    for column, candidates in COLUMN_TASKS.items():
+        hit = next((by_task[t] for t in candidates if t in by_task), None)
+        if hit is not None:
+            row.scores[column] = hit["value"]
+            row.metrics[column] = hit["metric"] + ("" if hit["task"] == column else f" ({hit['task']})")
+    return row
 
 
 def run_row(run_dir: str | Path) -> Row:
@@ -86,26 +138,34 @@ def run_row(run_dir: str | Path) -> Row:
         raise SystemExit(
             f"error: {d} is not an evaluate.py run directory ({Path(err.filename).name} is missing)."
         ) from err
-    settings = EvalSettings(**{k: v for k, v in info["settings"]["eval"].items()})
-    by_task = {r["task"]: r for r in task_scores(results, settings)}
-    row = Row(
-        label=info.get("label", d.name),
-        source=f"ours ({d.name})",
-        config=ModelConfig.from_dict(info["model"]) if info.get("model") else None,
-    )
-    for column, candidates in COLUMN_TASKS.items():
-        hit = next((by_task[t] for t in candidates if t in by_task), None)
-        if hit is not None:
-            row.scores[column] = hit["value"]
-            row.metrics[column] = hit["metric"] + ("" if hit["task"] == column else f" ({hit['task']})")
-    return row
+    return eval_row(EvalRun(path=d, results=results, info=info))
 
 
 def _same_arch(a: ModelConfig | None, b: ModelConfig | None) -> bool:
     if a is None or b is None:
         return False
     keys = ("block", "n_layer", "n_embd") + (("num_tables", "code_length") if a.is_memoryformer else ())
-    return all(getattr(a, k) == getattr(b, k) for k in keys)
+    # "attention" (softmax / linformer / ...): a Table 2 variant is not the Pythia-410M row
+    same_attention = getattr(a, "attention", "softmax") == getattr(b, "attention", "softmax")
+    return same_attention and all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def _spec_matches(spec: dict, name: str, config: dict) -> bool:
+    """A training run's `name` and saved `config` belong to the paper row `spec` (module docstring)."""
+    if name not in (spec.get("experiments") or []):
+        return False
+    return all(same_value(config_value(config, k), v) for k, v in (spec.get("match") or {}).items())
+
+
+def _arch_matches(paper: Row, run: EvalRun, row: Row) -> bool:
+    """Fallback for an evaluation run without its training run: same architecture and `match` model keys."""
+    if not _same_arch(paper.config, row.config):
+        return False
+    model = {"model": run.info.get("model") or {}}
+    return all(
+        same_value(config_value(model, k), v) for k, v in (paper.spec.get("match") or {}).items()
+        if k.startswith("model.")
+    )
 
 
 def _fmt_flops(row: Row, index: int) -> str:
@@ -119,58 +179,87 @@ def _fmt_flops(row: Row, index: int) -> str:
     return f"{ours:.1f} G"
 
 
-def _fmt(v: float | None) -> str:
-    return "—" if v is None else f"{v:.3f}"
+def _fmt(v: float | None, tag: str = "") -> str:
+    return "—" if v is None else f"{v:.3f}{tag}"
+
+
+def _score_cells(r: Row) -> list[str]:
+    if r.status:
+        return [r.status] * (len(COLUMN_TASKS) + 1)
+    cells = [_fmt(r.scores.get(c), " (wsc273)" if c == "wsc" and r.uses_wsc273 else "") for c in COLUMN_TASKS]
+    return [*cells, _fmt(r.average, " (incl. wsc273)" if r.uses_wsc273 else "")]
 
 
 def table_markdown(rows: list[Row], table: str = "table1") -> str:
     """Markdown in the paper's layout: model, source, layers, hidden, FLOPs, six tasks, average."""
     labels = paper_results()["task_labels"]
     cols = [labels[c] for c in COLUMN_TASKS]
-    flops_cols = ["FLOPs w/o Attn.", "Total FLOPs"] if table == "table1" else ["FLOPs"]
+    flops_cols = {"table1": ["FLOPs w/o Attn.", "Total FLOPs"], "table2": ["FLOPs"]}.get(table, [])
     head = ["Model", "Source", "Layers", "Hidden", *flops_cols, *cols, "Avg."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         layers = str(r.config.n_layer) if r.config else "—"
         hidden = str(r.config.n_embd) if r.config else "—"
-        flops = [_fmt_flops(r, 0), _fmt_flops(r, 1)] if table == "table1" else [_fmt_flops(r, 1)]
-        scores = [_fmt(r.scores.get(c)) for c in COLUMN_TASKS]
-        lines.append(
-            "| " + " | ".join([r.label, r.source, layers, hidden, *flops, *scores, _fmt(r.average)]) + " |"
-        )
+        cells = {"table1": [0, 1], "table2": [1]}.get(table, [])
+        cells = [_fmt_flops(r, i) for i in cells] if not r.status else ["—"] * len(cells)
+        if r.status:
+            layers = hidden = "—"
+        lines.append("| " + " | ".join([r.label, r.source, layers, hidden, *cells, *_score_cells(r)]) + " |")
     return "\n".join(lines)
 
 
+def accuracy_rows(table: str, runs: Runs) -> tuple[list[Row], list[Row]]:
+    """(rows of `table`, evaluation rows placed nowhere): each paper row, then ours or a "not run" row.
+
+    Our rows: evaluation runs whose training run matches the paper row (module docstring), evaluation runs
+    without a training run by architecture, and matching training runs not yet evaluated ("not evaluated").
+    """
+    evals = [(run, eval_row(run)) for run in runs.evals]
+    rows, used = [], set()
+    for paper in paper_rows(table):
+        rows.append(paper)
+        ours = []
+        for i, (run, row) in enumerate(evals):
+            linked = run.train is not None and _spec_matches(paper.spec, run.train.name, run.train.config)
+            if linked or (run.train is None and _arch_matches(paper, run, row)):
+                ours.append(row)
+                used.add(i)
+        evaluated = {run.train.path for run, _ in evals if run.train is not None}
+        for t in runs.train:
+            if t.path not in evaluated and _spec_matches(paper.spec, t.name, t.config):
+                ours.append(_placeholder(paper, t, "not evaluated"))
+        rows += ours or [_placeholder(paper, None, "not run")]
+    return rows, [row for i, (_, row) in enumerate(evals) if i not in used]
+
+
+def _placeholder(paper: Row, run: TrainRun | None, status: str) -> Row:
+    source = "ours" if run is None else f"ours ({'/'.join(run.path.resolve().parts[-3:])})"
+    return Row(label=paper.label, source=source, config=paper.config, status=status)
+
+
 def build_tables(run_dirs: list[str | Path]) -> tuple[list[Row], list[Row]]:
-    """(Table 1 rows, Table 2 rows): paper rows, each followed by matching runs; unmatched runs last."""
-    runs = [run_row(d) for d in run_dirs]
-    tables = []
-    for table in ("table1", "table2"):
-        rows, used = [], set()
-        for p in paper_rows(table):
-            rows.append(p)
-            for i, r in enumerate(runs):
-                if _same_arch(p.config, r.config):
-                    rows.append(r)
-                    used.add(i)
-        if table == "table1":
-            rows += [r for i, r in enumerate(runs) if i not in used]
-        tables.append(rows)
-    return tables[0], tables[1]
+    """(Table 1 rows, Table 2 rows) for `run_dirs`; evaluation runs that fit no row end Table 1."""
+    runs = find_runs(run_dirs) if run_dirs else Runs()
+    t1, unplaced = accuracy_rows("table1", runs)
+    t2, _ = accuracy_rows("table2", runs)
+    return t1 + unplaced, t2
 
 
 def metric_notes(rows: list[Row]) -> list[str]:
     """One line per run saying which lm-eval metric (and task) fills each column."""
     notes = []
     for r in rows:
-        if r.source != "paper":
+        if r.source != "paper" and not r.status:
             parts = ", ".join(f"{c}: {m}" for c, m in r.metrics.items())
             notes.append(f"- {r.label} {r.source}: {parts}")
     return notes
 
 
-def plot(rows: list[Row], path: Path) -> Path:
-    """Grouped bar chart: one group per task (and the average), one bar per row that has scores."""
+def plot(rows: list[Row], path: Path, title: str = "Zero-shot accuracy: ours vs the paper (Table 1)") -> Path:
+    """Grouped bar chart: one group per task (and the average), one bar per row that has scores.
+
+    Missing values get no bar (never a bar at 0); rows not run are left out and named under the chart.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,17 +267,20 @@ def plot(rows: list[Row], path: Path) -> Path:
 
     labels = paper_results()["task_labels"]
     columns = [*COLUMN_TASKS, "avg"]
-    shown = [r for r in rows if any(v is not None for v in r.scores.values())]
+    shown = [r for r in rows if not r.status and any(v is not None for v in r.scores.values())]
+    not_run = [f"{r.label}: {r.status}" for r in rows if r.status]
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(columns) * max(1, len(shown)) / 3), 4.5))
     width = 0.8 / max(1, len(shown))
     for i, r in enumerate(shown):
         vals = [r.scores.get(c) if c != "avg" else r.average for c in columns]
         xs = [j + i * width for j in range(len(columns))]
+        kept = [(x, v) for x, v in zip(xs, vals, strict=True) if v is not None]
+        wsc = " (WSC = wsc273)" if r.uses_wsc273 else ""
         ax.bar(
-            xs,
-            [v if v is not None else 0 for v in vals],
+            [x for x, _ in kept],
+            [v for _, v in kept],
             width,
-            label=f"{r.label} [{r.source}]",
+            label=f"{r.label} [{r.source}]{wsc}",
             hatch="//" if r.source == "paper" else None,
         )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(columns))])
@@ -196,57 +288,85 @@ def plot(rows: list[Row], path: Path) -> Path:
     ax.set_ylabel("zero-shot accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Zero-shot accuracy: ours vs the paper (Table 1)")
+    ax.set_title(title, fontsize=9)
+    if not_run:
+        fig.text(0.01, 0.01, "ours: " + "; ".join(not_run), fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
+NOTES = {
+    "table1": "FLOPs come from the analytic counter (`python -m memoryformer.flops`, one multiply-add = one "
+    "FLOP, the paper's 6Ksd rule for MemoryFormer blocks). The paper's MF-small row prints 1.0 G / 7.4 G, "
+    "which its own rule does not give (0.906 G / 7.348 G); the cell shows both.",
+    "table2": "Linformer, cosFormer and Performer FLOPs are the paper's (their settings are not given). "
+    "Our rows come from the runs named linformer_410m, cosformer_410m and performer_410m.",
+    "table3": "d is the hashed width K·τ; Memory Layer outputs and the residual stream stay 512 wide "
+    "(model.hashed_width), which the d = 510 row's 53.5 MB needs. FLOPs and Memory Size are the paper's "
+    "(one Memory Layer Q at s = 2048); `python -m memoryformer.flops` reproduces them from our modules.",
+    "table4": "1e-3 is Pythia-70M's learning rate; MemoryFormer uses 3x (paper section 3).",
+    "table5": "Memory Size is both Memory Block layers in fp16, as printed; `python -m memoryformer.flops` "
+    "reproduces it from our modules.",
+    "table6": "Trained with the full recipe (as Table 1's MF-tiny), not the 8000-step ablation; an mf_tiny "
+    "run fills the first row too.",
+}
+
+
 def render(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> str:
-    """Markdown of Tables 1 and 2 for `run_dirs`; with `out_dir`, also writes report.md and table1.png."""
-    t1, t2 = build_tables(run_dirs)
+    """Markdown of Tables 1-6 for the runs at or below `run_dirs`; with `out_dir`, also writes report.md and
+    table1.png ... table6.png."""
+    runs = find_runs(run_dirs) if run_dirs else Runs()
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    md: list[str] = []
+    notes_rows: list[Row] = []
+    for table in ("table1", "table2", "table3", "table4", "table5", "table6"):
+        md += [f"## {TITLES[table]}", ""]
+        if table in ACCURACY_TABLES:
+            rows, unplaced = accuracy_rows(table, runs)
+            if table == "table1":
+                rows += unplaced
+            notes_rows += [r for r in rows if r not in notes_rows]
+            md.append(table_markdown(rows, table))
+            if out is not None:
+                plot(rows, out / f"{table}.png", f"{TITLES[table]}: ours vs the paper")
+        else:
+            ablation = ablation_rows(table, runs.train)
+            md.append(ablation_markdown(table, ablation))
+            if out is not None:
+                plot_ablation(table, ablation, out / f"{table}.png")
+        md += ["", NOTES[table], ""]
     src = paper_results()["source"]
-    md = [
-        "## Table 1: zero-shot accuracy and FLOPs per block (s = 2048)",
-        "",
-        table_markdown(t1, "table1"),
-        "",
-        "FLOPs come from the analytic counter (`python -m memoryformer.flops`, one multiply-add = one FLOP, "
-        "the paper's 6Ksd rule for MemoryFormer blocks). The paper's MF-small row prints 1.0 G / 7.4 G, "
-        "which its own rule does not give (0.906 G / 7.348 G); the cell shows both.",
-        "",
-        "## Table 2: efficient-attention variants of Pythia-410M",
-        "",
-        table_markdown(t2, "table2"),
-        "",
-        "Linformer, cosFormer and Performer FLOPs are the paper's (their settings are not given).",
-        "",
-        f"Paper numbers: {src}. The paper does not say whether a column is acc or acc_norm; its WSC "
-        "column is SuperGLUE WSC (104 examples).",
+    md += [
+        f"Paper numbers: {src}. The paper does not say whether a column is acc or acc_norm. Its WSC column "
+        "is SuperGLUE WSC (104 examples, `eval.tasks=paper`); a cell marked (wsc273) holds lm-eval's wsc273 "
+        "(273 schemas, `eval.tasks=paper_wsc273`), which is not the paper's WSC. \"not run\": no run of "
+        "ours fills the row; \"not evaluated\": trained, but no evaluate.py run of its checkpoint was given.",
     ]
-    notes = metric_notes(t1)
+    notes = metric_notes(notes_rows)
     if notes:
         md += ["", "Metrics used by our runs (lm-eval metric per column):", "", *notes]
     text = "\n".join(md) + "\n"
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         (out / "report.md").write_text(text)
-        plot(t1, out / "table1.png")
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(
-        prog="python -m memoryformer.evaluation.report", description=__doc__.split("\n")[0]
+        prog="python -m memoryformer.report", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("run_dirs", nargs="*", help="evaluate.py output directories")
-    parser.add_argument("--out", default="eval_report", help="where report.md and table1.png go")
+    parser.add_argument(
+        "run_dirs", nargs="*", help="training or evaluate.py runs, or folders above them (outputs/)"
+    )
+    parser.add_argument("--out", default="eval_report", help="where report.md and table1..6.png go")
     args = parser.parse_args(argv)
     print(render(args.run_dirs, args.out))
-    print(f"written: {Path(args.out) / 'report.md'}, {Path(args.out) / 'table1.png'}", file=sys.stderr)
+    print(f"written: {Path(args.out) / 'report.md'}, {Path(args.out)}/table{{1..6}}.png", file=sys.stderr)
     return 0
 
 

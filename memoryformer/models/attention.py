@@ -135,10 +135,12 @@ class MemoryFormerAttention(nn.Module):
         self.n_head = config.n_head
         self.layer_idx = layer_idx
         d = config.n_embd
+        # Table 3's d = 510 row: hash the first K * tau dims, output the full d (see ModelConfig.hashed_width)
+        self.hash_width = config.hash_width if config.qkv == "memory" else d
         if config.qkv == "memory":
             def make() -> nn.Module:
                 return MemoryLayer(
-                    d, d, code_length=config.code_length, weighting=config.weighting,
+                    self.hash_width, d, code_length=config.code_length, weighting=config.weighting,
                     temperature=config.temperature, bias=config.memory_bias, impl=config.memory_impl,
                 )
         else:
@@ -152,6 +154,8 @@ class MemoryFormerAttention(nn.Module):
     ) -> torch.Tensor:
         """`x` `[B, T, d]` (already normalised) -> `[B, T, d]`."""
         if isinstance(self.q_proj, MemoryLayer):
+            if x.shape[-1] != self.hash_width:
+                x = x[..., : self.hash_width].contiguous()
             hashed = self.q_proj.hash(x)
             q, k, v = (proj(x, hashed=hashed) for proj in (self.q_proj, self.k_proj, self.v_proj))
         else:

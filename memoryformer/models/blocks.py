@@ -3,6 +3,7 @@
 MemoryFormer, pre-norm sequential residual (paper section 2.4, released `ParallelTransformerLayer`):
     x1  = x + Attn(Norm1(x))                   Attn = Memory-Layer Q/K/V, shared hash, no W_O
     out = x1 + MemoryBlock(Norm2(x1))          MemoryBlock = MemoryLayer -> LayerNorm -> MemoryLayer
+                                               (-> GELU -> LayerNorm -> with memory_block_activation=gelu)
 Pythia, GPT-NeoX parallel residual:
     out = x + Attn(LN1(x)) + MLP(LN2(x))       (sequential when `parallel_residual` is False)
 Both blocks name their parts `norm1`, `attn`, `norm2`, `ffn`.
@@ -24,27 +25,41 @@ MEMORY_BLOCK_NORM_EPS = 1e-5
 
 
 class MemoryBlock(nn.Module):
-    """The Memory Block that replaces the FFN: `[B, T, d]` -> `[B, T, d]`, no activation.
+    """The Memory Block that replaces the FFN: `[B, T, d]` -> `[B, T, d]`, no activation by default.
 
-    `layer1`: MemoryLayer(d -> K(tau+e), tau bits); `norm`: LayerNorm(K(tau+e), eps 1e-5);
-    `layer2`: MemoryLayer(K(tau+e) -> d, tau+e bits), with e = `expand_bits`. Layer 2 reads the same K chunks
-    as layer 1, each now tau+e wide, so its tables have 2**e times as many rows (paper Table 5).
+    `layer1`: MemoryLayer(hashed width -> K(tau+e), tau bits); `act`: identity, or GELU with
+    `memory_block_activation=gelu` (paper Table 6); `norm`: LayerNorm(K(tau+e), eps 1e-5);
+    `layer2`: MemoryLayer(K(tau+e) -> d, tau+e bits), with e = `expand_bits`. Layer 2 reads the same K
+    chunks as layer 1, each now tau+e wide, so its tables have 2**e times as many rows (paper Table 5).
+    Layer 1 hashes the first `config.hash_width` dims of its input (all d except in Table 3's d = 510 row).
+
+    The GELU sits BEFORE the LayerNorm. The norm is there to zero-centre layer 2's hash input so that its sign
+    bits are balanced (paper section 2.4); GELU's output is skewed positive, so applying it after the norm
+    would undo that, and since sign(GELU(x)) = sign(x) it would not change a single hash code there, only
+    the weights. Before the norm it acts like the FFN's activation between its two layers.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d, hidden, tau = config.n_embd, config.memory_block_hidden, config.code_length
+        self.hash_width = config.hash_width
         common = dict(
             weighting=config.weighting, temperature=config.temperature, bias=config.memory_bias,
             impl=config.memory_impl,
         )
-        self.layer1 = MemoryLayer(d, hidden, code_length=tau, **common)
+        self.layer1 = MemoryLayer(self.hash_width, hidden, code_length=tau, **common)
+        self.act: nn.Module = nn.GELU() if config.memory_block_activation == "gelu" else nn.Identity()
         self.norm = nn.LayerNorm(hidden, eps=MEMORY_BLOCK_NORM_EPS)
         self.layer2 = MemoryLayer(hidden, d, code_length=tau + config.expand_bits, **common)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, T, d]` -> `[B, T, d]`."""
-        return self.layer2(self.norm(self.layer1(x)))
+        return self.layer2(self.norm(self.act(self.layer1(hashed_part(x, self.hash_width)))))
+
+
+def hashed_part(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The first `width` dims of `x` `[..., d]`: the part a Memory Layer hashes (all of `x` if width = d)."""
+    return x if x.shape[-1] == width else x[..., :width].contiguous()
 
 
 class MLP(nn.Module):

@@ -121,10 +121,12 @@ class LMTrainingModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        """Also log perplexity exp(val/loss)."""
+        """Also log perplexity exp(val/loss) and the optimizer step it was measured at (paper tables)."""
         val = self.trainer.callback_metrics.get("val/loss")
         if val is not None:
             self.log("val/ppl", math.exp(min(float(val), 50.0)), sync_dist=False)
+            # optimizer steps taken: the CSV logger's own `step` of a mid-epoch validation is one behind
+            self.log("val/at_step", float(self.global_step), sync_dist=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the pre-clipping global gradient norm and lr; stop on NaN/inf gradients (not under fp16)."""

@@ -3,7 +3,9 @@
 AdamW with betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on weight matrices only (never on biases or norm
 gains, i.e. parameters with fewer than 2 dims); the Memory Layer tables are decayed like weights unless
 `decay_tables` is false (the released code decays them). The schedule is GPT-NeoX's: linear warmup over
-`warmup_ratio` of the steps, then cosine decay from `lr` to `lr * min_lr_ratio` at `max_steps`.
+`warmup_ratio` of the decay horizon, then cosine decay from `lr` to `lr * min_lr_ratio` at the horizon
+`decay_steps` (None: `max_steps`, GPT-NeoX's unset lr-decay-iters), then flat at the min lr. A horizon longer
+than the run (e.g. an 8000-step run with `decay_steps=106418`) trains the first steps of the longer schedule.
 """
 
 from __future__ import annotations
@@ -68,11 +70,27 @@ def build_optimizer(model: nn.Module, optim: Any) -> torch.optim.Optimizer:
     return cls(groups, **kwargs)
 
 
+def decay_steps_for(optim: Any, max_steps: int) -> int:
+    """The cosine/linear horizon: `optim.decay_steps` when set, else `max_steps`."""
+    if optim.decay_steps is None:
+        return int(max_steps)
+    if int(optim.decay_steps) <= 0:
+        raise ConfigError(
+            f"optim.decay_steps={optim.decay_steps} must be a positive number of steps "
+            f"(or null for max_steps)."
+        )
+    return int(optim.decay_steps)
+
+
 def warmup_steps_for(optim: Any, max_steps: int) -> int:
-    """Warmup length: `optim.warmup_steps` when set, else `round(optim.warmup_ratio * max_steps)`."""
+    """Warmup length: `optim.warmup_steps` when set, else `round(warmup_ratio * horizon)`.
+
+    The horizon is `decay_steps_for(optim, max_steps)`: GPT-NeoX takes warmup as a fraction of lr-decay-iters,
+    so an 8000-step run with `decay_steps=106418` warms up exactly like the full run's first steps.
+    """
     if optim.warmup_steps is not None:
         return int(optim.warmup_steps)
-    return int(round(optim.warmup_ratio * max_steps))
+    return int(round(optim.warmup_ratio * decay_steps_for(optim, max_steps)))
 
 
 def lr_multiplier(
@@ -106,6 +124,6 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, optim: Any, max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """`LambdaLR` following `lr_multiplier`, decaying over `optim.decay_steps` or else `max_steps`."""
-    decay_steps = optim.decay_steps or max_steps
+    decay_steps = decay_steps_for(optim, max_steps)
     fn = lr_multiplier(optim.schedule, warmup_steps_for(optim, max_steps), decay_steps, optim.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

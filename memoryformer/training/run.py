@@ -143,6 +143,7 @@ def check_config(cfg: DictConfig) -> RunPlan:
             f"activation_checkpointing_every={cfg.activation_checkpointing_every} must be >= 1 "
             f"(1 checkpoints every block, n every n-th block)."
         )
+    check_precision(trainer_cfg)
     check_loggers(_plain(cfg.logger))
     ckpt = cfg.ckpt_path
     if ckpt not in (None, "last") and not os.path.exists(str(ckpt)):
@@ -168,6 +169,34 @@ def check_writable_dir(path: Path, key: str) -> None:
             f"{key}={str(path)!r} cannot be written ({exc.strerror}); point {key} (or hydra.run.dir) "
             f"at a writable folder."
         ) from None
+
+
+def check_precision(trainer_cfg: dict[str, Any]) -> None:
+    """Refuse fp16 (`16-mixed`) on CPU: Lightning has no fp16 AMP there and would silently train in bf16."""
+    precision = str(trainer_cfg.get("precision", ""))
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision.startswith("16") and on_cpu:
+        raise ConfigError(
+            f"trainer.precision={precision} needs a CUDA GPU: Lightning has no fp16 mixed precision on "
+            f"CPU and would silently train in bf16-mixed instead; on CPU use trainer.precision=bf16-mixed "
+            f"or 32-true."
+        )
+
+
+def optim_for_precision(optim: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    """`optim` with `fused` off when fp16 mixed precision (`16-mixed`) would clip gradients outside DeepSpeed.
+
+    Lightning's fp16 AMP plugin must unscale gradients before clipping them, and refuses an optimizer that
+    unscales internally (torch's fused Adam/AdamW); so under `trainer.precision=16-mixed` with
+    `optim.grad_clip > 0` the step uses torch's foreach implementation, which computes the same update.
+    """
+    precision = str(trainer_cfg.get("precision", ""))
+    deepspeed = "deepspeed" in str(trainer_cfg.get("strategy")).lower()  # DeepSpeed clips by itself
+    if precision.startswith("16") and optim.get("fused") and optim.get("grad_clip") and not deepspeed:
+        rank_zero_info("trainer.precision=16-mixed with gradient clipping: using the non-fused AdamW step.")
+        return {**optim, "fused": False}
+    return optim
 
 
 def resolve_ckpt_path(ckpt_path: str | None, runs_root: str, current_dir: str | None = None) -> str | None:
@@ -243,7 +272,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     module = LMTrainingModule(
         model=plan.model.to_dict(),
-        optim=_plain(cfg.optim),
+        optim=optim_for_precision(_plain(cfg.optim), _plain(cfg.trainer)),
         max_steps=plan.max_steps,
         activation_checkpointing=bool(cfg.activation_checkpointing),
         activation_checkpointing_every=int(cfg.activation_checkpointing_every),
