@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ def export_model(
     out_dir: str | os.PathLike,
     tokenizer_path: str | None = None,
     eos_token: str = "<|endoftext|>",
+    strict: bool = False,
 ) -> Path:
     """Write `model` (a `LanguageModel`) as a Hugging Face model directory and return its path.
 
@@ -54,17 +57,45 @@ def export_model(
     `GPTNeoXForCausalLM`. Weights keep their dtype, in `model.safetensors`; `tokenizer_path`, when given,
     is copied in as `tokenizer.json` with a `tokenizer_config.json` whose eos/bos/pad is `eos_token`.
     See `memoryformer.hf.export`.
+
+    A model with a setting that Hugging Face cannot run (an efficient attention, Table 6's GeLU, ...) is
+    written in the package's own format instead (`config.json` = `{"model": ..., "tokenizer": ...}`,
+    safetensors weights), which `load_model` and `evaluate.py` read, with a warning; with `strict` it
+    raises `CheckpointError` instead.
     """
-    from memoryformer.hf.export import export_hf
+    from memoryformer.hf.export import export_hf, hf_unsupported
 
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise CheckpointError(
             f"tokenizer file {tokenizer_path} does not exist; pass the path of a tokenizers JSON file."
         )
-    try:
-        return export_hf(model, out_dir, tokenizer_path=tokenizer_path, eos_token=eos_token)
-    except ConfigError as err:
-        raise CheckpointError(f"cannot export to {out_dir}: {err}") from err
+    reason = hf_unsupported(model.config)
+    if reason is not None:
+        if strict:
+            raise CheckpointError(f"cannot export to {out_dir}: {reason}")
+        warnings.warn(
+            f"exported {out_dir} in memoryformer's own format, not as a Hugging Face model: {reason}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _export_native(model, Path(out_dir), tokenizer_path)
+    return export_hf(model, out_dir, tokenizer_path=tokenizer_path, eos_token=eos_token)
+
+
+def _export_native(model: torch.nn.Module, out: Path, tokenizer_path: str | None) -> Path:
+    """The package's own export format (format 1 above, `{"model": ...}` config): any `ModelConfig`."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    tokenizer_name = None
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
+        tokenizer_name = TOKENIZER_FILE
+    meta = {"model": model.config.to_dict(), "tokenizer": tokenizer_name}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- load

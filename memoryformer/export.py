@@ -39,7 +39,7 @@ def export(checkpoint: str, out: str, tokenizer: str | None = None, eos_token: s
     if src == dst:
         raise CheckpointError(f"out={out} is the checkpoint itself; export to another directory.")
     model, stored_tokenizer = load_model(src)
-    return export_model(model, dst, tokenizer or stored_tokenizer, eos_token=eos_token)
+    return export_model(model, dst, tokenizer or stored_tokenizer, eos_token=eos_token, strict=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -215,17 +215,37 @@ def test_pythia_exports_as_plain_gpt_neox(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def test_export_refuses_a_setting_the_hf_file_does_not_implement(tmp_path, monkeypatch):
+def test_strict_export_refuses_a_setting_the_hf_file_does_not_implement(tmp_path, monkeypatch):
     from memoryformer.hf import config_map
 
     with pytest.raises(CheckpointError, match=r"model\.parallel_residual=False is not implemented by"):
-        export_model(LanguageModel(tiny_config(parallel_residual=False)), tmp_path / "a")
+        export_model(LanguageModel(tiny_config(parallel_residual=False)), tmp_path / "a", strict=True)
     # A field missing from HF_FIELDS (as a newly added ModelConfig field would be) must sit at its default.
     monkeypatch.delitem(config_map.HF_FIELDS, "qkv")
-    export_model(LanguageModel(tiny_config()), tmp_path / "b")  # qkv at its default: fine
+    export_model(LanguageModel(tiny_config()), tmp_path / "b", strict=True)  # qkv at its default: fine
     with pytest.raises(CheckpointError, match=r"model\.qkv='linear' is not implemented.*default 'memory'"):
-        export_model(LanguageModel(tiny_config(qkv="linear")), tmp_path / "c")
+        export_model(LanguageModel(tiny_config(qkv="linear")), tmp_path / "c", strict=True)
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(memory_block_activation="gelu"),
+        dict(attention="cosformer"),
+        dict(block="pythia", attention="performer"),
+    ],
+)
+def test_a_model_hf_cannot_run_exports_in_our_own_format_and_loads_back(tmp_path, overrides):
+    # Training ends with an export: a Table 2 or Table 6 model must still export (and evaluate), not crash.
+    torch.manual_seed(0)
+    model = LanguageModel(tiny_config(**overrides)).eval()
+    with pytest.warns(RuntimeWarning, match="own format, not as a Hugging Face model"):
+        out = export_model(model, tmp_path / "x")
+    assert "model" in json.loads((out / "config.json").read_text())
+    loaded, _ = load_model(out)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 # ------------------------------------------------------------------ python -m memoryformer.export

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from memoryformer.config import ModelConfig
-from memoryformer.hf.config_map import ARCHITECTURE, AUTO_MAP, MODEL_TYPE, to_hf_config
+from memoryformer.config import ConfigError, ModelConfig
+from memoryformer.hf.config_map import ARCHITECTURE, AUTO_MAP, MODEL_TYPE, check_exportable, to_hf_config
 
 HERE = Path(__file__).resolve().parent
 #: Files copied into a MemoryFormer export; `modeling_...` imports `configuration_...` relatively.
@@ -83,6 +83,22 @@ def write_tokenizer(out: Path, tokenizer_path: str, eos_token: str, block_size: 
 
 def _special_ids(eos_id: int | None) -> dict[str, int]:
     return {} if eos_id is None else {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+
+
+def hf_unsupported(config: ModelConfig) -> str | None:
+    """Why `config` cannot be written as a Hugging Face model (one sentence), or None when it can."""
+    if config.is_memoryformer:
+        try:
+            check_exportable(config)
+        except ConfigError as err:
+            return str(err)
+        return None
+    if config.attention != "softmax":
+        return (
+            f"model.attention={config.attention!r} has no GPTNeoXForCausalLM equivalent (Hugging Face's "
+            f"GPT-NeoX only has softmax attention)."
+        )
+    return None
 
 
 def export_hf(

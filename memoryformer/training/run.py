@@ -102,10 +102,6 @@ def check_config(cfg: DictConfig) -> RunPlan:
     model = ModelConfig.from_dict(_plain(cfg.model))
     data = DataConfig(**_plain(cfg.data))
     optim = OptimConfig(**_plain(cfg.optim))
-    if cfg.get("export_final") and model.is_memoryformer:
-        from memoryformer.hf.config_map import check_exportable
-
-        check_exportable(model)  # refuse now rather than after training, when the final export would fail
     trainer_cfg = _plain(cfg.trainer)
     if data.seq_len > model.block_size:
         raise ConfigError(
