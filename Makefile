@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-fast lint format bench throughput gpu-check eval flops docker-build docker-resolve clean
+.PHONY: help setup train test test-fast lint format bench throughput gpu-check eval generate export flops docker-build docker-resolve clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -59,6 +59,12 @@ gpu-check: $(STAMP) ## CUDA checks (Memory Layer vs float64, MF-tiny ZeRO-2 bf16
 
 eval: $(STAMP) ## zero-shot evaluation of a checkpoint: make eval CKPT=path
 	$(PY) evaluate.py checkpoint=$(CKPT)
+
+generate: $(STAMP) ## stream a continuation: make generate CKPT=path PROMPT="Once upon a time"
+	$(PY) generate.py checkpoint=$(CKPT) prompt="$(PROMPT)" $(GEN_ARGS)
+
+export: $(STAMP) ## a checkpoint as a Hugging Face model dir: make export CKPT=path OUT=dir
+	$(PY) -m memoryformer.export checkpoint=$(CKPT) out=$(OUT)
 
 flops: $(STAMP) ## parameters, FLOPs per block and table storage of the paper's models
 	$(PY) -m memoryformer.flops

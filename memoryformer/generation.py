@@ -49,6 +49,9 @@ class GenerateConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; known options are: {', '.join(sorted(known))}.")
+        if values.get("prompt") is not None and not isinstance(values["prompt"], str):
+            # Hydra reads prompt=3456 as an int; the user meant the text (quote it to keep e.g. 1e3 as typed).
+            values["prompt"] = str(values["prompt"])
         config = cls(**values)
         config.validate()
         return config

@@ -215,7 +215,7 @@ def test_make_train_recipe_learns(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from memoryformer.config import ModelConfig
+    from memoryformer.checkpoint import load_model
     from memoryformer.evaluation.config import EvalSettings, EvaluateConfig
     from memoryformer.evaluation.harness import MemoryFormerLM
     from memoryformer.evaluation.runner import run_evaluation
@@ -245,7 +245,7 @@ def test_make_train_recipe_learns(tmp_path: Path) -> None:
     trained = json.loads((run_dir / "eval" / "results.json").read_text())["results"]["sample_heldout"]
     assert summary["heldout"]["word_perplexity"] == trained["word_perplexity,none"]
     assert (run_dir / "eval" / "results.md").is_file()
-    model_cfg = ModelConfig.from_dict(json.loads((run_dir / "model" / "config.json").read_text())["model"])
+    model_cfg = load_model(run_dir / "model")[0].config  # the exported Hugging Face directory
     torch.manual_seed(0)
     untrained_lm = MemoryFormerLM(
         model=LanguageModel(model_cfg), tokenizer=str(run_dir / "model" / "tokenizer.json")

@@ -70,13 +70,22 @@ def build_lm(cfg: EvaluateConfig) -> tuple[Any, dict[str, Any]]:
             raise ConfigError(
                 f"model_path={path} has no config.json; point it at a local Hugging Face model directory."
             )
-        model_config = config_from_hf(AutoConfig.from_pretrained(str(path)))
+        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        # Our exported MemoryFormer directories carry their modeling code: lm-eval must be allowed to run it.
+        remote_code = meta.get("model_type") == "memoryformer"
+        if remote_code:
+            from memoryformer.hf.config_map import from_hf_config
+
+            model_config = from_hf_config(meta)
+        else:
+            model_config = config_from_hf(AutoConfig.from_pretrained(str(path)))
         lm = HFLM(
             pretrained=str(path),
             dtype=s.dtype,
             device=s.device,
             batch_size=s.batch_size,
             max_length=s.max_length,
+            trust_remote_code=remote_code,
         )
         return lm, {"kind": "hf", "model_path": str(path), "model": model_config.to_dict()}
     from memoryformer.evaluation.harness import MemoryFormerLM
