@@ -5,6 +5,7 @@ Examples:
     python train.py experiment=mf_tiny trainer=deepspeed_zero2 trainer.devices=8
     python train.py -m optim.lr=1e-3,2e-3,3e-3,4e-3          # the paper's Table 4 lr ablation (multirun)
     python train.py experiment=nano_cpu ckpt_path=last       # resume the newest run of that name
+    python train.py experiment=nano_cpu ckpt_path=auto       # resume if a checkpoint loads, else start fresh
 
 The composed config (conf/config.yaml) is printed, saved beside the checkpoints and checked before anything
 is built; Hydra's output folder (outputs/<name>/<time>/) holds the run. The return value (final validation
@@ -27,6 +28,8 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point: run `memoryformer.training.run.train` and return the final validation loss."""
+    from memoryformer.atomic_io import AtomicWriteError
+    from memoryformer.checkpoint import CheckpointError
     from memoryformer.training.run import train
 
     try:
@@ -34,6 +37,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print(f"Config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (CheckpointError, AtomicWriteError) as err:  # a save that failed (disk full) or a bad checkpoint
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     return summary.get("val_loss")
 
 
