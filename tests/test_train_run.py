@@ -302,15 +302,15 @@ def test_checkpoint_of_another_shape_or_vocab_is_refused_before_training(
 
     full, _ = smoke_run
     last = full / "checkpoints" / "last.ckpt"
-    for override, expected in (
-        ("model.n_layer=2", "model.n_layer=1 there vs 2 here"),
-        ("model.vocab_size=5000", "model.vocab_size=4096 there vs 5000 here"),
+    for name, override, expected in (
+        ("shape", "model.n_layer=2", "model.n_layer=1 there vs 2 here"),
+        ("vocab", "model.vocab_size=5000", "model.vocab_size=4096 there vs 5000 here"),
     ):
         with pytest.raises(ConfigError) as err:
-            train(_cfg(tmp_path / override, f"ckpt_path={last}", override))
+            train(_cfg(tmp_path / name, f"ckpt_path={last}", override))
         msg = str(err.value)
         assert str(last) in msg and expected in msg and "\n" not in msg, msg
-        assert not (tmp_path / override / "checkpoints" / "last.ckpt").exists()
+        assert not (tmp_path / name / "checkpoints" / "last.ckpt").exists()
 
 
 @pytest.mark.slow
