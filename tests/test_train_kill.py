@@ -1,6 +1,6 @@
-"""SIGKILL a real training process again and again, also in the middle of checkpoint saves: every checkpoint
-left on disk loads, and every `ckpt_path=auto` rerun in the same folder resumes from a step no earlier than
-the last completed save (and takes over the dead run's lock).
+"""SIGKILL a real training process again and again (`KILLS` times), also in the middle of checkpoint saves:
+every checkpoint left on disk loads, and every `ckpt_path=auto` rerun in the same folder resumes from a step
+no earlier than the last completed save (and takes over the dead run's lock).
 
 Each training process is forked from this (already imported) test process and runs `train(cfg)` of the tiny
 smoke model with a checkpoint every step; forking instead of starting `python train.py` saves the ~10 s of
@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from memoryformer.schema import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-KILLS = 8
+KILLS = 6
 MAX_STEPS = 400
 register_configs()
 
