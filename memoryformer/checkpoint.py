@@ -326,6 +326,7 @@ def deepspeed_safe_globals() -> list[Any]:
     for module, names in (
         ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
         ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),  # a (numel, start) dataclass
     ):
         try:
             mod = __import__(module, fromlist=list(names))
