@@ -14,12 +14,20 @@ Three formats are recognised by `load_model(path)`:
    (needs `pip install memoryformer[deepspeed]`) and then read like format 2.
 
 Every failure is a `CheckpointError` whose message is one sentence naming the file and the fix.
+
+Files are read with `torch.load(weights_only=True)` (`safe_torch_load`): unpickling runs no code, and a
+file that needs more than tensors and plain containers is refused with `UnsafeCheckpointError` unless the
+caller passes `trust_checkpoint=True` (the user's explicit opt-in for a file from a source they trust).
+Exports are written to a temporary directory and renamed into place (`memoryformer.atomic_io`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
+import pickle
+import re
 import shutil
 import tempfile
 import warnings
@@ -29,6 +37,7 @@ from typing import Any
 
 import torch
 
+from memoryformer.atomic_io import atomic_directory
 from memoryformer.config import ConfigError, ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -39,8 +48,20 @@ LIGHTNING_PREFIX = "model."
 HF_MODEL_TYPES = ("memoryformer", "gpt_neox")
 
 
+#: Globals a checkpoint may reference besides tensors and plain containers: pure value types whose
+#: reconstruction runs no user code (Lightning may store a `dirpath` or hyper-parameter as a path).
+SAFE_GLOBALS: list[Any] = [
+    pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath
+]
+TRUST_HINT = "trust_checkpoint=true"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the path and how to fix it."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose unpickling would need more than tensors and plain containers (possibly code)."""
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -62,6 +83,9 @@ def export_model(
     written in the package's own format instead (`config.json` = `{"model": ..., "tokenizer": ...}`,
     safetensors weights), which `load_model` and `evaluate.py` read, with a warning; with `strict` it
     raises `CheckpointError` instead.
+
+    The directory is built under a temporary name beside `out_dir` and renamed into place when complete,
+    so `out_dir` never holds a partial export.
     """
     from memoryformer.hf.export import export_hf, hf_unsupported
 
@@ -78,8 +102,12 @@ def export_model(
             RuntimeWarning,
             stacklevel=2,
         )
-        return _export_native(model, Path(out_dir), tokenizer_path)
-    return export_hf(model, out_dir, tokenizer_path=tokenizer_path, eos_token=eos_token)
+    with atomic_directory(Path(out_dir)) as tmp:
+        if reason is None:
+            export_hf(model, tmp, tokenizer_path=tokenizer_path, eos_token=eos_token)
+        else:
+            _export_native(model, tmp, tokenizer_path)
+    return Path(out_dir)
 
 
 def _export_native(model: torch.nn.Module, out: Path, tokenizer_path: str | None) -> Path:
@@ -87,6 +115,7 @@ def _export_native(model: torch.nn.Module, out: Path, tokenizer_path: str | None
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared or non-contiguous storage; our weights are untied, so a clone is exact.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     tokenizer_name = None
@@ -99,8 +128,13 @@ def _export_native(model: torch.nn.Module, out: Path, tokenizer_path: str | None
 
 
 # ------------------------------------------------------------------------------------------------- load
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Any, str | None]:
-    """`(LanguageModel in eval mode, tokenizer path or None)` from an exported dir, .ckpt or DeepSpeed dir."""
+def load_model(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", *, trust_checkpoint: bool = False
+) -> tuple[Any, str | None]:
+    """`(LanguageModel in eval mode, tokenizer path or None)` from an exported dir, .ckpt or DeepSpeed dir.
+
+    `.ckpt` files and DeepSpeed directories are read without unpickling code unless `trust_checkpoint`.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(
@@ -110,9 +144,10 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if p.is_dir() and (p / CONFIG_FILE).is_file():
         model_cfg, state, tokenizer = _read_exported(p)
     elif p.is_dir() and _is_deepspeed_dir(p):
-        model_cfg, state, tokenizer = _read_lightning(_consolidate_deepspeed(p), p)
+        model_cfg, state, tokenizer = _read_lightning(_consolidate_deepspeed(p, trust_checkpoint), p)
     elif p.is_file():
-        model_cfg, state, tokenizer = _read_lightning(_torch_load(p, map_location), p)
+        ckpt = safe_torch_load(p, map_location, trust_checkpoint=trust_checkpoint)
+        model_cfg, state, tokenizer = _read_lightning(ckpt, p)
     else:
         raise CheckpointError(
             f"{p} is neither an exported model directory (no {CONFIG_FILE}), a DeepSpeed checkpoint "
@@ -233,13 +268,19 @@ def _plain(raw: Mapping) -> dict[str, Any]:
     return dict(raw)
 
 
-def _build_and_fill(config: ModelConfig, state: dict[str, torch.Tensor], src: Path):
+def weights_mismatch(config: ModelConfig, state: Mapping[str, Any]) -> str | None:
+    """Why the tensors in `state` (our model keys) do not fit `LanguageModel(config)`, or None when they do.
+
+    The model is built on the meta device, so the check costs no memory even for MF-base's tables.
+    """
     from memoryformer.models import LanguageModel
 
-    # Build on the meta device: a mismatch is reported before any memory is spent on MF-base's tables.
     with torch.device("meta"):
         model = LanguageModel(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return _mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, state)
+
+
+def _mismatch(expected: dict[str, tuple], state: Mapping[str, Any]) -> str | None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [
@@ -247,16 +288,27 @@ def _build_and_fill(config: ModelConfig, state: dict[str, torch.Tensor], src: Pa
         for k in sorted(set(expected) & set(state))
         if tuple(state[k].shape) != expected[k]
     ]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"shapes differ for {len(wrong)} tensor(s), e.g. {wrong[0]} (checkpoint vs config)")
-        if missing:
-            parts.append(f"{len(missing)} weight(s) missing, e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[0]}")
+    parts = []
+    if wrong:
+        parts.append(f"shapes differ for {len(wrong)} tensor(s), e.g. {wrong[0]} (checkpoint vs config)")
+    if missing:
+        parts.append(f"{len(missing)} weight(s) missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[0]}")
+    return "; ".join(parts) or None
+
+
+def _build_and_fill(config: ModelConfig, state: dict[str, torch.Tensor], src: Path):
+    from memoryformer.models import LanguageModel
+
+    # Build on the meta device: a mismatch is reported before any memory is spent on MF-base's tables.
+    with torch.device("meta"):
+        model = LanguageModel(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problem = _mismatch(expected, state)
+    if problem:
         raise CheckpointError(
-            f"the weights in {src} do not match its model config ({config.name}): {'; '.join(parts)}; "
+            f"the weights in {src} do not match its model config ({config.name}): {problem}; "
             f"load it with the config it was trained with."
         )
     if any(name not in expected for name, _ in model.named_buffers()):
@@ -267,15 +319,48 @@ def _build_and_fill(config: ModelConfig, state: dict[str, torch.Tensor], src: Pa
     return model
 
 
-def _torch_load(path: Path, map_location: str | torch.device) -> Any:
+def safe_torch_load(
+    path: str | os.PathLike,
+    map_location: str | torch.device | None = "cpu",
+    *,
+    trust_checkpoint: bool = False,
+    mmap: bool = False,
+) -> Any:
+    """`torch.load(path)` that runs no code from the file unless `trust_checkpoint` (the user's opt-in).
+
+    Only tensors, plain containers and `SAFE_GLOBALS` are accepted; anything else raises
+    `UnsafeCheckpointError` naming the file, the offending global and `trust_checkpoint=true`. A file that is
+    not a readable checkpoint (torn, truncated, not a zip) raises `CheckpointError`.
+    """
+    p = Path(path)
     try:
-        # weights_only=False: Lightning checkpoints pickle hyper-parameters (e.g. OmegaConf nodes); the user
-        # chose this local file, as with Lightning's own `load_from_checkpoint`.
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        if trust_checkpoint:
+            return torch.load(p, map_location=map_location, weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise UnsafeCheckpointError(
+                f"{p} needs the global {found.group(1)} to be unpickled, which can run arbitrary code; "
+                f"load it only if you trust its source, by passing {TRUST_HINT}."
+            ) from err
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+        detail = found.group(1).strip() if found else "UnpicklingError"
         raise CheckpointError(
-            f"{path} could not be read as a PyTorch checkpoint ({type(err).__name__}: {err})."
+            f"{p} could not be read as a PyTorch checkpoint without unpickling code ({detail}); it is "
+            f"corrupt or not a checkpoint, or an old-format file that loads with {TRUST_HINT} if you trust "
+            f"its source."
         ) from err
+    except Exception as err:  # noqa: BLE001 - any other read failure means the same thing to the user
+        raise CheckpointError(
+            f"{p} could not be read as a PyTorch checkpoint ({type(err).__name__}: {_first_line(err)}); "
+            f"it is truncated, corrupt or not a checkpoint, so pass another one."
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
 
 
 # -------------------------------------------------------------------------------------------- deepspeed
@@ -283,8 +368,15 @@ def _is_deepspeed_dir(d: Path) -> bool:
     return (d / "latest").is_file() or any(d.glob("*/mp_rank_00_model_states.pt"))
 
 
-def _consolidate_deepspeed(d: Path) -> dict[str, Any]:
-    """The Lightning checkpoint dict (fp32 `state_dict` plus client state) of a ZeRO checkpoint directory."""
+def _consolidate_deepspeed(d: Path, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """The Lightning checkpoint dict (fp32 `state_dict` plus client state) of a ZeRO checkpoint directory.
+
+    DeepSpeed's consolidation unpickles its files without restriction, so every `.pt` file of the directory
+    is first read with `safe_torch_load`: unless `trust_checkpoint`, a file that would run code is refused
+    before DeepSpeed opens it.
+    """
+    if not trust_checkpoint:
+        check_deepspeed_dir(d)
     try:
         import deepspeed  # noqa: F401
     except ImportError as err:
@@ -297,4 +389,29 @@ def _consolidate_deepspeed(d: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "consolidated.ckpt"
         convert_zero_checkpoint_to_fp32_state_dict(str(d), str(out))
+        # written just now by DeepSpeed from files that passed the check above
         return torch.load(out, map_location="cpu", weights_only=False)
+
+
+def deepspeed_safe_globals() -> list[Any]:
+    """Value classes DeepSpeed pickles into its checkpoints (stage enum, loss scalers), when installed."""
+    found: list[Any] = []
+    for module, names in (
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),  # a (numel, start) dataclass
+    ):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except Exception:  # noqa: BLE001 - deepspeed absent or its layout changed: allow nothing extra
+            continue
+        found.extend(getattr(mod, n) for n in names if hasattr(mod, n))
+    return found
+
+
+def check_deepspeed_dir(d: Path) -> None:
+    """Raise `UnsafeCheckpointError` when a `.pt` file under DeepSpeed directory `d` would unpickle code."""
+    extra = deepspeed_safe_globals()
+    for f in sorted(d.rglob("*.pt")):
+        with torch.serialization.safe_globals(extra):
+            safe_torch_load(f, "cpu", mmap=True)

@@ -23,11 +23,12 @@ EXIT_USER_ERROR = 2
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Our exception classes whose message is already one sentence naming the value and the fix."""
+    from memoryformer.atomic_io import AtomicWriteError
     from memoryformer.checkpoint import CheckpointError
     from memoryformer.config import ConfigError
     from memoryformer.data.indexed import DataError
 
-    return (ConfigError, DataError, CheckpointError)
+    return (ConfigError, DataError, CheckpointError, AtomicWriteError)
 
 
 def one_line(err: BaseException) -> str:

@@ -65,7 +65,8 @@ class TrainConfig:
     validate_at_start: bool = False  # log val/loss of the untrained model at step 0 (fresh runs only)
     ckpt_every_n_steps: int | None = None  # optimizer steps between checkpoints (None: only last)
     keep_last_k: int = 3  # step checkpoints kept (last.ckpt is kept in addition)
-    ckpt_path: str | None = None  # resume from: a .ckpt path, "last" (newest last.ckpt of this name) or null
+    ckpt_path: str | None = None  # resume from: a .ckpt path, "last"/"auto" (newest loadable one) or null
+    trust_checkpoint: bool = False  # unpickle checkpoint files fully (can run code): only for trusted files
     activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
     activation_checkpointing_every: int = 1  # with activation_checkpointing: every n-th block (1 = all)
     compile: bool = False  # torch.compile the model for training

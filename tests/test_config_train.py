@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from memoryformer.config import ConfigError
 from memoryformer.schema import register_configs
-from memoryformer.training.run import check_config, resolve_ckpt_path, trainer_kwargs
+from memoryformer.training.run import check_config, trainer_kwargs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
@@ -143,22 +143,6 @@ def test_wandb_online_without_api_key_is_refused(monkeypatch: pytest.MonkeyPatch
 def test_missing_resume_checkpoint_is_refused() -> None:
     with pytest.raises(ConfigError, match="ckpt_path='/no/such.ckpt' does not exist"):
         check_config(_compose("ckpt_path=/no/such.ckpt"))
-
-
-def test_ckpt_last_finds_the_newest_run(tmp_path: Path) -> None:
-    import os
-    import time
-
-    old = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    new = tmp_path / "b" / "checkpoints" / "last.ckpt"
-    for p in (old, new):
-        p.parent.mkdir(parents=True)
-        p.write_bytes(b"x")
-    os.utime(old, (time.time() - 100, time.time() - 100))
-    assert resolve_ckpt_path("last", str(tmp_path)) == str(new)
-    assert resolve_ckpt_path("last", str(tmp_path), current_dir=str(tmp_path / "b")) == str(old)
-    assert resolve_ckpt_path("last", str(tmp_path / "none")) is None
-    assert resolve_ckpt_path("x.ckpt", str(tmp_path)) == "x.ckpt"
 
 
 def test_loggers_compose_together() -> None:

@@ -9,6 +9,7 @@ import csv
 import glob
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, monke
 
 @pytest.mark.slow
 def test_wandb_offline_writes_the_logged_keys(tmp_path: Path, monkeypatch) -> None:
-    pytest.importorskip("wandb")
+    """The offline run file holds the logged keys; it is read only after `wandb.teardown()` has shut the
+    wandb-core service down (which flushes and closes the file), so no background writer races the read."""
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     out = tmp_path / "wb"
@@ -151,6 +154,7 @@ def test_wandb_offline_writes_the_logged_keys(tmp_path: Path, monkeypatch) -> No
             "export_final=false",
         )
     )
+    wandb.teardown()  # joins the service process: the .wandb file is complete and no longer written
     runs = glob.glob(str(out / "wandb" / "offline-run-*"))
     assert len(runs) == 1
     keys = _wandb_keys(Path(runs[0]))
@@ -257,3 +261,84 @@ def test_make_train_recipe_learns(tmp_path: Path) -> None:
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         value = trained[f"{metric},none"]
         assert math.isfinite(value) and value < untrained[f"{metric},none"], (metric, value, untrained)
+
+
+# --------------------------------------------------------------------------------------- checkpoint safety
+def _older_lightning_copy(src: Path, dst: Path) -> Path:
+    """`src` with its hyper-parameters stored as an OmegaConf node, as older Lightning runs wrote them: a
+    normal checkpoint that nevertheless needs full unpickling."""
+    from omegaconf import OmegaConf
+
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"] = OmegaConf.create(ckpt["hyper_parameters"])
+    torch.save(ckpt, dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_resume_needs_trust_only_for_checkpoints_that_unpickle_objects(
+    smoke_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from memoryformer.config import ConfigError
+
+    full, _ = smoke_run
+    older = _older_lightning_copy(full / "checkpoints" / "step-00000004.ckpt", tmp_path / "older.ckpt")
+    refused = rf"ckpt_path: {re.escape(str(older))} needs the global omegaconf.*trust_checkpoint=true"
+    with pytest.raises(ConfigError, match=refused):
+        train(_cfg(tmp_path / "refused", f"ckpt_path={older}"))
+    assert not (tmp_path / "refused" / "checkpoints" / "last.ckpt").exists()
+    summary = train(
+        _cfg(tmp_path / "trusted", f"ckpt_path={older}", "trust_checkpoint=true", "trainer.max_steps=5",
+             "export_final=false")
+    )
+    assert summary["step"] == 5
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_shape_or_vocab_is_refused_before_training(
+    smoke_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from memoryformer.config import ConfigError
+
+    full, _ = smoke_run
+    last = full / "checkpoints" / "last.ckpt"
+    for name, override, expected in (
+        ("shape", "model.n_layer=2", "model.n_layer=1 there vs 2 here"),
+        ("vocab", "model.vocab_size=5000", "model.vocab_size=4096 there vs 5000 here"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            train(_cfg(tmp_path / name, f"ckpt_path={last}", override))
+        msg = str(err.value)
+        assert str(last) in msg and expected in msg and "\n" not in msg, msg
+        assert not (tmp_path / name / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from memoryformer.atomic_io import AtomicWriteError
+
+    save, calls = torch.save, {"n": 0}
+
+    def fills_up(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "global_step" in obj:
+            calls["n"] += 1
+            if calls["n"] == 3:  # step-4 and last.ckpt at step 4 succeed; the step-8 save hits a full disk
+                f.write(b"PK\x03\x04 partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    out = tmp_path / "full"
+    with pytest.raises(AtomicWriteError) as err:
+        train(_cfg(out, "export_final=false"))
+    monkeypatch.undo()
+    msg = str(err.value)
+    assert msg.startswith(f"the disk holding {out / 'checkpoints'} ran out of space") and "\n" not in msg
+    assert "free space there or point paths.output_dir at a larger disk" in msg
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["config.yaml", "last.ckpt", "step-00000004.ckpt"], names
+    from memoryformer.checkpoint import safe_torch_load
+
+    assert safe_torch_load(out / "checkpoints" / "last.ckpt")["global_step"] == 4

@@ -99,3 +99,34 @@ def test_ddp_two_cpu_processes_agree_on_the_weights(tmp_path: Path) -> None:
     # and training changed the weights: the step-3 checkpoint differs from a fresh seeded model's
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3
+
+
+HOSTILE = """
+import sys, torch
+class Payload:
+    def __reduce__(self):
+        return (open, (sys.argv[2], "w"))
+ckpt = {"state_dict": {}, "global_step": 1, "hyper_parameters": {"model": "nano"}, "x": Payload()}
+torch.save(ckpt, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_hostile_checkpoint_runs_no_code_in_evaluate_or_train(tmp_path: Path) -> None:
+    """A .ckpt whose unpickling creates a file: both entry points refuse it with one sentence naming the
+    file and `trust_checkpoint=true`, exit non-zero without a traceback, and the file is never created."""
+    evil, marker = tmp_path / "evil.ckpt", tmp_path / "pwned"
+    subprocess.run([sys.executable, "-c", HOSTILE, str(evil), str(marker)], check=True, cwd=ROOT)
+    assert not marker.exists()
+    runs = {
+        "evaluate": [sys.executable, str(ROOT / "evaluate.py"), f"checkpoint={evil}",
+                     f"hydra.run.dir={tmp_path / 'eval'}"],
+        "train": _train_cmd(tmp_path / "train", f"ckpt_path={evil}"),
+    }
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0, (name, proc.stdout[-2000:])
+        assert "Traceback" not in proc.stderr, (name, proc.stderr[-3000:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert str(evil) in last and "trust_checkpoint=true" in last, (name, last)
+        assert not marker.exists(), name

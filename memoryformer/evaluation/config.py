@@ -85,6 +85,7 @@ class EvaluateConfig:
     model_path: str | None = None
     tokenizer: str | None = None  # overrides the tokenizer stored with the checkpoint
     label: str | None = None  # row name in results.md and the report; default: the model's config name
+    trust_checkpoint: bool = False  # unpickle the checkpoint fully (can run code): only for trusted files
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self) -> None:

@@ -53,6 +53,11 @@ def load_tokenizer(source: Any):
         ) from err
 
 
+def _as_bool(value: Any) -> bool:
+    # lm-eval's --model_args may hand over "true"/"false" strings
+    return value.strip().lower() in ("1", "true", "yes") if isinstance(value, str) else bool(value)
+
+
 @register_model("memoryformer")
 class MemoryFormerLM(TemplateLM):
     """lm-eval `LM` over a `memoryformer.models.LanguageModel` and a `tokenizers` tokenizer.
@@ -66,6 +71,7 @@ class MemoryFormerLM(TemplateLM):
         max_length: context used for scoring (default and maximum: the model's `block_size`).
         max_gen_toks: default generation budget when a task does not set one.
         eot_token: the end-of-text token, used as the context of an empty prompt and as a stop token.
+        trust_checkpoint: unpickle the checkpoint fully (can run code from the file); only for trusted files.
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class MemoryFormerLM(TemplateLM):
         max_gen_toks: int = 256,
         eot_token: str = EOT_TOKEN,
         max_batch_size: int | None = None,  # noqa: ARG002 - lm-eval's CLI always passes it; auto batching is off
+        trust_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if (checkpoint is None) == (model is None):
@@ -103,7 +110,7 @@ class MemoryFormerLM(TemplateLM):
         if checkpoint is not None:
             from memoryformer.checkpoint import load_model
 
-            model, stored_tokenizer = load_model(checkpoint)
+            model, stored_tokenizer = load_model(checkpoint, trust_checkpoint=_as_bool(trust_checkpoint))
             tokenizer = tokenizer if tokenizer is not None else stored_tokenizer
         self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
         self._device = torch.device(device)

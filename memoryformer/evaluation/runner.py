@@ -92,6 +92,7 @@ def build_lm(cfg: EvaluateConfig) -> tuple[Any, dict[str, Any]]:
 
     lm = MemoryFormerLM(
         checkpoint=cfg.checkpoint,
+        trust_checkpoint=cfg.trust_checkpoint,
         tokenizer=cfg.tokenizer,
         batch_size=s.batch_size,
         device=s.device,

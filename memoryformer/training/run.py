@@ -7,7 +7,6 @@ naming the key and the fix, before anything is built.
 
 from __future__ import annotations
 
-import glob
 import math
 import netrc
 import os
@@ -22,11 +21,15 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from memoryformer.atomic_io import atomic_write_text
 from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.data.config import DataConfig
 from memoryformer.schema import OptimConfig
 from memoryformer.training.callbacks import ThroughputMonitor
+from memoryformer.training.checkpoint_io import SafeCheckpointIO
 from memoryformer.training.module import LMTrainingModule
+from memoryformer.training.resume import SEARCH_VALUES, resolve_ckpt_path
+from memoryformer.training.run_lock import is_launching_process, run_lock
 from memoryformer.training.strategy import build_strategy
 
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
@@ -142,9 +145,10 @@ def check_config(cfg: DictConfig) -> RunPlan:
     check_precision(trainer_cfg)
     check_loggers(_plain(cfg.logger))
     ckpt = cfg.ckpt_path
-    if ckpt not in (None, "last") and not os.path.exists(str(ckpt)):
+    if ckpt is not None and ckpt not in SEARCH_VALUES and not os.path.exists(str(ckpt)):
         raise ConfigError(
-            f"ckpt_path={ckpt!r} does not exist; give a .ckpt file, ckpt_path=last or leave it null."
+            f"ckpt_path={ckpt!r} does not exist; give a .ckpt file, ckpt_path=last, ckpt_path=auto or "
+            f"leave it null."
         )
     return RunPlan(model, data, optim, world, accumulate, gbs // per_step, max_steps, tokens_per_step)
 
@@ -195,22 +199,6 @@ def optim_for_precision(optim: dict[str, Any], trainer_cfg: dict[str, Any]) -> d
     return optim
 
 
-def resolve_ckpt_path(ckpt_path: str | None, runs_root: str, current_dir: str | None = None) -> str | None:
-    """`"last"` -> the newest `last.ckpt` under `runs_root/*/checkpoints/` (None when there is none).
-
-    Hydra gives every run its own folder, so Lightning's own `"last"` (which only looks in the current
-    run's checkpoint folder) would never find the interrupted run; any other value is returned unchanged.
-    """
-    if ckpt_path != "last":
-        return ckpt_path
-    found = [
-        p
-        for p in glob.glob(os.path.join(runs_root, "**", "checkpoints", "last.ckpt"), recursive=True)
-        if current_dir is None or not Path(p).resolve().is_relative_to(Path(current_dir).resolve())
-    ]
-    return max(found, key=os.path.getmtime) if found else None
-
-
 def trainer_kwargs(cfg: DictConfig, plan: RunPlan) -> dict[str, Any]:
     """Keyword arguments of `L.Trainer` from `cfg.trainer` plus what the run-level keys imply."""
     kwargs = dict(_plain(cfg.trainer))
@@ -222,7 +210,18 @@ def trainer_kwargs(cfg: DictConfig, plan: RunPlan) -> dict[str, Any]:
         kwargs["val_check_interval"] = int(cfg.val_every_n_steps) * plan.accumulate
         kwargs["check_val_every_n_epoch"] = None
     kwargs.setdefault("default_root_dir", cfg.paths.output_dir)
+    if not _is_deepspeed_spec(kwargs["strategy"]):
+        # every .ckpt is written atomically and read back without unpickling code (see checkpoint_io)
+        plugins = kwargs.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        kwargs["plugins"] = [*plugins, SafeCheckpointIO(trust_checkpoint=bool(cfg.trust_checkpoint))]
     return kwargs
+
+
+def _is_deepspeed_spec(strategy: Any) -> bool:
+    # DeepSpeed's engine writes its checkpoint directories itself; a CheckpointIO would not be used for them
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    return "deepspeed" in name.lower()
 
 
 def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[L.Callback]:
@@ -285,19 +284,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.validate_only:
         return summary
+    with run_lock(output_dir, enabled=is_launching_process()):
+        _fit(cfg, plan, trainer, module, datamodule, summary)
+    return summary
+
+
+def _fit(cfg: DictConfig, plan: RunPlan, trainer: L.Trainer, module, datamodule, summary: dict) -> None:
+    """Save the config, pick the checkpoint to resume from, fit, and fill `summary` (run lock held)."""
+    output_dir, ckpt_dir = Path(cfg.paths.output_dir), Path(cfg.paths.ckpt_dir)
+    trust = bool(cfg.trust_checkpoint)
     if trainer.is_global_zero:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, ckpt_dir / "config.yaml", resolve=True)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_root, str(output_dir))
-    if cfg.ckpt_path == "last" and ckpt_path is None:
-        rank_zero_info(f"ckpt_path=last: no last.ckpt under {cfg.paths.runs_root}; starting from scratch.")
-    elif ckpt_path:
+        atomic_write_text(ckpt_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_root, str(output_dir), plan.model, trust)
+    if ckpt_path:
         rank_zero_info(f"Resuming from {ckpt_path}")
     try:
         if cfg.validate_at_start and ckpt_path is None:
             (initial,) = trainer.validate(module, datamodule=datamodule, verbose=False)
             summary["initial_val_loss"] = initial.get("val/loss")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
     finally:
         _finish_wandb(trainer)
 
