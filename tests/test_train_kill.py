@@ -62,6 +62,17 @@ def _child(cfg, log: Path, started: Path) -> None:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
+        # Python-level streams and logging handlers created before the fork still point at pytest's
+        # capture files, not at fds 1 and 2: send them to the log too, or its lines depend on test order
+        stream = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives until os._exit
+        sys.stdout = sys.stderr = stream
+        import logging
+
+        loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for logger in loggers:
+            for handler in getattr(logger, "handlers", []):
+                if type(handler) is logging.StreamHandler:
+                    handler.setStream(stream)
         import faulthandler
 
         faulthandler.dump_traceback_later(120, exit=True)  # a hang shows up in the log, not as a stuck test
