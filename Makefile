@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-fast lint format bench throughput gpu-check eval generate export flops docker-build docker-resolve clean
+.PHONY: help setup train test test-fast lint format bench reproduce-cpu throughput gpu-check eval generate export flops docker-build docker-resolve clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ format: $(STAMP) ## ruff format + autofix
 
 bench: $(STAMP) ## benchmarks -> docs/benchmarks.md
 	$(PY) benchmarks/run.py
+
+reproduce-cpu: $(STAMP) ## the paper's six tables at CPU scale (about an hour; TABLES=1,4 for a subset) -> docs/reproduction.*
+	$(PY) -m reproduction $(if $(TABLES),--tables $(TABLES))
 
 throughput: $(STAMP) ## training tokens/s of the paper rows on this device -> docs/throughput.json + README
 	$(PY) benchmarks/bench_throughput.py --record

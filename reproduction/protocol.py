@@ -1,0 +1,324 @@
+"""What `make reproduce-cpu` trains: the scale, the models, and the runs each of the paper's six tables needs.
+
+A *run* is one `train.py` command (its argv) and is trained once; a *table row* names the runs (one per seed)
+that fill it, so a run shared by several tables (the MemoryFormer at lr 3e-3 is Table 1's protocol row, Table
+3's tau = 8 row, Table 4's 3e-3 row and Table 5's 2-bit row) costs its steps once.
+
+Table 1 has rows whose learning rate is chosen from other runs (each model at the best lr of its sweep): those
+rows are `Pending` until their sweep has finished, then `resolve()` turns them into runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+TABLES = ("1", "2", "3", "4", "5", "6")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Training length and shapes shared by every run (the paper's MF-tiny protocol, scaled to a CPU).
+
+    Every run trains `steps` optimizer steps of `batch` sequences of `seq_len` tokens on the bundled corpus,
+    validates every `val_every` steps on `val_samples` held-out sequences, and keeps the optimizer recipe of
+    `conf/optim/adamw.yaml` (AdamW, cosine over the run, warmup `warmup_ratio`).
+    """
+
+    steps: int = 200
+    seq_len: int = 128
+    batch: int = 8
+    val_every: int = 50
+    val_samples: int = 128
+    warmup_ratio: float = 0.03
+    seeds_table1: tuple[int, ...] = (0, 1, 2)
+    seeds_ablation: tuple[int, ...] = (0, 1)
+    # Table 1 (b): each model's own lr sweep; the dense models also get the paper's protocol lr (1e-3)
+    lrs_mf: tuple[float, ...] = (1e-3, 2e-3, 3e-3, 4e-3, 1e-2)  # contains Table 4's grid
+    lrs_dense: tuple[float, ...] = (1e-3, 2e-3, 3e-3, 4e-3, 1e-2)  # the same grid: no edge for either
+    lrs_dense_wide: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    lr_dense_protocol: float = 1e-3  # Pythia-70M's lr, the paper's Table 4 baseline
+    lr_mf_ratio: float = 3.0  # the paper: MemoryFormer lr = 3 x the matching Pythia lr
+    lrs_table4: tuple[float, ...] = (1e-3, 2e-3, 3e-3, 4e-3)  # the paper's Table 4 grid
+    # The dense model with about the MemoryFormer's parameter count (Table 1's equal-parameter row)
+    wide_n_embd: int = 384
+    wide_n_layer: int = 4
+    wide_n_head: int = 6
+    # model=nano shrunk for tests; empty for the real protocol
+    model_overrides: tuple[str, ...] = ()
+
+    @property
+    def tokens(self) -> int:
+        """Training tokens of every run."""
+        return self.steps * self.batch * self.seq_len
+
+    @property
+    def lr_mf_protocol(self) -> float:
+        return self.lr_dense_protocol * self.lr_mf_ratio
+
+    def describe(self) -> dict:
+        """The scale as plain values (written into docs/reproduction.json)."""
+        return {**dataclasses.asdict(self), "tokens_per_run": self.tokens}
+
+
+#: A 2-step protocol on a 1-layer nano model: the driver's tests, not a measurement.
+SMOKE = Scale(
+    steps=2,
+    seq_len=16,
+    batch=2,
+    val_every=2,
+    val_samples=4,
+    seeds_table1=(0, 1, 2),
+    seeds_ablation=(0, 1),
+    lrs_mf=(3e-3,),
+    lrs_dense=(1e-3,),
+    lrs_dense_wide=(1e-3,),
+    lrs_table4=(1e-3, 3e-3),
+    wide_n_embd=64,
+    wide_n_layer=1,
+    wide_n_head=2,
+    model_overrides=("model.n_layer=1", "model.block_size=64"),
+)
+
+SCALES = {"cpu": Scale(), "smoke": SMOKE}
+
+
+# --------------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class Run:
+    """One `train.py` command: `python train.py <argv>` trains it. `key` names its folder."""
+
+    key: str
+    model: str  # mf | dense | dense_wide: the Table 1 model it is a variant of
+    lr: float
+    seed: int
+    argv: tuple[str, ...]
+    memoryformer: bool
+
+
+def _lr_tag(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def _model_args(model: str, scale: Scale) -> list[str]:
+    """train.py arguments of the three Table 1 models; Tables 2-6 vary them with extra overrides."""
+    args = ["model=nano", *scale.model_overrides]
+    if model == "dense":  # the MemoryFormer's twin: same width, depth, heads; 4x GELU MLP, Linear QKV
+        args.append("model.block=pythia")
+    elif model == "dense_wide":
+        args += [
+            "model.block=pythia",
+            f"model.n_embd={scale.wide_n_embd}",
+            f"model.n_layer={scale.wide_n_layer}",
+            f"model.n_head={scale.wide_n_head}",
+        ]
+    elif model != "mf":
+        raise ValueError(f"unknown model {model!r}; use mf, dense or dense_wide.")
+    return args
+
+
+def make_run(model: str, lr: float, seed: int, scale: Scale, variant: dict[str, str] | None = None) -> Run:
+    """The run of `model` at `lr` and `seed`, with `variant` overrides (e.g. {"model.expand_bits": "0"})."""
+    variant = dict(variant or {})
+    tag = "".join(f"-{k.split('.')[-1]}{v}" for k, v in sorted(variant.items()))
+    key = f"{model}{tag}-lr{_lr_tag(lr)}-s{seed}"
+    argv = (
+        *_model_args(model, scale),
+        *(f"{k}={v}" for k, v in sorted(variant.items())),
+        "data=sample",
+        f"data.seq_len={scale.seq_len}",
+        f"data.val_samples={scale.val_samples}",
+        f"global_batch_size={scale.batch}",
+        f"trainer.max_steps={scale.steps}",
+        f"val_every_n_steps={scale.val_every}",
+        f"optim.lr={lr:g}",
+        f"optim.warmup_ratio={scale.warmup_ratio:g}",
+        f"seed={seed}",
+        f"name=repro-{key}",
+        "logger=csv",
+        "ckpt_every_n_steps=null",
+        "bucket_stats_every_n_steps=0",
+        "trainer.enable_progress_bar=false",
+        "print_config=false",
+    )
+    return Run(key, model, lr, seed, tuple(argv), memoryformer=model == "mf")
+
+
+# --------------------------------------------------------------------------- table rows
+@dataclass
+class Row:
+    """One row of a table: its label, the swept setting's value (for plots) and its runs (one per seed)."""
+
+    table: str
+    label: str
+    runs: list[Run]
+    setting: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Pending:
+    """A Table 1 row at `model`'s best lr, known once every run of `sweep` has a result."""
+
+    table: str
+    label: str
+    model: str
+    sweep: list[Run]
+    seeds: tuple[int, ...]
+    note: str = ""
+
+    def resolve(self, val_loss: Callable[[Run], float], scale: Scale) -> Row:
+        """The row at the sweep's lowest mean final validation loss (seed 0 of every lr)."""
+        best = min(self.sweep, key=val_loss)
+        runs = [make_run(self.model, best.lr, s, scale) for s in self.seeds]
+        return Row(self.table, f"{self.label} (best lr {best.lr:g})", runs, best.lr, self.note)
+
+
+@dataclass
+class Plan:
+    """Every row of the selected tables, and the sweeps that only feed lr choices."""
+
+    rows: list[Row] = field(default_factory=list)
+    pending: list[Pending] = field(default_factory=list)
+    sweeps: dict[str, list[Run]] = field(default_factory=dict)
+
+    def runs(self) -> list[Run]:
+        """Every run needed before `pending` can resolve, without duplicates, in plan order."""
+        out: dict[str, Run] = {}
+        for run in [r for rows in self.sweeps.values() for r in rows] + [
+            r for row in self.rows for r in row.runs
+        ]:
+            out.setdefault(run.key, run)
+        return list(out.values())
+
+
+def _seeds(model: str, lr: float, seeds: Iterable[int], scale: Scale, variant=None) -> list[Run]:
+    return [make_run(model, lr, s, scale, variant) for s in seeds]
+
+
+def table1(scale: Scale, plan: Plan) -> None:
+    """MemoryFormer vs its dense twin: (a) the paper's lr protocol, (b) each at its best lr, plus a dense
+    model with about the MemoryFormer's parameter count at its best lr (equal parameters, not equal FLOPs)."""
+    s1 = scale.seeds_table1
+    plan.sweeps["mf"] = _seeds_lrs("mf", scale.lrs_mf, scale)
+    plan.sweeps["dense"] = _seeds_lrs("dense", scale.lrs_dense, scale)
+    plan.sweeps["dense_wide"] = _seeds_lrs("dense_wide", scale.lrs_dense_wide, scale)
+    plan.rows += [
+        Row(
+            "1",
+            f"(a) dense twin, lr {scale.lr_dense_protocol:g} (Pythia-70M's)",
+            _seeds("dense", scale.lr_dense_protocol, s1, scale),
+            scale.lr_dense_protocol,
+        ),
+        Row(
+            "1",
+            f"(a) MemoryFormer, lr {scale.lr_mf_protocol:g} (3x, the paper's protocol)",
+            _seeds("mf", scale.lr_mf_protocol, s1, scale),
+            scale.lr_mf_protocol,
+        ),
+    ]
+    plan.pending += [
+        Pending("1", "(b) dense twin", "dense", plan.sweeps["dense"], s1),
+        Pending("1", "(b) MemoryFormer", "mf", plan.sweeps["mf"], s1),
+        Pending(
+            "1", "(c) dense, about the MemoryFormer's parameters", "dense_wide", plan.sweeps["dense_wide"], s1
+        ),
+    ]
+
+
+def _seeds_lrs(model: str, lrs: Iterable[float], scale: Scale) -> list[Run]:
+    """Seed 0 of `model` at every lr of its sweep."""
+    return [make_run(model, lr, 0, scale) for lr in lrs]
+
+
+def table2(scale: Scale, plan: Plan) -> None:
+    """The dense twin with its softmax attention swapped (the paper builds Table 2 on Pythia-410M).
+
+    Linformer compresses blocks of L = seq_len / 8 keys to L / 4 rows, the ratio of `linformer_410m` at
+    sequence 2048 (L = 256, k = 64); Performer and cosFormer keep their defaults.
+    """
+    lr, seeds = scale.lr_dense_protocol, scale.seeds_ablation
+    block = max(scale.seq_len // 8, 2)
+    variants = {
+        "softmax": {},
+        "Linformer": {
+            "model.attention": "linformer",
+            "model.linformer_block": str(block),
+            "model.linformer_k": str(max(block // 4, 1)),
+        },
+        "cosFormer": {"model.attention": "cosformer"},
+        "Performer": {"model.attention": "performer"},
+    }
+    for label, variant in variants.items():
+        plan.rows.append(Row("2", label, _seeds("dense", lr, seeds, scale, variant)))
+
+
+def table3(scale: Scale, plan: Plan) -> None:
+    """tau / K at equal width (n_embd = 128): tau = 4, 8, 10 with K = 32, 16, 12 (tau 10 hashes 120 dims,
+    as the paper's d = 510 row hashes 510 of 512)."""
+    lr, seeds = scale.lr_mf_protocol, scale.seeds_ablation
+    width = 128  # model=nano's n_embd
+    for tau in (4, 8, 10):
+        k = width // tau
+        variant = {} if tau == 8 else {"model.code_length": str(tau), "model.num_tables": str(k)}
+        if k * tau != width:
+            variant["model.hashed_width"] = str(k * tau)
+        plan.rows.append(
+            Row("3", f"tau={tau}, K={k}, d={k * tau}", _seeds("mf", lr, seeds, scale, variant), tau)
+        )
+
+
+def table4(scale: Scale, plan: Plan) -> None:
+    """The MemoryFormer's lr sweep on the paper's grid."""
+    for lr in scale.lrs_table4:
+        plan.rows.append(Row("4", f"lr {lr:g}", _seeds("mf", lr, scale.seeds_ablation, scale), lr))
+
+
+def table5(scale: Scale, plan: Plan) -> None:
+    """Expanding bits of the Memory Block's second layer: 0-3 (2 is the default and the paper's choice)."""
+    for bits in (0, 1, 2, 3):
+        variant = {} if bits == 2 else {"model.expand_bits": str(bits)}
+        plan.rows.append(
+            Row(
+                "5",
+                f"{bits} bits (tau'={8 + bits})",
+                _seeds("mf", scale.lr_mf_protocol, scale.seeds_ablation, scale, variant),
+                bits,
+            )
+        )
+
+
+def table6(scale: Scale, plan: Plan) -> None:
+    """A GELU between the two Memory Block layers, or none (the paper's MemoryFormer)."""
+    for label, act in (("MemoryFormer", "none"), ("MemoryFormer + GeLU", "gelu")):
+        variant = {} if act == "none" else {"model.memory_block_activation": act}
+        plan.rows.append(
+            Row("6", label, _seeds("mf", scale.lr_mf_protocol, scale.seeds_ablation, scale, variant))
+        )
+
+
+BUILDERS = {"1": table1, "2": table2, "3": table3, "4": table4, "5": table5, "6": table6}
+
+
+def build_plan(tables: Iterable[str], scale: Scale) -> Plan:
+    """The rows of `tables` (a subset of "1".."6") at `scale`."""
+    plan = Plan()
+    for t in tables:
+        if t not in BUILDERS:
+            raise ValueError(f"unknown table {t!r}; choose among {', '.join(TABLES)} (e.g. TABLES=1,4).")
+        BUILDERS[t](scale, plan)
+    return plan
+
+
+def parse_tables(spec: str | None) -> list[str]:
+    """`"1,4"` -> ["1", "4"]; empty or None -> all six tables."""
+    if not spec:
+        return list(TABLES)
+    tables = [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in tables if t not in TABLES]
+    if bad:
+        raise ValueError(
+            f"TABLES={spec} names unknown table(s) {', '.join(bad)}; use numbers 1-6, e.g. TABLES=1,4."
+        )
+    return sorted(set(tables), key=TABLES.index)

@@ -1,0 +1,445 @@
+"""Writes what `make reproduce-cpu` measured: docs/reproduction.json, docs/reproduction.md and the figures.
+
+Each table's section holds the paper's rows, the trend the paper claims, our rows (mean and spread over
+seeds) and a verdict computed from the numbers: a difference counts only when it exceeds twice its standard
+error over seeds; otherwise it is "within the seed spread".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reproduction.protocol import Row, Scale
+
+TITLES = {
+    "1": "Table 1: MemoryFormer against a dense transformer",
+    "2": "Table 2: efficient attentions on the dense model",
+    "3": "Table 3: tau / K at equal width",
+    "4": "Table 4: learning rate",
+    "5": "Table 5: expanding bits in the Memory Block",
+    "6": "Table 6: a GeLU in the Memory Block",
+}
+CLAIMS = {
+    "1": "MF-tiny beats Pythia-70M (zero-shot avg 0.404 vs 0.375) with 16x fewer block FLOPs without "
+    "attention, trained at 3x Pythia's lr.",
+    "2": "Linformer, cosFormer and Performer lose accuracy against softmax attention (avg 0.398 / 0.405 / "
+    "0.418 vs 0.435 on Pythia-410M).",
+    "3": "Perplexity falls as tau grows at equal width (19.01 / 18.82 / 18.67 for tau = 4 / 8 / 10).",
+    "4": "lr 3e-3 is best (19.86 / 19.07 / 18.82 / 18.84 for 1e-3 / 2e-3 / 3e-3 / 4e-3).",
+    "5": "Each expanding bit lowers perplexity (19.89 / 19.26 / 18.82 / 18.54 for 0-3 bits).",
+    "6": "A GeLU between the Memory Block's layers adds nothing (avg 0.404 without, 0.402 with).",
+}
+
+
+@dataclass
+class Stat:
+    """Mean, sample standard deviation and count of a row's final validation losses."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        return cls(
+            statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+        )
+
+    def se(self) -> float:
+        return self.std / math.sqrt(self.n) if self.n else math.inf
+
+
+def compare(a: Stat, b: Stat) -> str:
+    """'lower' when a's mean loss is below b's by more than 2 standard errors, 'higher' when above, else
+    'within' (the seed spread)."""
+    se = math.sqrt(a.se() ** 2 + b.se() ** 2)
+    diff = a.mean - b.mean
+    if se == 0.0:  # one seed each: any difference counts, the text says there is one seed
+        return "lower" if diff < 0 else "higher" if diff > 0 else "within"
+    return "lower" if diff < -2 * se else "higher" if diff > 2 * se else "within"
+
+
+def row_stat(row: Row, results: dict[str, dict]) -> Stat:
+    return Stat.of([results[r.key]["val_loss"] for r in row.runs])
+
+
+# --------------------------------------------------------------------------- verdicts
+def _by_label(rows: list[Row], prefix: str) -> Row | None:
+    return next((r for r in rows if r.label.startswith(prefix)), None)
+
+
+def _pair(name_a: str, a: Stat, name_b: str, b: Stat) -> str:
+    word = {"lower": "lower than", "higher": "higher than", "within": "within the seed spread of"}[
+        compare(a, b)
+    ]
+    return f"{name_a} {a.mean:.4f} is {word} {name_b} {b.mean:.4f} (difference {a.mean - b.mean:+.4f})"
+
+
+def verdicts(table: str, rows: list[Row], results: dict[str, dict]) -> list[str]:
+    """Sentences saying whether the paper's trend holds in these rows, computed from the losses."""
+    s = {r.label: row_stat(r, results) for r in rows}
+    out: list[str] = []
+    if table == "1":
+        for tag, what in (("(a)", "paper's lr protocol"), ("(b)", "each at its best lr")):
+            mf, dense = _by_label(rows, f"{tag} MemoryFormer"), _by_label(rows, f"{tag} dense")
+            if mf and dense:
+                c = compare(s[mf.label], s[dense.label])
+                held = {
+                    "lower": "holds",
+                    "within": "is not resolved (within the seed spread)",
+                    "higher": "does not hold",
+                }[c]
+                out.append(
+                    f"{what}: MemoryFormer beats its dense twin: {held}; "
+                    + _pair("MemoryFormer", s[mf.label], "dense", s[dense.label])
+                    + "."
+                )
+        mf, wide = _by_label(rows, "(b) MemoryFormer"), _by_label(rows, "(c)")
+        if mf and wide:
+            out.append(
+                "equal parameters (not a paper claim): "
+                + _pair("MemoryFormer", s[mf.label], "the dense model of its size", s[wide.label])
+                + "."
+            )
+    elif table == "2":
+        soft = _by_label(rows, "softmax")
+        for r in rows:
+            if r is soft or soft is None:
+                continue
+            c = compare(s[r.label], s[soft.label])
+            held = {"higher": "holds", "within": "is not resolved", "lower": "does not hold"}[c]
+            out.append(
+                f"{r.label} loses against softmax: {held}; "
+                + _pair(r.label, s[r.label], "softmax", s[soft.label])
+                + "."
+            )
+    elif table in ("3", "5"):
+        what = "a larger tau" if table == "3" else "one more expanding bit"
+        for lo, hi in zip(rows, rows[1:], strict=False):
+            c = compare(s[hi.label], s[lo.label])
+            held = {"lower": "holds", "within": "is not resolved", "higher": "does not hold"}[c]
+            out.append(
+                f"{what} lowers the loss ({lo.label} -> {hi.label}): {held}; "
+                + _pair(hi.label, s[hi.label], lo.label, s[lo.label])
+                + "."
+            )
+    elif table == "4":
+        best = min(rows, key=lambda r: s[r.label].mean)
+        out.append(f"lowest mean loss at {best.label} (the paper: lr 3e-3).")
+        ref = _by_label(rows, "lr 0.003")
+        for r in rows:
+            if ref and r is not ref:
+                out.append(_pair(r.label, s[r.label], ref.label, s[ref.label]) + ".")
+    elif table == "6" and len(rows) == 2:
+        c = compare(s[rows[1].label], s[rows[0].label])
+        held = {
+            "higher": "holds (GeLU is worse)",
+            "within": "holds (no difference beyond the seed spread)",
+            "lower": "does not hold (GeLU helps)",
+        }[c]
+        out.append(
+            f"GeLU adds nothing: {held}; "
+            + _pair(rows[1].label, s[rows[1].label], rows[0].label, s[rows[0].label])
+            + "."
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- JSON
+def json_rows(rows: list[Row], sweeps: dict[str, list], results: dict[str, dict]) -> list[dict[str, Any]]:
+    """One entry per (table row, seed), then Table 1's lr sweep runs (row label `lr sweep: ...`)."""
+    keep = (
+        "argv",
+        "seed",
+        "steps",
+        "tokens",
+        "val_loss",
+        "val_ppl",
+        "params",
+        "flops_per_token",
+        "train_seconds",
+        "lr",
+    )
+    out = []
+    for row in rows:
+        for run in row.runs:
+            res = results[run.key]
+            entry = {"table": row.table, "row": row.label, "run": run.key, **{k: res[k] for k in keep}}
+            if "heldout" in res:
+                entry["heldout_bits_per_byte"] = res["heldout"]["bits_per_byte"]
+            if "hash" in res:
+                entry["hash_weight_mean"] = res["hash"]["weight_mean"]
+                entry["buckets_used_mean"] = res["hash"]["used_mean"]
+                entry["buckets_used_min"] = res["hash"]["used_min"]
+            out.append(entry)
+    for model, runs in sweeps.items():
+        for run in runs:
+            res = results[run.key]
+            out.append(
+                {
+                    "table": "1",
+                    "row": f"lr sweep: {model} lr {run.lr:g}",
+                    "run": run.key,
+                    **{k: res[k] for k in keep},
+                }
+            )
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    import torch
+
+    cpu = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_json(path: Path, scale: Scale, rows: list[Row], sweeps: dict, results: dict, meta: dict) -> None:
+    doc = {
+        "command": meta["command"],
+        "scale": scale.describe(),
+        "machine": machine(),
+        "wall_minutes": meta.get("wall_minutes"),
+        "rows": json_rows(rows, sweeps, results),
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- Markdown
+def _fmt_row(row: Row, results: dict[str, dict], extra: list[str]) -> str:
+    st = row_stat(row, results)
+    first = results[row.runs[0].key]
+    cells = [
+        row.label,
+        str(st.n),
+        f"{st.mean:.4f} ± {st.std:.4f}",
+        f"{math.exp(st.mean):.2f}",
+        f"{first['params'] / 1e6:.2f}M",
+        f"{first['flops_per_token'] / 1e6:.1f}",
+    ]
+    for key in extra:
+        vals = [results[r.key][key] for r in row.runs if key in results[r.key]]
+        if key == "heldout":
+            cells.append(f"{statistics.fmean(v['bits_per_byte'] for v in vals):.4f}" if vals else "-")
+        elif key == "hash":
+            cells.append(
+                f"{statistics.fmean(v['weight_mean'] for v in vals):.3f} / "
+                f"{statistics.fmean(v['used_mean'] for v in vals):.1%}"
+                if vals
+                else "-"
+            )
+    cells.append(f"{statistics.fmean(results[r.key]['train_seconds'] for r in row.runs):.0f}")
+    return "| " + " | ".join(cells) + " |"
+
+
+def paper_rows(table: str) -> list[str]:
+    """The paper's printed rows of `table`, as Markdown lines."""
+    from memoryformer.evaluation.paper import paper_results
+
+    pr = paper_results()
+    if table in ("1", "2", "6"):
+        lines = ["| Paper row | Avg. zero-shot acc. | FLOPs per block (s = 2048) |", "|---|---|---|"]
+        for r in pr[f"table{table}"]:
+            flops = r.get("flops_total_g")
+            lines.append(f"| {r['label']} | {r['avg']:.3f} | {f'{flops} G' if flops else '-'} |")
+        return lines
+    spec = pr[f"table{table}"]
+    lines = [f"| Paper row ({spec['title']}) | Val. PPL |", "|---|---|"]
+    lines += [f"| {r['label']} | {r['val_ppl']} |" for r in spec["rows"]]
+    return lines
+
+
+def markdown(
+    scale: Scale,
+    rows: list[Row],
+    sweeps: dict,
+    results: dict,
+    meta: dict,
+    figures: dict[str, list[str]],
+    notes: str,
+) -> str:
+    """The whole docs/reproduction.md."""
+    out = [
+        "# CPU-scale reproduction of the paper's six tables",
+        "",
+        f"Produced by `{meta['command']}` ({meta.get('wall_minutes', '?')} min wall on this machine: "
+        f"{machine()['cores']} cores, torch {machine()['torch']}). Every number below comes from "
+        "`docs/reproduction.json`, which the same command wrote; each of its rows carries the exact "
+        "`train.py` arguments that retrain it (`python train.py <argv>`).",
+        "",
+        "## Scale",
+        "",
+        f"Every run: {scale.steps} optimizer steps of {scale.batch} sequences x {scale.seq_len} tokens "
+        f"({scale.tokens:,} tokens, about {scale.tokens / 1.10e6:.2f} epochs of the bundled corpus's 1.10M "
+        f"training tokens), validation every {scale.val_every} steps on {scale.val_samples} held-out "
+        "sequences, AdamW with the paper's betas / weight decay / clipping, cosine decay over the run, "
+        f"{scale.warmup_ratio:.0%} warmup. Final validation loss = the last validation (step {scale.steps}).",
+        "MemoryFormer: `model=nano` (2 blocks, width 128, 4 heads, K = 16 tables of tau = 8 bits, 2 "
+        "expanding bits, vocabulary 4096). Dense twin: the same with `model.block=pythia` (Linear QKV, "
+        f"4x GELU MLP). Equal-parameter dense: width {scale.wide_n_embd}, {scale.wide_n_layer} blocks, "
+        f"{scale.wide_n_head} heads. Seeds: {len(scale.seeds_table1)} for Table 1's rows, "
+        f"{len(scale.seeds_ablation)} for Tables 2-6 (the seed changes the initialisation; the data order is "
+        "fixed). FLOPs per token count forward + backward, one multiply-add = one FLOP (the paper's unit), "
+        "embeddings excluded, LM head included.",
+        "",
+    ]
+    if notes:
+        out += [notes.strip(), ""]
+    for table in sorted({r.table for r in rows}):
+        trs = [r for r in rows if r.table == table]
+        out += table_section(table, trs, sweeps if table == "1" else {}, results, figures.get(table, []))
+    return "\n".join(out) + "\n"
+
+
+def table_section(table: str, rows: list[Row], sweeps: dict, results: dict, figures: list[str]) -> list[str]:
+    """One table's Markdown: the paper's rows and claim, ours, Table 1's lr sweeps, verdicts, figures."""
+    extra = (["heldout"] if table == "1" else []) + ([] if table == "2" else ["hash"])
+    head = ["Our row", "seeds", "final val loss (mean ± sd)", "val PPL", "params", "MFLOPs/token"]
+    head += [{"heldout": "held-out bits/byte", "hash": "hash weight / buckets used"}[k] for k in extra]
+    head.append("seconds per run")
+    out = [
+        f"## {TITLES[table]}",
+        "",
+        "**The paper:** " + CLAIMS[table],
+        "",
+        *paper_rows(table),
+        "",
+        "**Here:**",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    out += [_fmt_row(r, results, extra) for r in rows]
+    if sweeps:
+        out += [
+            "",
+            "Learning-rate sweeps (seed 0) that chose the (b) and (c) rows:",
+            "",
+            "| model | " + " | ".join(["lr", "final val loss"]) + " |",
+            "|---|---|---|",
+        ]
+        for model, runs in sweeps.items():
+            out += [f"| {model} | {r.lr:g} | {results[r.key]['val_loss']:.4f} |" for r in runs]
+    out += ["", "**Verdict** (a difference counts when it exceeds 2 standard errors over seeds):", ""]
+    out += [f"- {v}" for v in verdicts(table, rows, results)]
+    for fig in figures:
+        out += ["", f"![{Path(fig).stem.replace('_', ' ')}]({fig})"]
+    return out + [""]
+
+
+# --------------------------------------------------------------------------- figures
+def plot_table1(rows: list[Row], results: dict, path: Path) -> None:
+    """Validation loss against training tokens for Table 1's rows (mean over seeds, band = min..max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for row in rows:
+        curves = [results[r.key]["val_curve"] for r in row.runs]
+        steps = [s for s, _ in curves[0]]
+        tokens = [s * results[row.runs[0].key]["tokens"] / results[row.runs[0].key]["steps"] for s in steps]
+        per_step = list(zip(*[[v for _, v in c] for c in curves], strict=False))
+        mean = [statistics.fmean(v) for v in per_step]
+        ax.plot(tokens, mean, marker="o", label=row.label)
+        ax.fill_between(tokens, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.2)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Table 1 at CPU scale: validation loss")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweeps(rows: list[Row], results: dict, path: Path) -> None:
+    """Validation perplexity against the swept setting of Tables 3-5 (ours: mean ± sd; the paper's dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memoryformer.evaluation.paper import paper_results
+
+    tables = [t for t in ("3", "4", "5") if any(r.table == t for r in rows)]
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.6), squeeze=False)
+    xlabels = {"3": "tau (K = 128 // tau)", "4": "learning rate", "5": "expanding bits"}
+    for ax, t in zip(axes[0], tables, strict=False):
+        trs = [r for r in rows if r.table == t]
+        xs = [r.setting for r in trs]
+        ppl = [[math.exp(results[run.key]["val_loss"]) for run in r.runs] for r in trs]
+        ax.errorbar(
+            xs,
+            [statistics.fmean(p) for p in ppl],
+            yerr=[statistics.stdev(p) if len(p) > 1 else 0 for p in ppl],
+            marker="o",
+            capsize=3,
+            label="ours (CPU scale)",
+        )
+        ax.set_xlabel(xlabels[t])
+        ax.set_ylabel("val PPL (ours)")
+        if t == "4":
+            ax.set_xscale("log")
+        paper = paper_results()[f"table{t}"]["rows"]
+        twin = ax.twinx()
+        px = [
+            (4, 8, 10)[i] if t == "3" else (float(p["label"]) if t == "4" else int(p["label"]))
+            for i, p in enumerate(paper)
+        ]
+        twin.plot(px, [p["val_ppl"] for p in paper], "k--", marker="s", alpha=0.5, label="paper")
+        twin.set_ylabel("val PPL (paper, MF-tiny, 8000 steps)", fontsize=8)
+        ax.set_title(TITLES[t].split(": ")[1], fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_buckets(hash_result: dict, path: Path, label: str) -> None:
+    """Bucket hit counts of the first and last table of each first-block Memory Layer (the paper's Fig. 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hists = hash_result["histograms"]
+    names = [n for n in hists if not n.endswith(("k_proj", "v_proj"))]  # Q, K and V share one hash
+    fig, axes = plt.subplots(len(names), 2, figsize=(9, 2.2 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        tables = hash_result["layers"][name]["tables"]
+        for j, counts in enumerate(hists[name]):
+            ax = axes[i][j]
+            ax.bar(range(len(counts)), counts, width=1.0)
+            used = sum(c > 0 for c in counts) / len(counts)
+            ax.set_title(
+                f"{name} table {1 if j == 0 else tables}: {used:.0%} of {len(counts)} buckets hit", fontsize=8
+            )
+            ax.tick_params(labelsize=7)
+    fig.suptitle(f"Bucket hits on {hash_result['tokens']} held-out tokens: {label}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,317 @@
+"""Trains the runs of a reproduction plan, a few at a time, and measures each one once.
+
+Each run lives in `<out>/runs/<key>/`: `train.py` writes its Hydra run there (checkpoints, `csv/metrics.csv`,
+the exported `model/`), its output goes to `train.log`, and `result.json` is written last, atomically. A run
+with a `result.json` is finished and never rerun; a folder without one is an interrupted run and is trained
+again from scratch (runs are minutes long; restarting keeps every validation curve from one process).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from reproduction.protocol import Plan, Row, Run, Scale
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = "result.json"
+
+#: trains `argv` into `run_dir` (raises on failure)
+Executor = Callable[[tuple[str, ...], Path], None]
+
+
+def subprocess_executor(threads: int = 1) -> Executor:
+    """`python train.py <argv> hydra.run.dir=<run_dir>`, output to `<run_dir>/train.log`.
+
+    Workers run side by side with `threads` intra-op threads each (OMP_NUM_THREADS): on a 2-core CPU two
+    single-threaded runs finish more rows per hour than one run on both cores.
+    """
+
+    def execute(argv: tuple[str, ...], run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        with open(run_dir / "train.log", "w") as log:
+            rc = subprocess.run(
+                [sys.executable, "train.py", *argv, f"hydra.run.dir={run_dir}"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            ).returncode
+        if rc != 0:
+            tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"train.py failed (exit {rc}) in {run_dir}: {' '.join(tail)}")
+
+    return execute
+
+
+def in_process_executor() -> Executor:
+    """Compose `argv` with Hydra's API and call `memoryformer.training.run.train` in this process (tests)."""
+    from hydra import compose, initialize_config_dir
+
+    from memoryformer.schema import register_configs
+    from memoryformer.training.run import train
+
+    register_configs()
+
+    def execute(argv: tuple[str, ...], run_dir: Path) -> None:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(
+                "config", overrides=[*argv, f"paths.output_dir={run_dir}", f"paths.runs_root={run_dir}"]
+            )
+        train(cfg)
+
+    return execute
+
+
+# --------------------------------------------------------------------------- measuring one run
+def val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """`(optimizer steps done, val/loss)` pairs of the run's CSV log, in order (`val/at_step`: the logger's
+    own `step` column is one less, Lightning's index of the last training batch)."""
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").read_text().splitlines())
+    return [(int(float(r["val/at_step"])), float(r["val/loss"])) for r in rows if r.get("val/loss")]
+
+
+def model_config(run_dir: Path):
+    """The run's `ModelConfig`, from the config train.py saved beside its checkpoints."""
+    from memoryformer.config import ModelConfig
+
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "checkpoints" / "config.yaml"), resolve=True)
+    return ModelConfig.from_dict(saved["model"])
+
+
+def cost(run_dir: Path, seq_len: int) -> dict[str, float]:
+    """Parameters (embeddings and head included) and training FLOPs per token (forward + backward,
+    one multiply-add = one FLOP as in the paper's tables) of the run's model."""
+    from memoryformer.flops import build_on_meta, training_flops_per_token
+
+    config = model_config(run_dir)
+    params = sum(p.numel() for p in build_on_meta(config).parameters())
+    return {"params": params, "flops_per_token": training_flops_per_token(config, seq_len)}
+
+
+def measure(run: Run, run_dir: Path, scale: Scale, seconds: float) -> dict[str, Any]:
+    """The result of a finished run: final validation loss and perplexity, its curve, cost and time."""
+    curve = val_curve(run_dir)
+    if not curve or curve[-1][0] != scale.steps:
+        raise RuntimeError(f"{run_dir} has no val/loss at step {scale.steps}; see {run_dir / 'train.log'}.")
+    val_loss = curve[-1][1]
+    result = {
+        "key": run.key,
+        "argv": list(run.argv),
+        "seed": run.seed,
+        "lr": run.lr,
+        "model": run.model,
+        "steps": scale.steps,
+        "tokens": scale.tokens,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        "val_curve": curve,
+        "train_seconds": round(seconds, 1),
+        **cost(run_dir, scale.seq_len),
+    }
+    if run.memoryformer:
+        from reproduction.hash_stats import hash_stats
+
+        result["hash"] = hash_stats(run_dir / "model", scale.seq_len)
+    return result
+
+
+# --------------------------------------------------------------------------- the scheduler
+class Runner:
+    """Trains the plan's runs, `workers` at a time, resolving Table 1's best-lr rows once they can be."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        scale: Scale,
+        executor: Executor,
+        workers: int = 2,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.out_dir, self.scale, self.executor, self.workers, self.log = (
+            out_dir,
+            scale,
+            executor,
+            workers,
+            log,
+        )
+        self.results: dict[str, dict[str, Any]] = {}
+        self.trained: list[str] = []  # keys trained by this call (not found finished on disk)
+        self._lock = threading.Condition()
+        self._queue: list[Run] = []
+        self._running = 0
+        self._failed: list[str] = []
+
+    def run_dir(self, run: Run) -> Path:
+        return self.out_dir / "runs" / run.key
+
+    def load_finished(self, run: Run) -> dict[str, Any] | None:
+        f = self.run_dir(run) / RESULT
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def execute_plan(self, plan: Plan) -> list[Row]:
+        """Every row of `plan` with every run finished (resolving pending rows); raises if a run failed."""
+        runs = plan.runs()
+        pending = list(plan.pending)
+        rows = list(plan.rows)
+        self._queue = [r for r in runs if not self._adopt(r)]
+        self._total = len(self._queue) + len(self.results)
+        self._start = time.perf_counter()
+        self.log(
+            f"reproduction: {len(self.results)} runs finished earlier, {len(self._queue)} to train "
+            f"({self.workers} at a time)"
+        )
+        threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(self.workers)]
+        for t in threads:
+            t.start()
+        while True:
+            with self._lock:
+                for p in list(pending):
+                    if all(r.key in self.results for r in p.sweep):
+                        row = p.resolve(lambda r: self.results[r.key]["val_loss"], self.scale)
+                        rows.append(row)
+                        pending.remove(p)
+                        new = [
+                            r
+                            for r in row.runs
+                            if r.key not in self.results and r not in self._queue and not self._adopt(r)
+                        ]
+                        self._queue += new
+                        self._total += len(new)
+                        self.log(f"  {row.label}: its {len(row.runs)} seeds ({len(new)} new runs)")
+                        self._lock.notify_all()
+                idle = not self._queue and self._running == 0
+                if idle and (not pending or self._failed):
+                    break
+                self._lock.wait(timeout=1.0)
+        for _ in threads:
+            with self._lock:
+                self._queue.append(None)  # type: ignore[arg-type]  # stop signal
+                self._lock.notify_all()
+        for t in threads:
+            t.join()
+        if self._failed:
+            raise RuntimeError("reproduction: these runs failed: " + "; ".join(self._failed))
+        return sorted(rows, key=lambda r: (r.table, plan.rows.index(r) if r in plan.rows else 99))
+
+    def _adopt(self, run: Run) -> bool:
+        """Take a finished run's result from disk; True when there was one."""
+        done = self.load_finished(run)
+        if done is not None:
+            self.results[run.key] = done
+        return done is not None
+
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._lock.wait()
+                run = self._queue.pop(0)
+                if run is None:
+                    return
+                self._running += 1
+            try:
+                result = self._train(run)
+                with self._lock:
+                    self.results[run.key] = result
+                    self.trained.append(run.key)
+                    self._progress(run, result)
+            except Exception as err:  # one failed run must not hide the others' results
+                with self._lock:
+                    self._failed.append(f"{run.key}: {err}")
+                    self.log(f"  FAILED {run.key}: {err}")
+            finally:
+                with self._lock:
+                    self._running -= 1
+                    self._lock.notify_all()
+
+    def _train(self, run: Run) -> dict[str, Any]:
+        run_dir = self.run_dir(run)
+        if run_dir.exists():  # an interrupted run: train it again from scratch
+            shutil.rmtree(run_dir)
+        start = time.perf_counter()
+        self.executor(run.argv, run_dir)
+        result = measure(run, run_dir, self.scale, time.perf_counter() - start)
+        tmp = run_dir / (RESULT + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, run_dir / RESULT)
+        return result
+
+    def _progress(self, run: Run, result: dict[str, Any]) -> None:
+        done = len(self.results)
+        elapsed = time.perf_counter() - self._start
+        fresh = len(self.trained)
+        eta = elapsed / fresh * (self._total - done) / 1 if fresh else float("nan")
+        self.log(
+            f"[{done}/{self._total}] {run.key}: val/loss {result['val_loss']:.4f} "
+            f"({result['train_seconds']:.0f} s); elapsed {elapsed / 60:.1f} min, "
+            f"about {eta / 60:.0f} min left"
+        )
+
+
+# --------------------------------------------------------------------------- held-out bits per byte
+def export_heldout_docs(out_dir: Path, run_dir: Path) -> Path:
+    """The corpus's validation documents as the lm-eval task `sample_heldout` reads them (written once)."""
+    from memoryformer.data.sample import export_heldout
+
+    data_dir = out_dir / "eval_data"
+    if not (data_dir / "sample_heldout" / "validation.jsonl").is_file():
+        data = OmegaConf.load(run_dir / "checkpoints" / "config.yaml").data
+        export_heldout(data_dir, int(data.sample_max_bytes), int(data.sample_val_every))
+    return data_dir
+
+
+def heldout_scores(run_dir: Path, data_dir: Path, in_process: bool = False) -> dict[str, float]:
+    """bits/byte, byte and word perplexity of the run's exported model on the held-out documents, through
+    `evaluate.py eval.tasks=sample` (lm-evaluation-harness; `in_process`: its `run_evaluation` in this
+    process, for tests); cached in `<run_dir>/heldout.json`."""
+    cached = run_dir / "heldout.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    eval_dir = run_dir / "eval"
+    if in_process:
+        from memoryformer.evaluation.config import EvalSettings, EvaluateConfig
+        from memoryformer.evaluation.runner import run_evaluation
+
+        settings = EvalSettings(tasks=["sample"], data_dir=str(data_dir), bootstrap_iters=0)
+        run_evaluation(EvaluateConfig(checkpoint=str(run_dir / "model"), eval=settings), eval_dir)
+    else:
+        _evaluate_py(run_dir, data_dir, eval_dir)
+    res = json.loads((eval_dir / "results.json").read_text())["results"]["sample_heldout"]
+    scores = {m: float(res[f"{m},none"]) for m in ("bits_per_byte", "byte_perplexity", "word_perplexity")}
+    cached.write_text(json.dumps(scores) + "\n")
+    return scores
+
+
+def _evaluate_py(run_dir: Path, data_dir: Path, eval_dir: Path) -> None:
+    """`python evaluate.py checkpoint=<run>/model eval.tasks=sample ...`, output to `<run>/eval.log`."""
+    with open(run_dir / "eval.log", "w") as log:
+        rc = subprocess.run(
+            [
+                sys.executable,
+                "evaluate.py",
+                f"checkpoint={run_dir / 'model'}",
+                "eval.tasks=sample",
+                f"eval.data_dir={data_dir}",
+                f"hydra.run.dir={eval_dir}",
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        ).returncode
+    if rc != 0:
+        raise RuntimeError(f"evaluate.py failed (exit {rc}) for {run_dir}; see {run_dir / 'eval.log'}.")
