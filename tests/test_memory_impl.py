@@ -211,14 +211,15 @@ def test_embedding_bag_fallback_matches(monkeypatch):
         memory_ops.load_cpu_extension.cache_clear()
 
 
-def test_bad_impl_and_triton_and_bad_rows_fail_clearly():
+def test_bad_impl_and_bad_rows_fail_clearly():
     rows, weights, tables, _ = make_inputs(3, 2, 8, 3)
-    with pytest.raises(ValueError, match="choose one of: auto, torch, fused, triton"):
+    with pytest.raises(ValueError, match="choose one of: auto, torch, fused"):
         weighted_lookup(rows, weights, tables, impl="cuda")
     with pytest.raises(ValueError, match="impl='cuda'"):
         MemoryLayer(8, 4, code_length=4, impl="cuda")
-    with pytest.raises(ValueError, match="triton"):
-        weighted_lookup(rows, weights, tables.float(), impl="triton")
+    no_triton = r"impl='triton' is not supported; choose one of: auto, torch, fused\.$"
+    with pytest.raises(ValueError, match=no_triton):
+        MemoryLayer(8, 4, code_length=4, impl="triton")
     with pytest.raises(ValueError, match="must have one shape"):
         weighted_lookup(rows, weights[:, :1], tables, impl="fused")
     if HAS_KERNEL:
@@ -237,16 +238,19 @@ def test_fused_inference_hash_matches_hash_chunks(dtype, weighting, temperature,
     x = (torch.randn(3, 5, 4 * tau, generator=gen) * 3).to(dtype)
     x[0, 0, :tau] = 0.0  # sign(0) = +1: code all ones, p = 2**-tau
     x[0, 1, :tau] = -0.0
+    layer = MemoryLayer(4 * tau, 1, code_length=tau, weighting=weighting, temperature=temperature,
+                        impl="fused")
     with torch.no_grad():
-        rows, weights = memory_ops.hash_inference(x, tau, weighting, temperature, impl="fused")
+        rows, weights = memory_ops.fused_hash(layer, x)
     ref = hash_chunks(x.double(), tau, weighting, temperature)
     assert rows.shape == weights.shape == (3, 5, 4) and weights.dtype == torch.float32
     assert torch.equal(rows, ref.rows)
     assert torch.all(rows[0, :2, 0] == (1 << tau) - 1)
     torch.testing.assert_close(weights.double(), ref.weights, rtol=2e-6, atol=1e-30)
     # A gradient-carrying input, or the torch path, is left to hash_chunks (autograd).
-    assert memory_ops.hash_inference(x.float().requires_grad_(True), tau, weighting, temperature) is None
-    assert memory_ops.hash_inference(x, tau, weighting, temperature, impl="torch") is None
+    assert memory_ops.fused_hash(layer, x.float().requires_grad_(True)) is None
+    layer.impl = "torch"
+    assert memory_ops.fused_hash(layer, x) is None
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
@@ -254,7 +258,7 @@ def test_fused_inference_hash_matches_hash_chunks(dtype, weighting, temperature,
 @pytest.mark.parametrize(("bias", "tau", "out", "shape"), [(True, 8, 48, (1, 1)), (False, 10, 70, (2, 3)),
                                                            (True, 4, 512, (5,)), (True, 4, 128, (3, 40))])
 def test_memory_layer_decode_path_equals_training_path(dtype, bias, tau, out, shape):
-    """Without gradients the layer runs as ONE fused call (`layer_inference`); it must equal the hash +
+    """Without gradients the layer runs as ONE fused call (`fused_layer`); it must equal the hash +
     lookup + bias path taken with gradients, and the float64 torch reference."""
     torch.manual_seed(1)
     layer = MemoryLayer(8 * tau, out, code_length=tau, bias=bias)
@@ -265,7 +269,7 @@ def test_memory_layer_decode_path_equals_training_path(dtype, bias, tau, out, sh
     layer = layer.to(dtype)
     x = torch.randn(*shape, 8 * tau)
     with torch.no_grad():
-        assert memory_ops.layer_inference(x, layer.tables, layer.bias, tau, "l1_prob", 1.0) is not None
+        assert memory_ops.fused_layer(layer, x) is not None
         fast = layer(x)
     slow = layer(x.clone().requires_grad_(True))  # torch hash + autograd lookup + bias
     reference = MemoryLayer(8 * tau, out, code_length=tau, bias=bias, impl="torch").double()
@@ -282,13 +286,12 @@ def test_memory_layer_decode_path_equals_training_path(dtype, bias, tau, out, sh
 def test_fused_inference_is_skipped_where_it_does_not_apply():
     layer = MemoryLayer(16, 8, code_length=8)
     x = torch.randn(3, 16)
-    args = (layer.tables, layer.bias, 8, "l1_prob", 1.0)
-    assert memory_ops.layer_inference(x, *args) is None  # grad enabled and the tables require grad
+    assert memory_ops.fused_layer(layer, x) is None  # grad enabled and the tables require grad
     with torch.no_grad():
-        assert memory_ops.layer_inference(x, *args, impl="torch") is None
-        assert memory_ops.layer_inference(x.double(), *args) is None
-        assert memory_ops.layer_inference(torch.randn(3, 24), *args) is None  # wrong width: hash() reports it
-        assert memory_ops.layer_inference(x, layer.tables.double(), None, 8, "l1_prob", 1.0) is None
+        assert memory_ops.fused_layer(MemoryLayer(16, 8, code_length=8, impl="torch"), x) is None
+        assert memory_ops.fused_layer(layer, x.double()) is None
+        assert memory_ops.fused_layer(layer, torch.randn(3, 24)) is None  # wrong width: hash() reports it
+        assert memory_ops.fused_layer(MemoryLayer(16, 8, code_length=8, bias=False).double(), x) is None
         layer.record_codes = True  # needs the codes, so it takes the hash + lookup path
         layer(x)
         assert layer.last_codes is not None and layer.last_codes.shape == (3, 2)

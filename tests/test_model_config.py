@@ -54,6 +54,10 @@ def test_paper_models_are_presets():
         ({"block": "mamba"}, "model.block='mamba' is not supported"),
         ({"expand_bits": 4}, "model.expand_bits=4"),
         ({"weighting": "softmax"}, "model.weighting='softmax'"),
+        (
+            {"memory_impl": "triton"},
+            "model.memory_impl='triton' is not supported; choose one of: auto, torch, fused.",
+        ),
         ({"temperature": 0.5}, "has no effect with model.weighting=l1_prob"),
         ({"code_length": 16, "num_tables": 32}, "keep it <= 16"),
     ],

@@ -6,6 +6,8 @@ float64 formulas and independent implementations written here.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import pytest
@@ -19,6 +21,7 @@ from memoryformer.models.blocks import MLP, MemoryBlock, MemoryFormerBlock, Pyth
 from memoryformer.nn.memory_layer import MemoryLayer
 from memoryformer.nn.norms import RMSNorm
 from memoryformer.nn.rotary import apply_rotary, rotary_cos_sin
+from memoryformer.training.parallelize import apply_activation_checkpointing, checkpointed_blocks
 
 
 def tiny(block: str = "memoryformer", **overrides) -> ModelConfig:
@@ -318,15 +321,39 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(every):
     grads = []
     for enabled in (False, True):
         model = seeded(config).train()
-        model.set_gradient_checkpointing(enabled, every=every)
-        assert model.checkpointed_blocks == (set(range(0, config.n_layer, every)) if enabled else set())
+        keys = list(model.state_dict())
+        if enabled:  # applied from the training side; the model's forward knows nothing of it
+            assert apply_activation_checkpointing(model, every=every) == list(range(0, config.n_layer, every))
+            apply_activation_checkpointing(model, every=every)  # a second call changes nothing
+        assert checkpointed_blocks(model) == (list(range(0, config.n_layer, every)) if enabled else [])
+        assert list(model.state_dict()) == keys
         _, loss = model(idx, idx)
         loss.backward()
         tables = model.blocks[0].attn.q_proj.tables
         grads.append((loss.item(), tables.grad.clone(), model.wte.weight.grad.clone()))
+        copied = copy.deepcopy(model)
+        assert checkpointed_blocks(copied) == checkpointed_blocks(model)
+        assert all(b.__dict__["forward"].block is b for b in copied.blocks if "forward" in b.__dict__)
+        with torch.no_grad():  # decoding with a KV cache never recomputes (it would append twice)
+            torch.testing.assert_close(model.generate(idx[:, :3], 4, greedy=True),
+                                       model.generate(idx[:, :3], 4, greedy=True, use_cache=False))
     assert grads[0][0] == grads[1][0]
     torch.testing.assert_close(grads[0][1], grads[1][1])
     torch.testing.assert_close(grads[0][2], grads[1][2])
+    with pytest.raises(ValueError, match="every=0 must be an int >= 1"):
+        apply_activation_checkpointing(seeded(config), every=0)
+
+
+def test_training_module_applies_activation_checkpointing_every_nth_block():
+    from memoryformer.schema import OptimConfig
+    from memoryformer.training import LMTrainingModule
+
+    config = tiny(n_layer=3).to_dict()
+    optim = dataclasses.asdict(OptimConfig())
+    for enabled, every, expected in ((False, 1, []), (True, 1, [0, 1, 2]), (True, 2, [0, 2])):
+        module = LMTrainingModule(config, optim, max_steps=1, activation_checkpointing=enabled,
+                                  activation_checkpointing_every=every)
+        assert checkpointed_blocks(module.model) == expected
 
 
 def test_nano_overfits_one_batch():

@@ -1,8 +1,9 @@
 """`LanguageModel`: token embedding -> N blocks -> final norm -> untied LM head.
 
 One class for both architectures; `config.block` picks MemoryFormer or Pythia (GPT-NeoX) blocks. The model
-knows nothing about Lightning or distribution: training wraps it, evaluation calls `forward` (optionally
-with a `KVCache`), and `generate` samples with the cache.
+knows nothing about Lightning, distribution or activation checkpointing: training wraps it
+(`memoryformer.training.parallelize`), evaluation calls `forward` (optionally with a `KVCache`), and
+`generate` samples with the cache.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from memoryformer.config import ModelConfig
 from memoryformer.models.attention import KVCache
@@ -48,7 +48,6 @@ class LanguageModel(nn.Module):
         else:
             self.norm_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.checkpointed_blocks: frozenset[int] = frozenset()
         init_weights(self, config)
 
     # ------------------------------------------------------------------ forward
@@ -75,12 +74,8 @@ class LanguageModel(nn.Module):
         x = self.wte(idx)
         positions = torch.arange(start, start + t, device=idx.device)
         cos, sin = rotary_cos_sin(positions, self.config.rotary_ndims, self.config.rotary_base, x.dtype)
-        use_checkpoint = self.training and kv_cache is None and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks):
-            if use_checkpoint and i in self.checkpointed_blocks:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, kv_cache)
+        for block in self.blocks:
+            x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(t)
         logits = self.lm_head(self.norm_f(x))
@@ -96,18 +91,6 @@ class LanguageModel(nn.Module):
         """An empty `KVCache` for this model, holding up to `max_len` (default `block_size`) positions."""
         return KVCache(self.config.n_layer, max_len or self.config.block_size)
 
-    def set_gradient_checkpointing(self, enabled: bool = True, every: int = 1) -> None:
-        """Recompute block activations in backward instead of storing them (training only).
-
-        With `every=n`, blocks 0, n, 2n, ... are checkpointed: memory falls by about that share of the
-        blocks' activations while the recompute cost grows by the same share, so n trades the two.
-        """
-        if every < 1:
-            raise ValueError(f"activation checkpointing every={every} must be >= 1 (1 = every block).")
-        self.checkpointed_blocks = (
-            frozenset(range(0, self.config.n_layer, every)) if enabled else frozenset()
-        )
-
     @torch.no_grad()
     def begin_training_step(self, step: int) -> None:
         """Tell step-driven modules (Performer feature redraws) that optimizer step `step` starts.
@@ -118,11 +101,6 @@ class LanguageModel(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "begin_training_step"):
                 module.begin_training_step(step)
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        """True when at least one block recomputes its activations in backward."""
-        return bool(self.checkpointed_blocks)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters; `exclude_embeddings` leaves out `wte` and `lm_head` (Pythia's convention)."""

@@ -32,10 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memoryformer.nn.memory_ops import IMPLS, hash_inference, layer_inference, weighted_lookup
-
-WEIGHTINGS = ("l1_prob", "prob")
-MAX_CODE_LENGTH = 16
+from memoryformer.config import MAX_CODE_LENGTH, MEMORY_IMPLS, WEIGHTINGS
+from memoryformer.nn import memory_ops
 
 
 def _check_code_length(code_length: int) -> None:
@@ -47,6 +45,11 @@ def _check_code_length(code_length: int) -> None:
             f"code_length={code_length} is out of range; use 1 to {MAX_CODE_LENGTH} bits per chunk "
             f"(each table has 2**code_length rows; the paper uses 8, and 10 in its Memory Block)."
         )
+
+
+def _check_float(x: torch.Tensor) -> None:
+    if not torch.is_floating_point(x):
+        raise TypeError(f"Memory Layer input must be floating-point but has dtype {x.dtype}; cast it first.")
 
 
 def _check_weighting(weighting: str, temperature: float) -> None:
@@ -106,11 +109,15 @@ def chunk_weights(z: torch.Tensor, weighting: str = "l1_prob", temperature: floa
     exact z_j = 0 is that of d|z_j|/dz_j = 0 (see the module docstring).
     """
     _check_weighting(weighting, temperature)
+    return _chunk_weights(z, weighting, temperature)
+
+
+def _chunk_weights(z: torch.Tensor, weighting: str, temperature: float) -> torch.Tensor:
     compute_dtype = torch.promote_types(z.dtype, torch.float32)
     a = z.to(compute_dtype).abs()
     if weighting == "prob":
-        return torch.exp(F.logsigmoid(a * (2.0 / temperature)).sum(dim=-1))
-    return a.sum(dim=-1) * torch.exp(F.logsigmoid(2.0 * a).sum(dim=-1))
+        return torch.exp(F.logsigmoid(a * (2.0 / temperature)).sum(dim=-1))  # paper Eq. 10
+    return a.sum(dim=-1) * torch.exp(F.logsigmoid(2.0 * a).sum(dim=-1))  # ||z||_1 * Eq. 10 at t = 1
 
 
 def hash_chunks(
@@ -118,17 +125,21 @@ def hash_chunks(
 ) -> HashCodes:
     """Hash `x`: `[..., K * tau]` into `HashCodes` with rows `[..., K]` and weights `[..., K]`."""
     _check_code_length(code_length)
-    if not torch.is_floating_point(x):
-        raise TypeError(f"Memory Layer input must be floating-point but has dtype {x.dtype}; cast it first.")
-    d = x.shape[-1]
-    if d % code_length:
-        raise ValueError(f"input width {d} is not divisible by code_length={code_length}.")
-    num_tables = d // code_length
-    z = x.unflatten(-1, (num_tables, code_length))
-    with torch.no_grad():
+    _check_float(x)
+    if x.shape[-1] % code_length:
+        raise ValueError(f"input width {x.shape[-1]} is not divisible by code_length={code_length}.")
+    _check_weighting(weighting, temperature)
+    return _hash_chunks(x, code_length, weighting, temperature)
+
+
+def _hash_chunks(x: torch.Tensor, code_length: int, weighting: str, temperature: float) -> HashCodes:
+    num_tables = x.shape[-1] // code_length
+    z = x.unflatten(-1, (num_tables, code_length))  # z_k: K chunks of tau values (paper Eq. 6)
+    with torch.no_grad():  # h(z_k) (paper Eq. 2-5), offset into the k-th table's rows
         offsets = torch.arange(num_tables, device=x.device, dtype=torch.int64) << code_length
         rows = sign_codes(z) + offsets
-    return HashCodes(rows=rows, weights=chunk_weights(z, weighting, temperature), code_length=code_length)
+    weights = _chunk_weights(z, weighting, temperature)  # w_k (paper Eq. 8-10)
+    return HashCodes(rows=rows, weights=weights, code_length=code_length)
 
 
 class MemoryLayer(nn.Module):
@@ -145,7 +156,7 @@ class MemoryLayer(nn.Module):
     Precision: the weights are computed in at least float32; the lookup returns the tables' dtype and
     accumulates in fp32, also under `torch.autocast`, because casting the tables (hundreds of MB) every
     step would cost far more than reading K rows per token. `impl` picks the lookup's compute path
-    ("auto" | "torch" | "fused" | "triton", see `memoryformer.nn.memory_ops`).
+    ("auto" | "torch" | "fused", see `memoryformer.nn.memory_ops`).
 
     Several layers reading the same input share one hash: `h = q.hash(x)`, then `q(x, hashed=h)`,
     `k(x, hashed=h)`, ...; the weights are those of the hashing layer's weighting. Set
@@ -167,8 +178,9 @@ class MemoryLayer(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        if impl not in IMPLS:
-            raise ValueError(f"impl={impl!r} is not supported; choose one of: {', '.join(IMPLS)}.")
+        # Every argument is checked here, once: forward runs on every decoded token.
+        if impl not in MEMORY_IMPLS:
+            raise ValueError(f"impl={impl!r} is not supported; choose one of: {', '.join(MEMORY_IMPLS)}.")
         self.impl = impl
         _check_code_length(code_length)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -185,7 +197,7 @@ class MemoryLayer(nn.Module):
         self.code_length = code_length
         self.num_tables = in_features // code_length
         self.weighting = weighting
-        self.temperature = temperature
+        self.temperature = float(temperature)
         self.init_std = init_std
         factory = {"device": device, "dtype": dtype}
         self.tables = nn.Parameter(torch.empty(self.num_tables << code_length, out_features, **factory))
@@ -201,18 +213,19 @@ class MemoryLayer(nn.Module):
             nn.init.normal_(self.bias, mean=0.0, std=0.001)
 
     def hash(self, x: torch.Tensor) -> HashCodes:
-        """Hash `x`: `[..., in_features]` into rows and weights `[..., K]` (shareable across layers)."""
+        """Which row of each table, and with what weight (paper Eq. 2-10): `x` `[..., in_features]` ->
+        `HashCodes` with rows and weights `[..., K]`, shareable across layers reading the same x."""
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"MemoryLayer expects input of shape [..., {self.in_features}], got shape {tuple(x.shape)}."
             )
-        fused = hash_inference(x, self.code_length, self.weighting, self.temperature, self.impl)
-        if fused is not None:  # no gradient needed: one C++ call instead of a dozen small ops
+        if (fused := memory_ops.fused_hash(self, x)) is not None:  # no gradient needed: one C++ call
             return HashCodes(rows=fused[0], weights=fused[1], code_length=self.code_length)
-        return hash_chunks(x, self.code_length, self.weighting, self.temperature)
+        _check_float(x)
+        return _hash_chunks(x, self.code_length, self.weighting, self.temperature)
 
     def lookup(self, hashed: HashCodes) -> torch.Tensor:
-        """Weighted sum of the selected table rows: `HashCodes` `[..., K]` -> `[..., out_features]`."""
+        """y = sum_k w_k * T_k[h(z_k)] + bias (paper Eq. 11): `HashCodes` `[..., K]` -> `[..., out]`."""
         if hashed.num_tables != self.num_tables or hashed.code_length != self.code_length:
             raise ValueError(
                 f"these codes were hashed for K={hashed.num_tables}, tau={hashed.code_length}, but this "
@@ -226,30 +239,15 @@ class MemoryLayer(nn.Module):
             )
         if self.record_codes:
             self.last_codes = hashed.codes().detach().to(torch.int32)
-        lead = hashed.rows.shape[:-1]
-        rows = hashed.rows.reshape(-1, self.num_tables)
-        weights = hashed.weights.reshape(-1, self.num_tables)
-        y = weighted_lookup(rows, weights, self.tables, impl=self.impl)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        y = memory_ops.weighted_lookup(hashed.rows, hashed.weights, self.tables, impl=self.impl)
+        return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor, hashed: HashCodes | None = None) -> torch.Tensor:
-        """`[..., in_features]` -> `[..., out_features]`; pass `hashed` to reuse another layer's hash."""
+        """`[..., in_features]` -> `[..., out_features]`: hash, then look up; pass `hashed` to reuse another
+        layer's hash of this same x (q, k and v share one)."""
         if hashed is None:
-            if not self.record_codes:  # no gradient needed: hash + lookup + bias in one C++ call
-                # _parameters directly: nn.Module.__getattr__ costs ~2 us per parameter here, a fifth of
-                # a whole decoding step's lookup (getattr still serves parametrized or wrapped tables).
-                params = self._parameters
-                tables, bias = params.get("tables"), params.get("bias")
-                if tables is None:
-                    tables = self.tables
-                if bias is None and "bias" not in params:  # bias=False (a plain None) or wrapped
-                    bias = self.bias
-                y = layer_inference(x, tables, bias, self.code_length, self.weighting, self.temperature,
-                                    self.impl)
-                if y is not None:
-                    return y
+            if (y := memory_ops.fused_layer(self, x)) is not None:  # no gradient needed: one C++ call
+                return y
             hashed = self.hash(x)
         elif hashed.rows.shape[:-1] != x.shape[:-1]:
             raise ValueError(

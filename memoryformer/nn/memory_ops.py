@@ -1,20 +1,25 @@
-"""Compute paths of the Memory Layer lookup, all computing the same function (paper Eq. 11-12):
+"""Compute paths of the Memory Layer, all computing the same function (paper Eq. 11-12):
 
     y[n] = sum_k w[n, k] * tables[rows[n, k]]          rows int64 [..., K], w [..., K], tables [R, D]
 
 with fp32 accumulation whatever the tables' dtype; y has the tables' dtype. Gradients: the tables get
 `w[n, k] * dy[n]` on the selected rows only, and `w[n, k]` gets `<dy[n], tables[rows[n, k]]>`.
 
-Paths (`impl`, the `model.memory_impl` config key):
-- "torch": the readable reference, the authors' gather -> multiply -> sum. It materialises a
-  `[..., K, D]` tensor, so it is slow and memory hungry; it is the definition the others are tested against.
+Paths (`impl`, the `model.memory_impl` config key; the allowed values are `config.MEMORY_IMPLS`):
+- "torch": the readable reference, the authors' gather -> multiply -> sum (`reference_lookup`). It
+  materialises a `[..., K, D]` tensor, so it is slow and memory hungry; it is the definition the others are
+  tested against.
 - "fused": one pass over rows, weights and tables. On CPU a C++/OpenMP extension
   (`memoryformer/kernels/memory_lookup.cpp`, built on first use and cached) whose backward accumulates the
   table gradient per row chunk, without atomics and deterministically; on CUDA `F.embedding_bag`, one
   fused gather-weighted-sum kernel. Without a C++ compiler it falls back to `F.embedding_bag` on CPU too,
   with a one-line warning.
-- "triton": reserved for a fused GPU kernel; not part of this build, so it fails with a clear message.
 - "auto": "fused" (the fastest path measured on every device we have; see docs/benchmarks.md).
+
+The Memory Layer reaches them through three calls, each of which returns None where it does not apply:
+`weighted_lookup` (the lookup, any path, with autograd), and, where no gradient is needed and the C++
+kernel runs, `fused_hash` (the hash in one call) and `fused_layer` (hash + lookup + bias in one call): at
+one decoded token a dozen small torch ops would cost several times the K-row read itself.
 """
 
 from __future__ import annotations
@@ -28,16 +33,22 @@ import platform
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-IMPLS = ("auto", "torch", "fused", "triton")
+from memoryformer.config import MEMORY_IMPLS
+
+if TYPE_CHECKING:
+    from memoryformer.nn.memory_layer import MemoryLayer
+
 KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "memory_lookup.cpp"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# ----------------------------------------------------------------------------- the lookup's paths
 def reference_lookup(rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """The authors' torch path: gather `[..., K, D]`, multiply by `[..., K, 1]`, sum over K -> `[..., D]`.
 
@@ -62,6 +73,114 @@ def embedding_bag_lookup(rows: torch.Tensor, weights: torch.Tensor, tables: torc
     return F.embedding_bag(rows, tables, mode="sum", per_sample_weights=weights.to(tables.dtype))
 
 
+class _CpuFusedLookup(torch.autograd.Function):
+    """Autograd wrapper of the C++ kernels: `[N, K]` int64 rows, fp32 weights, `[R, D]` tables -> `[N, D]`."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows, weights, tables)
+        return load_cpu_extension().lookup_forward(rows, weights, tables)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, weights, tables = ctx.saved_tensors
+        need_weights, need_tables = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_tables, grad_weights = load_cpu_extension().lookup_backward(
+            grad_out.float().contiguous(), rows, weights, tables, need_tables, need_weights
+        )
+        return None, grad_weights if need_weights else None, grad_tables if need_tables else None
+
+
+def resolve_impl(impl: str, tables: torch.Tensor) -> str:
+    """The concrete path for `impl` on the tables' device and dtype: "torch", "cpu_kernel" or
+    "embedding_bag"."""
+    if impl == "torch":
+        return "torch"
+    if impl != "auto" and impl != "fused":
+        raise ValueError(f"memory_impl={impl!r} is not supported; choose one of: {', '.join(MEMORY_IMPLS)}.")
+    if tables.is_cpu and tables.dtype in _KERNEL_DTYPES and load_cpu_extension() is not None:
+        return "cpu_kernel"
+    if tables.dtype == torch.float64:
+        return "torch"  # no fused path keeps float64 exact on every device; float64 is for tests
+    return "embedding_bag"
+
+
+def weighted_lookup(
+    rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor, impl: str = "auto"
+) -> torch.Tensor:
+    """`sum_k weights[..., k] * tables[rows[..., k]]` (paper Eq. 11): rows int64 `[..., K]`, weights
+    `[..., K]`, tables `[R, D]` -> `[..., D]` in the tables' dtype, accumulated in fp32, by path `impl`."""
+    if rows.shape != weights.shape:
+        raise ValueError(f"rows {tuple(rows.shape)} and weights {tuple(weights.shape)} must have one shape.")
+    path = resolve_impl(impl, tables)
+    if path == "torch":
+        return reference_lookup(rows, weights, tables)
+    needs_grad = torch.is_grad_enabled() and (weights.requires_grad or tables.requires_grad)
+    if path == "cpu_kernel" and not needs_grad:
+        # decoding: the op takes any leading shape and casts itself, and skipping the autograd wrapper
+        # matters because its overhead would rival the read of K rows
+        return load_cpu_extension().lookup_forward(rows, weights, tables)
+    lead, k = rows.shape[:-1], rows.shape[-1]
+    flat_rows, flat_weights = rows.reshape(-1, k), weights.reshape(-1, k)
+    if path == "embedding_bag":
+        out = embedding_bag_lookup(flat_rows, flat_weights, tables)
+    else:
+        flat_rows, flat_weights = flat_rows.contiguous(), flat_weights.float().contiguous()
+        out = _CpuFusedLookup.apply(flat_rows, flat_weights, tables.contiguous())
+    return out.reshape(*lead, tables.shape[-1])
+
+
+# ----------------------------------------------------------------------------- no-gradient shortcuts
+def _kernel_ops(impl: str, a: torch.Tensor, b: torch.Tensor | None = None,
+                c: torch.Tensor | None = None) -> object | None:
+    """The C++ ops when `impl` allows them and no gradient is needed through the CPU tensors `a`, `b`, `c`.
+
+    Called on every decoding step, so it avoids generators and extra dispatches.
+    """
+    if impl == "torch":
+        return None
+    grad = torch.is_grad_enabled()
+    for t in (a, b, c):
+        if t is None:
+            continue
+        if not t.is_cpu or t.dtype not in _KERNEL_DTYPES or (grad and t.requires_grad):
+            return None
+    return load_cpu_extension()
+
+
+def fused_hash(layer: MemoryLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`layer`'s hash in one C++ call: `x` `[..., K * tau]` -> (rows int64 `[..., K]`, weights float32
+    `[..., K]`), the values of `memory_layer.hash_chunks`; None where the kernel does not apply (a gradient
+    is needed, impl "torch", not a CPU tensor of a kernel dtype, no compiler). The caller checked x's width.
+    """
+    ops = _kernel_ops(layer.impl, x)
+    if ops is None:
+        return None
+    return ops.hash_forward(x, layer.code_length, layer.weighting == "l1_prob", layer.temperature)
+
+
+def fused_layer(layer: MemoryLayer, x: torch.Tensor) -> torch.Tensor | None:
+    """The whole `layer` (hash + lookup + bias) in one C++ call: `x` `[..., K * tau]` -> `[..., D]` in the
+    tables' dtype, bias added in fp32. None where it does not apply: as `fused_hash`, or the layer records
+    its codes, or x has the wrong width (the torch path then reports it).
+    """
+    # _parameters directly: nn.Module.__getattr__ costs ~2 us per parameter here, a fifth of a whole
+    # decoding step's lookup (getattr still serves parametrized or wrapped parameters).
+    params = layer._parameters
+    tables, bias = params.get("tables"), params.get("bias")
+    if tables is None:
+        tables = layer.tables
+    if bias is None and "bias" not in params:
+        bias = layer.bias
+    ops = _kernel_ops(layer.impl, x, tables, bias)
+    if ops is None or layer.record_codes or not x.shape or x.shape[-1] != layer.in_features:
+        return None
+    l1_prob = layer.weighting == "l1_prob"
+    return ops.layer_forward(x, tables, bias, layer.code_length, l1_prob, layer.temperature)
+
+
+# ----------------------------------------------------------------------------- building the C++ kernel
 def _extension_name() -> str:
     # -march=native code must not be reused on another CPU (e.g. a shared home directory on a cluster),
     # so the CPU's identity is part of the cached build's name.
@@ -127,131 +246,3 @@ def load_cpu_extension() -> object | None:
             stacklevel=2,
         )
         return None
-
-
-def _inference_ops(impl: str, a: torch.Tensor, b: torch.Tensor | None = None,
-                   c: torch.Tensor | None = None) -> object | None:
-    """The kernels when `impl` allows them and no gradient is needed through the CPU tensors `a`, `b`, `c`.
-
-    Called on every decoding step, so it avoids generators and extra dispatches.
-    """
-    if impl != "auto" and impl != "fused":
-        return None
-    grad = torch.is_grad_enabled()
-    for t in (a, b, c):
-        if t is None:
-            continue
-        if not t.is_cpu or t.dtype not in _KERNEL_DTYPES or (grad and t.requires_grad):
-            return None
-    return load_cpu_extension()
-
-
-class _CpuFusedLookup(torch.autograd.Function):
-    """Autograd wrapper of the C++ kernels: `[N, K]` int64 rows, fp32 weights, `[R, D]` tables -> `[N, D]`."""
-
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rows, weights, tables)
-        return load_cpu_extension().lookup_forward(rows, weights, tables)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        rows, weights, tables = ctx.saved_tensors
-        need_weights, need_tables = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_tables, grad_weights = load_cpu_extension().lookup_backward(
-            grad_out.float().contiguous(), rows, weights, tables, need_tables, need_weights
-        )
-        return None, grad_weights if need_weights else None, grad_tables if need_tables else None
-
-
-def hash_inference(
-    x: torch.Tensor, code_length: int, weighting: str, temperature: float, impl: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The Memory Layer hash in one fused C++ call: `x` `[..., K * tau]` -> (rows int64 `[..., K]`,
-    weights float32 `[..., K]`), the same values as `memory_layer.hash_chunks`.
-
-    Only where no gradient is needed (decoding, evaluation), `impl` is "auto" or "fused" and the kernel is
-    built; returns None otherwise, and the caller hashes with torch ops. At one token the dozen small torch
-    ops of the hash cost several times the K-row lookup itself.
-    """
-    if x.dim() == 0 or x.shape[-1] % code_length or (weighting != "l1_prob" and weighting != "prob"):
-        return None
-    ops = _inference_ops(impl, x)
-    if ops is None:
-        return None
-    return ops.hash_forward(x, code_length, weighting == "l1_prob", float(temperature))
-
-
-def layer_inference(
-    x: torch.Tensor,
-    tables: torch.Tensor,
-    bias: torch.Tensor | None,
-    code_length: int,
-    weighting: str,
-    temperature: float,
-    impl: str = "auto",
-) -> torch.Tensor | None:
-    """A whole Memory Layer (hash + lookup + bias) in one C++ call: `x` `[..., K * tau]` with tables
-    `[K * 2**tau, D]` and bias `[D]` -> `[..., D]` in the tables' dtype, bias added in fp32.
-
-    Same conditions as `hash_inference` (no gradient needed, CPU kernel available, impl auto or fused), and
-    the table must have the K * 2**tau rows the input width implies; returns None otherwise.
-    """
-    ops = _inference_ops(impl, x, tables, bias)
-    if ops is None or (weighting != "l1_prob" and weighting != "prob"):
-        return None
-    shape, t_shape = x.shape, tables.shape  # each .shape / .dim() costs a fraction of a microsecond
-    if not shape or len(t_shape) != 2 or t_shape[0] != (shape[-1] // code_length) << code_length:
-        return None
-    if shape[-1] % code_length:
-        return None
-    return ops.layer_forward(x, tables, bias, code_length, weighting == "l1_prob", float(temperature))
-
-
-def resolve_impl(impl: str, tables: torch.Tensor) -> str:
-    """The concrete path for `impl` on the tables' device and dtype: "torch", "cpu_kernel" or
-    "embedding_bag"."""
-    if impl not in IMPLS:
-        raise ValueError(f"memory_impl={impl!r} is not supported; choose one of: {', '.join(IMPLS)}.")
-    if impl == "triton":
-        raise ValueError(
-            "memory_impl='triton' is not available: this build has no Triton kernel (it needs a GPU to "
-            "develop and test); use memory_impl=fused or auto, which run a fused kernel on CPU and CUDA."
-        )
-    if impl == "torch":
-        return "torch"
-    if tables.device.type == "cpu" and tables.dtype in _KERNEL_DTYPES and load_cpu_extension() is not None:
-        return "cpu_kernel"
-    if tables.dtype == torch.float64:
-        return "torch"  # no fused path keeps float64 exact on every device; float64 is for tests
-    return "embedding_bag"
-
-
-def weighted_lookup(
-    rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor, impl: str = "auto"
-) -> torch.Tensor:
-    """`sum_k weights[..., k] * tables[rows[..., k]]`: rows int64 `[..., K]`, weights `[..., K]`,
-    tables `[R, D]` -> `[..., D]` in the tables' dtype, accumulated in fp32, by the path `impl`."""
-    if rows.shape != weights.shape:
-        raise ValueError(f"rows {tuple(rows.shape)} and weights {tuple(weights.shape)} must have one shape.")
-    ops = _inference_ops(impl, weights, tables)
-    if ops is not None:  # decoding: one dispatch, no autograd wrapper, no Python-side reshapes or casts
-        return ops.lookup_forward(rows, weights, tables)
-    path = resolve_impl(impl, tables)
-    if path == "torch":
-        return reference_lookup(rows, weights, tables)
-    lead, k = rows.shape[:-1], rows.shape[-1]
-    flat_rows = rows.reshape(-1, k)
-    flat_weights = weights.reshape(-1, k)
-    if path == "embedding_bag":
-        out = embedding_bag_lookup(flat_rows, flat_weights, tables)
-    else:
-        flat_rows = flat_rows.contiguous()
-        flat_weights = flat_weights.float().contiguous()
-        tables = tables.contiguous()
-        if torch.is_grad_enabled() and (weights.requires_grad or tables.requires_grad):
-            out = _CpuFusedLookup.apply(flat_rows, flat_weights, tables)
-        else:  # decoding: skip the autograd wrapper, whose overhead would rival the read of K rows
-            out = load_cpu_extension().lookup_forward(flat_rows, flat_weights, tables)
-    return out.reshape(*lead, tables.shape[-1])

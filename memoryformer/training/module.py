@@ -19,6 +19,7 @@ from memoryformer.config import ModelConfig
 from memoryformer.models import LanguageModel
 from memoryformer.schema import OptimConfig
 from memoryformer.training.optim import build_optimizer, build_scheduler
+from memoryformer.training.parallelize import apply_activation_checkpointing, apply_compile
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,13 +75,14 @@ class LMTrainingModule(L.LightningModule):
         self.model_config = ModelConfig.from_dict(dict(model))
         self.optim_config = OptimConfig(**dict(optim))
         self.model = LanguageModel(self.model_config)
-        self.model.set_gradient_checkpointing(activation_checkpointing, every=activation_checkpointing_every)
+        if activation_checkpointing:
+            apply_activation_checkpointing(self.model, every=activation_checkpointing_every)
         self._compiled: Any = None
 
     def setup(self, stage: str) -> None:
         """Compile the model for training when asked; the compiled wrapper is kept out of `state_dict`."""
         if self.hparams.compile and self._compiled is None:
-            object.__setattr__(self, "_compiled", torch.compile(self.model))
+            object.__setattr__(self, "_compiled", apply_compile(self.model))
 
     def on_fit_start(self) -> None:
         """Record the data's tokenizer in the hyper-parameters, so checkpoints name it for the eval loader."""
