@@ -33,8 +33,6 @@ from memoryformer.training.run_lock import is_launching_process, run_lock
 from memoryformer.training.strategy import build_strategy
 
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
-#: Keys of the root config that are not Trainer arguments but are turned into them by `trainer_kwargs`.
-NOT_TRAINER_KEYS = ("gradient_clip_val",)
 
 
 @dataclass
