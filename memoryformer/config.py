@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 BLOCK_TYPES = ("memoryformer", "pythia")
+#: Keys that earlier versions saved with the model config and that no longer exist: `from_dict` drops them,
+#: so checkpoints written before their removal still load.
+RETIRED_KEYS = ("extra",)
 NORM_TYPES = ("rmsnorm", "layernorm")
 QKV_TYPES = ("memory", "linear")
 FFN_TYPES = ("memory_block", "mlp")
@@ -80,8 +83,6 @@ class ModelConfig:
     linformer_k: int = 64  # compressed rows per completed block (causal blockwise Linformer)
     linformer_block: int = 256  # block length L; L >= sequence length is exact causal softmax
     cosformer_m: int = 0  # M of the cos re-weighting; 0 = block_size (fixed, so decoding is well-defined)
-
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. source of a preset)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -232,6 +233,7 @@ class ModelConfig:
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build from a plain mapping (a checkpoint's saved config, a resolved Hydra node)."""
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in RETIRED_KEYS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
