@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -263,3 +263,36 @@ class GracefulInterrupt(L.Callback):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich's progress bar counting optimizer steps of `trainer.max_steps`: `step 120/8000`.
+
+    Runs here are sized by `max_steps` with `max_epochs=-1`, so Lightning's own bar would read `Epoch 0/-2`
+    and count micro-batches of one epoch; this one shows the run's real progress.
+    """
+
+    @property
+    def total_train_batches(self) -> int | float:
+        """The bar's total: `max_steps` when the run is sized in steps, else Lightning's batch count."""
+        max_steps = self.trainer.max_steps
+        return max_steps if max_steps and max_steps > 0 else super().total_train_batches
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._show_step(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._show_step(trainer)
+
+    def _show_step(self, trainer: L.Trainer) -> None:
+        if self.is_disabled or self.progress is None or self.train_progress_bar_id is None:
+            return
+        total = self.total_train_batches
+        text = f"step {trainer.global_step}/{total}"
+        if self.theme.description:  # the markup Lightning's bar puts around its descriptions
+            text = f"[{self.theme.description}]{text}"
+        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step, total=total,
+                             description=text)
+        self.refresh()
