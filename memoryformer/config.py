@@ -1,12 +1,12 @@
 """Typed model configuration: one dataclass for every architecture knob, with named presets.
 
 `ModelConfig.from_name("memoryformer_tiny")` returns the paper's MF-tiny; the same dataclass is the
-schema that Hydra validates `conf/model/*.yaml` against (see `memoryformer.conf_schema`). Every impossible
+schema that Hydra validates `conf/model/*.yaml` against (see `memoryformer.schema`). Every impossible
 combination fails in `__post_init__` with one sentence naming the key and the fix, so a bad command line
 never reaches a stack trace deep inside the model.
 
-Sources for the presets: `../shared/paper.md` sections 2, 3 and 6 (MemoryFormer, from the paper's
-Table 1 and the authors' released configs) and EleutherAI's Pythia configs (GPT-NeoX shapes).
+Sources for the presets: `docs/paper-notes.md` §2, §3 and §6 (MemoryFormer, from the paper's Table 1 and
+the authors' released configs) and EleutherAI's Pythia configs (GPT-NeoX shapes).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class ModelConfig:
     rotary_pct: float = 0.25
     rotary_base: int = 10000
 
-    # --- MemoryFormer block (paper section 2.4; released code, paper.md section 2) ---
+    # --- MemoryFormer block (paper §2.4; released code: docs/paper-notes.md §2) ---
     num_tables: int = 64  # K
     code_length: int = 8  # tau
     expand_bits: int = 2  # Memory Block layer 2 reads chunks of tau + expand_bits bits (Table 5)
