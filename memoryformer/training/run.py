@@ -256,7 +256,8 @@ def log_lightning_once() -> None:
 
     Lightning adds a console handler to its loggers at import, before Hydra configures logging; Hydra's root
     handlers (console and the run's log file) then print every Lightning record a second time. With root
-    handlers present, Lightning's console handlers go and its records propagate to root alone.
+    handlers present, Lightning's console handlers go and its records propagate to root alone. `train.py`
+    calls it once Hydra has set up logging; `train(cfg)` called from other code leaves logging alone.
     """
     if not logging.getLogger().handlers:
         return  # nobody else prints them (a plain script or a notebook): keep Lightning's own
@@ -270,7 +271,6 @@ def log_lightning_once() -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Check, build and fit one run; returns `{"val_loss", "train_loss", "step", "ckpt_dir", ...}`."""
-    log_lightning_once()
     plan = check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_dir = Path(cfg.paths.ckpt_dir)
