@@ -28,8 +28,9 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point: run `memoryformer.training.run.train` and return the final validation loss."""
-    from memoryformer.training.run import train
+    from memoryformer.training.run import log_lightning_once, train
 
+    log_lightning_once()  # Hydra has configured logging by now: one handler per line
     with exit_on_user_error():
         return train(cfg).get("val_loss")
 

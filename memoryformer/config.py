@@ -1,22 +1,25 @@
 """Typed model configuration: one dataclass for every architecture knob, with named presets.
 
 `ModelConfig.from_name("memoryformer_tiny")` returns the paper's MF-tiny; the same dataclass is the
-schema that Hydra validates `conf/model/*.yaml` against (see `memoryformer.conf_schema`). Every impossible
+schema that Hydra validates `conf/model/*.yaml` against (see `memoryformer.schema`). Every impossible
 combination fails in `__post_init__` with one sentence naming the key and the fix, so a bad command line
 never reaches a stack trace deep inside the model.
 
-Sources for the presets: `../shared/paper.md` sections 2, 3 and 6 (MemoryFormer, from the paper's
-Table 1 and the authors' released configs) and EleutherAI's Pythia configs (GPT-NeoX shapes).
+Sources for the presets: `docs/paper-notes.md` §2, §3 and §6 (MemoryFormer, from the paper's Table 1 and
+the authors' released configs) and EleutherAI's Pythia configs (GPT-NeoX shapes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 BLOCK_TYPES = ("memoryformer", "pythia")
+#: Keys that earlier versions saved with the model config and that no longer exist: `from_dict` drops them,
+#: so checkpoints written before their removal still load.
+RETIRED_KEYS = ("extra",)
 NORM_TYPES = ("rmsnorm", "layernorm")
 QKV_TYPES = ("memory", "linear")
 FFN_TYPES = ("memory_block", "mlp")
@@ -50,7 +53,7 @@ class ModelConfig:
     rotary_pct: float = 0.25
     rotary_base: int = 10000
 
-    # --- MemoryFormer block (paper section 2.4; released code, paper.md section 2) ---
+    # --- MemoryFormer block (paper §2.4; released code: docs/paper-notes.md §2) ---
     num_tables: int = 64  # K
     code_length: int = 8  # tau
     expand_bits: int = 2  # Memory Block layer 2 reads chunks of tau + expand_bits bits (Table 5)
@@ -80,8 +83,6 @@ class ModelConfig:
     linformer_k: int = 64  # compressed rows per completed block (causal blockwise Linformer)
     linformer_block: int = 256  # block length L; L >= sequence length is exact causal softmax
     cosformer_m: int = 0  # M of the cos re-weighting; 0 = block_size (fixed, so decoding is well-defined)
-
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. source of a preset)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -232,6 +233,7 @@ class ModelConfig:
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build from a plain mapping (a checkpoint's saved config, a resolved Hydra node)."""
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in RETIRED_KEYS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(

@@ -266,7 +266,7 @@ TABLE2_ATTENTION = {
 
 def table2_config(row: str) -> ModelConfig:
     """Pythia-410M with the attention of Table 2's `row` and our default knobs (`conf/experiment/<row>`)."""
-    return ModelConfig.from_name("pythia_410m", attention=TABLE2_ATTENTION[row], extra={"row": row})
+    return ModelConfig.from_name("pythia_410m", attention=TABLE2_ATTENTION[row])
 
 
 def _rounds_to(total: float, paper_g: float) -> bool:

@@ -3,8 +3,9 @@ published numbers and estimates.
 
 External numbers: Pythia trained on 299,892,736,000 tokens (143,000 steps x 1024 x 2048, EleutherAI's
 model cards) in 510 / 1,030 / 2,540 A100-40GB hours (70M / 160M / 410M, the Pythia paper's appendix);
-the released MemoryFormer configs train 106,418 steps (paper.md, "train-iters: 106418"); a MemoryFormer
-block gathers 3Kd + K(tau+2)K + Kd = 5.25 K d table entries per token at tau = 8 (paper.md section 5); A100
+the released MemoryFormer configs train 106,418 steps (docs/paper-notes.md §4); a MemoryFormer
+block gathers 3Kd + K(tau+2)K + Kd = 5.25 K d table entries per token at tau = 8 (docs/paper-notes.md
+§5); A100
 datasheet: 312 TFLOP/s dense fp16/bf16, 1,555 GB/s. The FLOPs per token are checked against the textbook
 count for a GPT-NeoX block, written out here.
 """
@@ -36,7 +37,7 @@ def test_memoryformer_rows_train_the_released_configs_steps():
                        ("mf_base", "memoryformer_base")):
         row = cb.row_budget(exp)
         assert row.model == model
-        assert row.tokens == 106_418 * 1024 * 2048  # ~223.2B, paper.md "≈223.2B tokens"
+        assert row.tokens == 106_418 * 1024 * 2048  # ~223.2B tokens, docs/paper-notes.md §4
         assert abs(row.tokens / 1e9 - 223.2) < 0.05
 
 
@@ -135,7 +136,7 @@ def test_pythia_rows_cost_the_published_a100_hours():
                                              ("mf_base", 24, 128, 1024)])
 def test_lookup_reads_are_the_papers_exact_gather_count(exp, layers, k, d):
     row = cb.row_budget(exp)
-    assert row.lookup_reads_per_token == layers * 5.25 * k * d  # paper.md section 5, tau = 8
+    assert row.lookup_reads_per_token == layers * 5.25 * k * d  # docs/paper-notes.md §5, tau = 8
     assert row.flops_per_token == pytest.approx(row.dense_flops_per_token + 3 * row.lookup_reads_per_token)
     # what is left dense in a MemoryFormer block is attention (2 s d per token) and the LM head (d x V)
     assert row.dense_flops_per_token == pytest.approx(3 * (layers * 2 * 2048 * d + d * 50304))

@@ -40,7 +40,8 @@ def test_every_trainer_config_composes_and_checks(trainer: str) -> None:
 @pytest.mark.parametrize("experiment", TABLE1_EXPERIMENTS)
 def test_paper_experiments_carry_the_papers_recipe(experiment: str) -> None:
     cfg = _compose(f"experiment={experiment}")
-    # paper.md section 4: 1024 sequences x 2048 tokens per step, Adam (0.9, 0.95), eps 1e-8, wd 0.1, clip 1.0
+    # docs/paper-notes.md §4: 1024 sequences x 2048 tokens per step, Adam (0.9, 0.95), eps 1e-8, wd 0.1,
+    # clip 1.0
     assert cfg.global_batch_size * cfg.data.seq_len == 2_097_152
     assert list(cfg.optim.betas) == [0.9, 0.95] and cfg.optim.eps == 1e-8 and cfg.optim.weight_decay == 0.1
     assert cfg.optim.grad_clip == 1.0 and cfg.optim.warmup_ratio == 0.01

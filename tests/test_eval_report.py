@@ -15,7 +15,7 @@ S = 2048
 
 
 def _formula(name: str) -> tuple[float, float]:
-    """The paper's FLOPs rule (paper section 2.4 / paper.md section 5), written independently here:
+    """The paper's FLOPs rule (paper §2.4 / docs/paper-notes.md §5), written independently here:
     attention 2 s^2 d; w/o attention 12 s d^2 (standard block) or 6 K s d (MemoryFormer block)."""
     c = ModelConfig.from_name(name)
     attn = 2 * S * S * c.n_embd
@@ -30,7 +30,7 @@ def test_counter_reproduces_table1_flops(name):
     ref_wo, ref_total = _formula(name)
     assert wo == pytest.approx(ref_wo, rel=1e-12) and total == pytest.approx(ref_total, rel=1e-12)
     if name == "memoryformer_small":
-        # The paper prints 1.0 G / 7.4 G, but its own rule gives 0.906 G / 7.348 G (paper.md section 5).
+        # The paper prints 1.0 G / 7.4 G, but its own rule gives 0.906 G / 7.348 G (docs/paper-notes.md §5).
         assert (round(wo, 1), round(total, 1)) == (0.9, 7.3)
         assert (row["flops_wo_attn_g"], row["flops_total_g"]) == (1.0, 7.4)
     else:
@@ -40,8 +40,8 @@ def test_counter_reproduces_table1_flops(name):
 def test_paper_data_file_averages_match_its_rows():
     for table in ("table1", "table2", "table6"):
         for row in paper_results()[table]:
-            # Avg. = mean of the six printed values, rounded half-up (paper.md section 3); cosFormer's printed
-            # 0.405 is the one row whose mean (0.4045) rounds half-up only with its unprinted digits.
+            # Avg. = mean of the six printed values, rounded half-up (docs/paper-notes.md §3); cosFormer's
+            # printed 0.405 is the one row whose mean (0.4045) rounds half-up only with its unprinted digits.
             assert abs(sum(row["scores"]) / 6 - row["avg"]) <= 0.0006, row["label"]
 
 

@@ -1,6 +1,7 @@
 """The FLOPs/memory tool reproduces the paper's cost columns (Tables 1, 3 and 5) from our modules' shapes.
 
-Expected values are the paper's printed numbers (../shared/paper.md sections 3 and 5), not our formulas.
+Expected values are the paper's printed numbers (Tables 1, 3 and 5 of arXiv 2411.12992; docs/paper-notes.md
+§3 and §5), not our formulas.
 """
 
 import json
@@ -28,7 +29,7 @@ def test_table1_flops_columns(name):
     ours_wo = cost.block.without_attention_paper / 1e9
     ours_total = cost.block.total_paper / 1e9
     if name == "memoryformer_small":
-        # 6 K s d = 6 * 96 * 2048 * 768 = 0.906 G; Total 2 s^2 d + that = 7.348 G (paper.md section 5).
+        # 6 K s d = 6 * 96 * 2048 * 768 = 0.906 G; Total 2 s^2 d + that = 7.348 G (docs/paper-notes.md §5).
         assert round(ours_wo, 3) == 0.906 and round(ours_total, 3) == 7.348
         return
     assert round(ours_wo, 1) == paper_wo
@@ -38,7 +39,7 @@ def test_table1_flops_columns(name):
 
 
 def test_exact_lookup_count_is_five_and_a_quarter_kd():
-    # QKV 3Kd + MB1 K(tau+2)K + MB2 Kd = 5.25 K d per token at tau = 8 (paper.md section 5).
+    # QKV 3Kd + MB1 K(tau+2)K + MB2 Kd = 5.25 K d per token at tau = 8 (docs/paper-notes.md §5).
     cfg = ModelConfig.from_name("memoryformer_tiny")
     cost = flops.model_cost(cfg, seq_len=2048)
     assert cost.block.dense == 0
@@ -72,7 +73,7 @@ def test_model_storage_columns_for_mf_tiny():
     cost = flops.model_cost("memoryformer_tiny")
     assert round(cost.qkv_layer_mb_fp16, 1) == 16.8  # Table 3, tau = 8 row
     assert round(cost.memory_block_mb_fp16, 1) == 88.1  # Table 5, 2 expanding bits
-    # paper.md section 6: tables 415.2M of ~466.8M parameters.
+    # docs/paper-notes.md §6: tables 415.2M of ~466.8M parameters.
     assert round(cost.params_tables / 1e6, 1) == 415.2
     assert round(cost.params_total / 1e6, 1) == 466.8
 

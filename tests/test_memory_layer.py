@@ -1,4 +1,4 @@
-"""MemoryLayer against the paper's formulas (../shared/paper.md section 1), written out here in float64.
+"""MemoryLayer against the paper's formulas (Eqs. 2-12; docs/paper-notes.md §1), written out in float64.
 
 The reference below never calls the module's helpers: it re-derives the hash (Eqs. 2-5, with the released
 code's MSB-first bit order), the factorised probability (Eq. 10), the released code's L1 score, the output
@@ -329,7 +329,7 @@ def test_invalid_construction_and_input_raise_one_clear_sentence():
 
 # ----------------------------------------------------------------------------- paper numbers
 def test_weight_statistics_match_paper_monte_carlo():
-    # paper.md section 1: for z ~ N(0, 1), tau = 8, E[p] ~= 0.134 and E[||z||_1 p] ~= 0.97.
+    # docs/paper-notes.md §1: for z ~ N(0, 1), tau = 8, E[p] ~= 0.134 and E[||z||_1 p] ~= 0.97.
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(200_000, 8, generator=gen)
     w_prob = MemoryLayer(8, 1, code_length=8, weighting="prob").hash(z).weights

@@ -25,7 +25,7 @@ def test_every_preset_has_a_yaml_and_they_agree():
         ("memoryformer_tiny", 6, 512, 8, 64),
         ("memoryformer_small", 12, 768, 12, 96),
         ("memoryformer_base", 24, 1024, 16, 128),
-        # paper.md section 6: the released small config has 6 layers and 8 heads.
+        # docs/paper-notes.md §6: the released small config has 6 layers and 8 heads.
         ("memoryformer_small_released", 6, 768, 8, 96),
     ],
 )

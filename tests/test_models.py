@@ -1,7 +1,7 @@
 """Tests of `memoryformer.models`: shapes, causality, KV cache, shared hash, Table 5 shapes, init, training.
 
-Reference numbers come from outside the model code: the paper's Table 5 and section 4 (../shared/paper.md),
-float64 formulas and independent implementations written here.
+Reference numbers come from outside the model code: the paper's Table 5 and the released code's
+initialisation (docs/paper-notes.md §3 and §4), float64 formulas and independent implementations written here.
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ def test_init_follows_released_code():
     # MF-tiny width (d = 512, K = 64) with one layer and a small vocabulary, to keep it fast.
     model = build_model("memoryformer_tiny", n_layer=1, vocab_size=2048)
     block = model.blocks[0]
-    # paper.md section 4: small_init std 0.0280 at d = 512 for embeddings, LM head and Q/K/V tables.
+    # docs/paper-notes.md §4: small_init std 0.0280 at d = 512 for embeddings, LM head and Q/K/V tables.
     attn = block.attn
     for tensor in (model.wte.weight, model.lm_head.weight, attn.q_proj.tables, attn.v_proj.tables):
         assert round(tensor.std().item(), 4) == pytest.approx(0.0280, abs=2e-4)

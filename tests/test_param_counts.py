@@ -1,7 +1,7 @@
 """Parameter counts, built on the meta device (no memory), against published numbers.
 
 Pythia: EleutherAI's totals and non-embedding counts (Pythia README, vocabulary padded to 50304).
-MemoryFormer: ../shared/paper.md section 6, derived from the released shapes, compared to the rounding
+MemoryFormer: docs/paper-notes.md §6, derived from the released shapes, compared to the rounding
 printed there.
 """
 

@@ -14,7 +14,7 @@ from memoryformer.training.optim import build_optimizer, build_scheduler, lr_mul
 
 
 def _reference_lr(step: int, lr: float, warmup: int, total: int, min_ratio: float) -> float:
-    """GPT-NeoX's warmup + cosine (paper.md section 4), written out for the test: lr of update `step+1`."""
+    """GPT-NeoX's warmup + cosine (docs/paper-notes.md §4), written out here: lr of update `step+1`."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / (total - warmup))

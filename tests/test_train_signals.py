@@ -14,6 +14,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+CALLBACKS_DIR = ROOT / "tests" / "fixtures" / "train"  # train_test_callbacks.py, imported by the child
 
 
 def _train_cmd(out: Path, *overrides: str) -> list[str]:
@@ -88,10 +89,12 @@ def test_ddp_two_cpu_processes_agree_on_the_weights(tmp_path: Path) -> None:
         "trainer.max_steps=3",
         "val_every_n_steps=3",
         "ckpt_every_n_steps=null",
-        "+callbacks.digest._target_=memoryformer.training.callbacks.ParameterDigest",
+        "+callbacks.digest._target_=train_test_callbacks.ParameterDigest",
         f"+callbacks.digest.dirpath={out}/digest",
     )
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    paths = [str(CALLBACKS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**_env(), "PYTHONPATH": os.pathsep.join(paths)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     digests = [json.loads((out / "digest" / f"digest_rank{r}.json").read_text()) for r in (0, 1)]
     assert digests[0]["step"] == digests[1]["step"] == 3

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from memoryformer.config import ConfigError, ModelConfig
+from memoryformer.config import ConfigError
 from memoryformer.evaluation.config import TASK_SETS, EvalSettings, EvaluateConfig
 from memoryformer.evaluation.data import TASKS_DIR, split_file
 
@@ -232,9 +232,3 @@ def results_markdown(results: dict[str, Any], settings: EvalSettings, info: dict
         "| " + " | ".join(f"{r['value']:.3f}" for r in rows) + f" | {avg:.3f} |",
     ]
     return "\n".join(lines) + "\n"
-
-
-def model_config_of(info: dict[str, Any]) -> ModelConfig | None:
-    """The `ModelConfig` recorded in a run_info dict, or None for a scripted scorer."""
-    raw = info.get("model")
-    return ModelConfig.from_dict(raw) if raw else None

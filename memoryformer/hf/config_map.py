@@ -46,7 +46,7 @@ HF_FIELDS = {
 }
 #: Fields that do not change the function the model computes: kept as metadata or dropped.
 #: `memory_impl` picks a compute path of the same lookup; the modeling file has its own torch path.
-NON_ARCHITECTURAL = {"name": "memoryformer_name", "extra": "memoryformer_extra", "memory_impl": None}
+NON_ARCHITECTURAL = {"name": "memoryformer_name", "memory_impl": None}
 
 
 def check_exportable(config: ModelConfig) -> None:
@@ -58,7 +58,7 @@ def check_exportable(config: ModelConfig) -> None:
     for f in dataclasses.fields(ModelConfig):
         if f.name in HF_FIELDS or f.name in NON_ARCHITECTURAL or f.name == "block":
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default
         value = getattr(config, f.name)
         if value != default:
             raise ConfigError(
@@ -73,7 +73,6 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
     check_exportable(config)
     out: dict[str, Any] = {hf: getattr(config, ours) for ours, hf in HF_FIELDS.items()}
     out["memoryformer_name"] = config.name
-    out["memoryformer_extra"] = dict(config.extra)
     return out
 
 
@@ -86,5 +85,4 @@ def from_hf_config(raw: Mapping[str, Any]) -> ModelConfig:
         )
     values: dict[str, Any] = {ours: raw[hf] for ours, hf in HF_FIELDS.items()}
     values["name"] = raw.get("memoryformer_name") or "memoryformer"
-    values["extra"] = dict(raw.get("memoryformer_extra") or {})
     return ModelConfig(block="memoryformer", **values)

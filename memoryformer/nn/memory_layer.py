@@ -25,7 +25,6 @@ keeping the released order keeps the authors' checkpoints loadable.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -267,8 +266,3 @@ class MemoryLayer(nn.Module):
     def storage_bytes_fp16(self) -> int:
         """Bytes of the tables in fp16, the paper's "Memory Size" unit (Tables 3 and 5)."""
         return self.tables.numel() * 2
-
-    @staticmethod
-    def table_std_small_init(d: int) -> float:
-        """GPT-NeoX `small_init` std, sqrt(2 / (5 d)), used for embeddings, LM head and QKV tables."""
-        return math.sqrt(2.0 / (5.0 * d))

@@ -1,4 +1,4 @@
-"""Training callbacks: throughput/MFU, Memory Layer bucket usage, loss printing, graceful interrupt.
+"""Training callbacks: throughput/MFU, Memory Layer bucket usage, loss printing, checkpoints, interrupts.
 
 FLOP convention: `memoryformer.flops.training_flops_per_token` counts a multiply-add as ONE FLOP (the
 paper's convention); the TFLOP/s and MFU logged here use the usual MFU convention of TWO FLOPs per
@@ -7,16 +7,14 @@ multiply-add, so `train/tflops` is comparable with a GPU's datasheet peak (e.g. 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -193,51 +191,67 @@ class LossPrinter(L.Callback):
             _print(f"step {trainer.global_step:>6} | val/loss {float(val):.4f}")
 
 
-class GracefulInterrupt(L.Callback):
-    """SIGTERM or SIGINT: finish the current batch, save `<dirpath>/last.ckpt`, then exit.
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint`, and the only writer of `last.ckpt`.
 
-    Also writes `last.ckpt` when training ends normally, so that it always holds the newest state.
-
-    Lightning already turns SIGTERM into a `SIGTERMException` at the next batch end; this callback makes
-    SIGINT (Ctrl+C) take the same path instead of a KeyboardInterrupt raised mid-step, and writes the
-    checkpoint from `on_exception`. Other exceptions (e.g. a NaN loss) save nothing, so the newest
+    With `save_last`, Lightning refreshes `last.ckpt` whenever a step checkpoint or a validation saves. This
+    subclass also writes it when training ends (the final step need not be a checkpoint step) and when
+    SIGTERM or SIGINT (see `GracefulInterrupt`) stops the run at a batch end, so that `ckpt_path=last`
+    always continues from the newest state. Other exceptions (e.g. a NaN loss) save nothing, so the newest
     checkpoint stays the last good one.
     """
 
-    def __init__(self, dirpath: str) -> None:
-        self.dirpath = dirpath
-        self._previous: Any = None
-        self.saved_path: str | None = None
+    def _write_last(self, trainer: L.Trainer) -> str | None:
+        """Save the current state as `<dirpath>/last.ckpt` (every rank calls it; rank 0 writes)."""
+        if not self.save_last or trainer.fast_dev_run or self.dirpath is None:
+            return None
+        path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        self.last_model_path = path  # before saving: the callback's state goes into the file
+        trainer.save_checkpoint(path, self.save_weights_only)
+        return path
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the final state (Lightning's own hook only writes it when nothing was saved before)."""
+        self._write_last(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """On SIGTERM / SIGINT write `last.ckpt` and say how to resume; other exceptions keep the old one."""
+        super().on_exception(trainer, pl_module, exception)  # honours save_on_exception if a user sets it
+        if not isinstance(exception, SIGTERMException | KeyboardInterrupt):
+            return
+        path = self._write_last(trainer)
+        if path:
+            rank_zero_info(
+                f"Interrupted at step {trainer.global_step}: saved {path}; resume with ckpt_path=last or "
+                f"ckpt_path={path}."
+            )
+
+
+class GracefulInterrupt(L.Callback):
+    """SIGINT (Ctrl+C) takes SIGTERM's path: finish the current batch, save `last.ckpt`, exit.
+
+    Lightning turns SIGTERM into a `SIGTERMException` at the next batch end, from which `RunCheckpoint`
+    saves. A plain Ctrl+C would raise KeyboardInterrupt in the middle of a step instead, so while training
+    this callback answers SIGINT by sending the process SIGTERM, through Lightning's own public handler.
+    """
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning registers its SIGTERM handler after on_fit_start, before on_train_start.
         if trainer.is_global_zero or trainer.world_size == 1:
             try:
                 self._previous = signal.signal(signal.SIGINT, self._on_sigint)
             except ValueError:  # not the main thread (e.g. inside a notebook worker)
                 self._previous = None
-        self._trainer = trainer
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
+    @staticmethod
+    def _on_sigint(signum: int, frame: Any) -> None:
         rank_zero_info("SIGINT received: stopping after this batch and saving a checkpoint.")
-        self._trainer._signal_connector.received_sigterm = True
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        if not isinstance(exception, SIGTERMException | KeyboardInterrupt):
-            return
-        path = os.path.join(self.dirpath, "last.ckpt")
-        trainer.save_checkpoint(path)
-        self.saved_path = path
-        rank_zero_info(
-            f"Interrupted at step {trainer.global_step}: saved {path}; resume with ckpt_path=last or "
-            f"ckpt_path={path}."
-        )
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # ModelCheckpoint writes last.ckpt only at validation / checkpoint steps; the final state of a run
-        # that completed must be the newest last.ckpt so that ckpt_path=last continues from it.
-        trainer.save_checkpoint(os.path.join(self.dirpath, "last.ckpt"))
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -251,32 +265,34 @@ class GracefulInterrupt(L.Callback):
             self._previous = None
 
 
-class ParameterDigest(L.Callback):
-    """At the end of fit, every rank writes `digest_rank<r>.json`: float64 sum and SHA-256 of its weights.
+class StepProgressBar(RichProgressBar):
+    """Rich's progress bar counting optimizer steps of `trainer.max_steps`: `step 120/8000`.
 
-    Lets a test (or a user debugging DDP divergence) check that all ranks hold identical parameters.
+    Runs here are sized by `max_steps` with `max_epochs=-1`, so Lightning's own bar would read `Epoch 0/-2`
+    and count micro-batches of one epoch; this one shows the run's real progress.
     """
 
-    def __init__(self, dirpath: str) -> None:
-        self.dirpath = dirpath
+    @property
+    def total_train_batches(self) -> int | float:
+        """The bar's total: `max_steps` when the run is sized in steps, else Lightning's batch count."""
+        max_steps = self.trainer.max_steps
+        return max_steps if max_steps and max_steps > 0 else super().total_train_batches
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        sha = hashlib.sha256()
-        total = 0.0
-        for name, p in sorted(pl_module.state_dict().items()):
-            t = p.detach().cpu().contiguous()
-            sha.update(name.encode())
-            sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            total += float(t.double().sum())
-        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-        out = Path(self.dirpath) / f"digest_rank{trainer.global_rank}.json"
-        out.write_text(
-            json.dumps(
-                {
-                    "rank": trainer.global_rank,
-                    "sum": total,
-                    "sha256": sha.hexdigest(),
-                    "step": trainer.global_step,
-                }
-            )
-        )
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._show_step(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._show_step(trainer)
+
+    def _show_step(self, trainer: L.Trainer) -> None:
+        if self.is_disabled or self.progress is None or self.train_progress_bar_id is None:
+            return
+        total = self.total_train_batches
+        text = f"step {trainer.global_step}/{total}"
+        if self.theme.description:  # the markup Lightning's bar puts around its descriptions
+            text = f"[{self.theme.description}]{text}"
+        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step, total=total,
+                             description=text)
+        self.refresh()

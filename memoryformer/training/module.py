@@ -68,7 +68,6 @@ class LMTrainingModule(L.LightningModule):
         activation_checkpointing: bool = False,
         activation_checkpointing_every: int = 1,
         compile: bool = False,
-        check_finite_grads: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -137,7 +136,7 @@ class LMTrainingModule(L.LightningModule):
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             # fp16 loss scaling skips steps with inf gradients by design: only check other precisions.
             fp16 = str(self.trainer.precision).startswith("16")
-            if self.hparams.check_finite_grads and not fp16 and not torch.isfinite(norm):
+            if not fp16 and not torch.isfinite(norm):
                 raise NonFiniteLossError(
                     f"gradient norm is {norm.item()} at step {self.global_step}; the run stops before this "
                     f"update, so the newest checkpoint holds the last good weights. Lower optim.lr or "

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of the paper's recipe (Pythia's, paper.md section 4).
+"""Optimizer and learning-rate schedule of the paper's recipe (Pythia's; paper §3, docs/paper-notes.md §4).
 
 AdamW with betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on weight matrices only (never on biases or norm
 gains, i.e. parameters with fewer than 2 dims); the Memory Layer tables are decayed like weights unless

@@ -7,6 +7,7 @@ naming the key and the fix, before anything is built.
 
 from __future__ import annotations
 
+import logging
 import math
 import netrc
 import os
@@ -33,8 +34,8 @@ from memoryformer.training.run_lock import is_launching_process, run_lock
 from memoryformer.training.strategy import build_strategy
 
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
-#: Keys of the root config that are not Trainer arguments but are turned into them by `trainer_kwargs`.
-NOT_TRAINER_KEYS = ("gradient_clip_val",)
+#: Loggers to which Lightning attaches its own console handler when it is imported.
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 
 
 @dataclass
@@ -248,6 +249,24 @@ def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[L.Callback]:
 def build_loggers(cfg: DictConfig) -> list[Any]:
     """Instantiate every entry of `cfg.logger` (name -> `_target_` mapping); none means no logging."""
     return [instantiate(spec) for spec in (cfg.logger or {}).values() if spec is not None]
+
+
+def log_lightning_once() -> None:
+    """Print each Lightning log line once, through the root logger's handlers when it has any.
+
+    Lightning adds a console handler to its loggers at import, before Hydra configures logging; Hydra's root
+    handlers (console and the run's log file) then print every Lightning record a second time. With root
+    handlers present, Lightning's console handlers go and its records propagate to root alone. `train.py`
+    calls it once Hydra has set up logging; `train(cfg)` called from other code leaves logging alone.
+    """
+    if not logging.getLogger().handlers:
+        return  # nobody else prints them (a plain script or a notebook): keep Lightning's own
+    for name in LIGHTNING_LOGGERS:
+        lightning_logger = logging.getLogger(name)
+        for handler in list(lightning_logger.handlers):
+            if type(handler) is logging.StreamHandler:  # Lightning's console handler; a user's file stays
+                lightning_logger.removeHandler(handler)
+        lightning_logger.propagate = True
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
