@@ -158,9 +158,9 @@ def row_budget(experiment: str) -> RowBudget:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from memoryformer.conf_schema import register_configs
     from memoryformer.config import ModelConfig
     from memoryformer.flops import model_cost, training_flops_per_token
-    from memoryformer.schema import register_configs
 
     if not (CONF_DIR / "experiment" / f"{experiment}.yaml").exists():
         known = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))

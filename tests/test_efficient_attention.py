@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from memoryformer import flops
 from memoryformer.checkpoint import export_model, load_model
+from memoryformer.conf_schema import register_configs
 from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.models import LanguageModel
 from memoryformer.models.efficient_attention import (
@@ -25,7 +26,6 @@ from memoryformer.models.efficient_attention import (
     PerformerCore,
     causal_linear_attention,
 )
-from memoryformer.schema import register_configs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the paper-table printer
 import paper_flops  # noqa: E402

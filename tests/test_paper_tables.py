@@ -21,9 +21,9 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from memoryformer.conf_schema import OptimConfig, register_configs
 from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.models import LanguageModel
-from memoryformer.schema import OptimConfig, register_configs
 from memoryformer.training.optim import build_optimizer, build_scheduler
 from memoryformer.training.run import check_config, optim_for_precision
 

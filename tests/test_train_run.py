@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from memoryformer.schema import register_configs
+from memoryformer.conf_schema import register_configs
 from memoryformer.training.callbacks import bucket_usage
 from memoryformer.training.module import NonFiniteLossError
 from memoryformer.training.run import train

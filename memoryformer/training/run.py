@@ -22,9 +22,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from memoryformer.atomic_io import atomic_write_text
+from memoryformer.conf_schema import OptimConfig
 from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.data.config import DataConfig
-from memoryformer.schema import OptimConfig
 from memoryformer.training.callbacks import ThroughputMonitor
 from memoryformer.training.checkpoint_io import SafeCheckpointIO
 from memoryformer.training.module import LMTrainingModule
