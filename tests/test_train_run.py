@@ -221,7 +221,7 @@ def test_make_train_recipe_learns(tmp_path: Path) -> None:
 
     from memoryformer.checkpoint import load_model
     from memoryformer.evaluation.config import EvalSettings, EvaluateConfig
-    from memoryformer.evaluation.harness import MemoryFormerLM
+    from memoryformer.evaluation.lm_adapter import MemoryFormerLM
     from memoryformer.evaluation.runner import run_evaluation
     from memoryformer.models import LanguageModel
 

@@ -30,8 +30,8 @@ from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.evaluation.ablations import ablation_markdown, ablation_rows, plot_ablation
 from memoryformer.evaluation.config import EvalSettings
 from memoryformer.evaluation.paper import COLUMN_TASKS, paper_results
-from memoryformer.evaluation.runner import task_scores
 from memoryformer.evaluation.runs import EvalRun, Runs, TrainRun, config_value, find_runs, same_value
+from memoryformer.evaluation.scores import task_scores
 
 GIGA = 1e9
 ACCURACY_TABLES = ("table1", "table2", "table6")
