@@ -70,7 +70,7 @@ export: $(STAMP) ## a checkpoint as a Hugging Face model dir: make export CKPT=p
 	$(PY) -m memoryformer.export checkpoint=$(CKPT) out=$(OUT)
 
 flops: $(STAMP) ## parameters, FLOPs per block and table storage of the paper's models
-	$(PY) -m memoryformer.flops
+	$(PY) benchmarks/paper_flops.py
 
 docker-build: ## build the GPU image (needs a Docker engine)
 	docker build -f docker/Dockerfile -t memoryformer:latest .

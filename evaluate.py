@@ -32,8 +32,9 @@ def main(cfg: DictConfig) -> float:
     metrics (or, when only perplexity tasks ran, their average word perplexity) for Hydra sweepers."""
     from memoryformer.checkpoint import CheckpointError
     from memoryformer.evaluation.data import DataError
-    from memoryformer.evaluation.harness import AdapterError
-    from memoryformer.evaluation.runner import run_evaluation, task_scores
+    from memoryformer.evaluation.lm_adapter import AdapterError
+    from memoryformer.evaluation.runner import run_evaluation
+    from memoryformer.evaluation.scores import task_scores
 
     try:
         config = EvaluateConfig.from_mapping(cfg)

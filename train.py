@@ -17,8 +17,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from memoryformer.conf_schema import register_configs
 from memoryformer.errors import exit_on_user_error, reports_user_errors
-from memoryformer.schema import register_configs
 
 register_configs()
 

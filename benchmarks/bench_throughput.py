@@ -12,7 +12,7 @@ reads; under `trainer=deepspeed_zero2` the weights are bf16 and a step moves abo
 so a number from here is conservative for DeepSpeed runs) or fp32 on CPU. tokens/s = micro-batch x seq /
 median step time after warm-up steps. A model whose weights, gradients and two AdamW moments do not fit the
 device (MF-base: 6.7B parameters, ~108 GB) is reported as such, not measured: measure it in a sharded run
-(`trainer=deepspeed_zero2`) and record that with `python -m memoryformer.compute_budget record`.
+(`trainer=deepspeed_zero2`) and record that with `python benchmarks/compute_budget.py record`.
 
 `run(quick)` (for `benchmarks/run.py`) prints the cost table from the recorded measurements; with `quick` it
 also measures the nano model, so that CI runs this code.
@@ -34,8 +34,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
 from benchutil import copy_bandwidth, cpu_model, load_average, proc_kib_field  # noqa: E402
-
-from memoryformer.compute_budget import (  # noqa: E402
+from compute_budget import (  # noqa: E402
     MEASUREMENTS,
     PAPER_EXPERIMENTS,
     PEAK_BF16_TFLOPS,
@@ -48,10 +47,11 @@ from memoryformer.compute_budget import (  # noqa: E402
     save_measurement,
     today,
 )
+
+from memoryformer.conf_schema import OptimConfig  # noqa: E402
 from memoryformer.config import ModelConfig  # noqa: E402
 from memoryformer.flops import model_cost  # noqa: E402
 from memoryformer.models import LanguageModel  # noqa: E402
-from memoryformer.schema import OptimConfig  # noqa: E402
 from memoryformer.training.optim import build_optimizer  # noqa: E402
 
 #: Bytes per parameter held during training: fp32 weight + fp32 grad + two fp32 AdamW moments.
@@ -209,8 +209,8 @@ def run(quick: bool = False) -> str:
         "## 5. Cost of the paper's rows\n\n"
         "Tokens from `conf/experiment`, FLOPs from `memoryformer.flops`, device-hours from the training "
         "throughputs recorded in `docs/throughput.json` (`benchmarks/bench_throughput.py --record` on the "
-        "device, or `python -m memoryformer.compute_budget record` from a real run), EleutherAI's published "
-        "Pythia GPU-hours, and estimates where nothing is measured (`memoryformer/compute_budget.py`).\n\n"
+        "device, or `python benchmarks/compute_budget.py record` from a real run), EleutherAI's published "
+        "Pythia GPU-hours, and estimates where nothing is measured (`benchmarks/compute_budget.py`).\n\n"
         + format_cost_table(measurements, include_cpu=True) + "\n\n"
         + method_check_text(measurements, device, copy_bandwidth(64 if quick else 256)) + "\n"
     )

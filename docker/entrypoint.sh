@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."  # the repository root: /workspace/memoryformer in the image
 case "${1:-}" in
   evaluate) shift; exec python evaluate.py hydra.run.dir=/outputs/eval/\${now:%Y-%m-%d_%H-%M-%S} "$@" ;;
-  flops)    shift; exec python -m memoryformer.flops "$@" ;;
+  flops)    shift; exec python benchmarks/paper_flops.py "$@" ;;
   train)    shift; exec python train.py hydra.run.dir=/outputs/train/\${now:%Y-%m-%d_%H-%M-%S} "$@" ;;
   "")       exec python train.py hydra.run.dir=/outputs/train/\${now:%Y-%m-%d_%H-%M-%S} ;;
   -*|*=*)   exec python train.py hydra.run.dir=/outputs/train/\${now:%Y-%m-%d_%H-%M-%S} "$@" ;;

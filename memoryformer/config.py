@@ -1,7 +1,7 @@
 """Typed model configuration: one dataclass for every architecture knob, with named presets.
 
 `ModelConfig.from_name("memoryformer_tiny")` returns the paper's MF-tiny; the same dataclass is the
-schema that Hydra validates `conf/model/*.yaml` against (see `memoryformer.schema`). Every impossible
+schema that Hydra validates `conf/model/*.yaml` against (see `memoryformer.conf_schema`). Every impossible
 combination fails in `__post_init__` with one sentence naming the key and the fix, so a bad command line
 never reaches a stack trace deep inside the model.
 

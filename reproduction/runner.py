@@ -61,7 +61,7 @@ def in_process_executor() -> Executor:
     """Compose `argv` with Hydra's API and call `memoryformer.training.run.train` in this process (tests)."""
     from hydra import compose, initialize_config_dir
 
-    from memoryformer.schema import register_configs
+    from memoryformer.conf_schema import register_configs
     from memoryformer.training.run import train
 
     register_configs()

@@ -7,7 +7,7 @@
    the mean train loss of the last 5 steps is at least LOSS_DROP_NATS below that of the first 5.
 3. throughput: lookup bandwidth (GB/s of table rows read by the forward) and MF-tiny's training
    tokens/s and MFU (multiply-adds from `memoryformer.flops.training_flops_per_token`, x2 FLOPs, over the
-   datasheet peak in `memoryformer.compute_budget.PEAK_BF16_TFLOPS`).
+   datasheet peak in `benchmarks/compute_budget.py`'s `PEAK_BF16_TFLOPS`).
 4. Everything goes to docs/gpu_check.json (device, torch / CUDA versions, timestamps, pass/fail per check).
 
 Without CUDA it prints one sentence and exits 2. The parts are functions so that tests can run the
@@ -34,8 +34,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python scripts/gpu_check.py` from a checkout
+sys.path.insert(1, str(ROOT / "benchmarks"))
 
-from memoryformer.compute_budget import PEAK_BF16_TFLOPS  # noqa: E402
+from compute_budget import PEAK_BF16_TFLOPS  # noqa: E402
+
 from memoryformer.nn import MemoryLayer  # noqa: E402
 from memoryformer.nn.memory_ops import resolve_impl, weighted_lookup  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Regenerate the generated parts of README.md: the model table (from the FLOPs tool) and the cost table
-of the paper's rows (from `memoryformer.compute_budget` and the measurements in docs/throughput.json).
+of the paper's rows (from `benchmarks/compute_budget.py` and the measurements in docs/throughput.json).
 
     python scripts/update_readme.py          # rewrite README.md in place
     python scripts/update_readme.py --check  # exit 1 if README.md is out of date (used by the tests)
@@ -21,15 +21,15 @@ README_MODELS = (
 
 
 def model_table(seq_len: int = 2048) -> str:
-    """The README's model table: `python -m memoryformer.flops` columns for every `conf/model` preset."""
-    sys.path.insert(0, str(ROOT))
-    from memoryformer import flops
+    """The README's model table: `python benchmarks/paper_flops.py` columns for every `conf/model` preset."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import paper_flops
 
-    costs = [flops.model_cost(name, seq_len) for name in README_MODELS]
-    table = flops.format_table1(costs)
+    costs = [paper_flops.model_cost(name, seq_len) for name in README_MODELS]
+    table = paper_flops.format_table1(costs)
     # README readers pick configs by their conf/model name, so show it beside the paper's label.
     for name in README_MODELS:
-        label = flops.PAPER_LABELS.get(name, name)
+        label = paper_flops.PAPER_LABELS.get(name, name)
         shown = f"`{name}` ({label})" if label != name else f"`{name}`"
         table = table.replace(f"| {label} |", f"| {shown} |", 1)
     return table
@@ -37,9 +37,9 @@ def model_table(seq_len: int = 2048) -> str:
 
 def cost_table() -> str:
     """The README's "What a row costs" table: tokens, FLOPs and device-hours per paper row (measured,
-    published or estimated; see `memoryformer.compute_budget`)."""
-    sys.path.insert(0, str(ROOT))
-    from memoryformer import compute_budget
+    published or estimated; see `benchmarks/compute_budget.py`)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compute_budget
 
     return compute_budget.format_cost_table(compute_budget.load_measurements())
 

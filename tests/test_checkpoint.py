@@ -129,7 +129,7 @@ def test_lightning_ckpt_without_model_config_is_one_clear_sentence(tmp_path):
 
 
 def test_adapter_loads_a_lightning_ckpt_with_its_tokenizer(tmp_path):
-    from memoryformer.evaluation.harness import MemoryFormerLM
+    from memoryformer.evaluation.lm_adapter import MemoryFormerLM
 
     model = tiny_model(seed=4)
     tok = save_tokenizer(tmp_path / "tok.json")

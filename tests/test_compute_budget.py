@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from memoryformer import compute_budget as cb
 from memoryformer.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # compute_budget.py is a benchmark module, not in the package
+import compute_budget as cb  # noqa: E402
 
 
 def test_pythia_rows_train_on_pythias_published_token_count():

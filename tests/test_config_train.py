@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
+from memoryformer.conf_schema import register_configs
 from memoryformer.config import ConfigError
-from memoryformer.schema import register_configs
 from memoryformer.training.run import check_config, trainer_kwargs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

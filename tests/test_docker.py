@@ -193,7 +193,7 @@ def test_entrypoint_forwards_overrides_to_train_py(entrypoint):
 def test_entrypoint_runs_evaluate_flops_and_other_commands(entrypoint):
     assert entrypoint("evaluate", "checkpoint=/outputs/x.ckpt") == (
         "python evaluate.py hydra.run.dir=/outputs/eval/${now:%Y-%m-%d_%H-%M-%S} checkpoint=/outputs/x.ckpt")
-    assert entrypoint("flops", "--json") == "python -m memoryformer.flops --json"
+    assert entrypoint("flops", "--json") == "python benchmarks/paper_flops.py --json"
     assert entrypoint("echo", "hello") == "hello"
     # it runs from the repository root wherever it is called from, so train.py resolves
     assert entrypoint("pwd") == str(ROOT)

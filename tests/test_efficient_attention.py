@@ -7,6 +7,7 @@ quadratic form, and the FLOPs formulas of the Performer, cosFormer and blockwise
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 
 from memoryformer import flops
 from memoryformer.checkpoint import export_model, load_model
+from memoryformer.conf_schema import register_configs
 from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.models import LanguageModel
 from memoryformer.models.efficient_attention import (
@@ -24,7 +26,9 @@ from memoryformer.models.efficient_attention import (
     PerformerCore,
     causal_linear_attention,
 )
-from memoryformer.schema import register_configs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the paper-table printer
+import paper_flops  # noqa: E402
 
 ATTENTIONS = ["softmax", "linformer", "cosformer", "performer"]
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -304,7 +308,7 @@ def test_bf16_autocast_keeps_prefix_sums_in_float32(attention):
 def test_flops_of_the_three_attentions_match_formulas_by_hand():
     s, d, h, hs = 2048, 1024, 16, 64
     dense = 12 * s * d * d
-    costs = {r["row"]: r for r in flops.table2_rows(s)}
+    costs = {r["row"]: r for r in paper_flops.table2_rows(s)}
     # Performer, m = int(64 ln 64) = 266: W q and W k (2 m hs), S update and read-out (2 m hs), z (2 m).
     m = 266
     assert costs["performer_410m"]["attention_flops"] == s * h * (4 * m * hs + 2 * m)
@@ -324,13 +328,13 @@ def test_flops_of_the_three_attentions_match_formulas_by_hand():
 
 
 def test_flops_tool_prints_table2_with_the_papers_numbers(capsys):
-    assert flops.main(["--model", "pythia_410m"]) == 0
+    assert paper_flops.main(["--model", "pythia_410m"]) == 0
     out = capsys.readouterr().out
     assert "## Table 2" in out
     for row, paper in (("linformer_410m", "26.1"), ("cosformer_410m", "30.0"), ("performer_410m", "26.7")):
         line = next(line for line in out.splitlines() if line.startswith(f"| `{row}`"))
         assert f"| {paper} |" in line
-    performer = next(r for r in flops.table2_rows() if r["row"] == "performer_410m")
+    performer = next(r for r in paper_flops.table2_rows() if r["row"] == "performer_410m")
     # 25.770 G dense + m * 2048 * 16 * (4 * 64 + 2) rounds to 26.7 G for m = 105..115
     assert performer["reproduces_paper"].startswith("m = 105..115")
 

@@ -5,11 +5,16 @@ Expected values are the paper's printed numbers (Tables 1, 3 and 5 of arXiv 2411
 """
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from memoryformer import flops
 from memoryformer.config import ModelConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the paper-table printer
+import paper_flops  # noqa: E402
 
 # Paper Table 1: (FLOPs w/o Attn., Total FLOPs) per block at s = 2048, in G, as printed.
 TABLE1 = {
@@ -60,12 +65,12 @@ def test_figure1_ratio_at_d_2048():
 
 
 def test_table3_memory_sizes():
-    sizes = [round(r["memory_mb_fp16"], 1) for r in flops.table3_rows()]
+    sizes = [round(r["memory_mb_fp16"], 1) for r in paper_flops.table3_rows()]
     assert sizes == [2.1, 16.8, 53.5]
 
 
 def test_table5_memory_sizes():
-    sizes = [round(r["memory_mb_fp16"], 1) for r in flops.table5_rows()]
+    sizes = [round(r["memory_mb_fp16"], 1) for r in paper_flops.table5_rows()]
     assert sizes == [33.6, 52.4, 88.1, 157.3]
 
 
@@ -86,10 +91,10 @@ def test_pythia_has_no_tables_and_dense_12sd2():
 
 
 def test_cli_markdown_and_json(capsys):
-    assert flops.main([]) == 0
+    assert paper_flops.main([]) == 0
     out = capsys.readouterr().out
     assert "MF-tiny" in out and "157.3" in out and "0.906" in out
-    assert flops.main(["--model", "nano", "--seq-len", "256", "--json"]) == 0
+    assert paper_flops.main(["--model", "nano", "--seq-len", "256", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["models"][0]["name"] == "nano"
     assert data["models"][0]["block"]["seq_len"] == 256

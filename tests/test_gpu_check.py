@@ -81,7 +81,7 @@ def test_read_metrics_orders_steps(tmp_path: Path) -> None:
 def test_fit_command_composes_and_checks(tmp_path: Path) -> None:
     from hydra import compose, initialize_config_dir
 
-    from memoryformer.schema import register_configs
+    from memoryformer.conf_schema import register_configs
     from memoryformer.training.run import check_config
 
     register_configs()

@@ -14,7 +14,7 @@ from eval_test_helpers import FIXTURES, save_tokenizer, tiny_model  # noqa: E402
 
 from memoryformer.checkpoint import export_model  # noqa: E402
 from memoryformer.evaluation.config import EvaluateConfig  # noqa: E402
-from memoryformer.evaluation.harness import MemoryFormerLM  # noqa: E402
+from memoryformer.evaluation.lm_adapter import MemoryFormerLM  # noqa: E402
 from memoryformer.evaluation.runner import run_evaluation  # noqa: E402
 
 TASKS = ["piqa", "arc_easy"]

@@ -24,7 +24,7 @@ from eval_test_helpers import EOT, FIXTURES, byte_tokenizer, tiny_model  # noqa:
 from memoryformer.data.indexed import MMapIndexedDataset  # noqa: E402
 from memoryformer.data.sample import build_sample_corpus, export_heldout  # noqa: E402
 from memoryformer.evaluation.config import EvalSettings, EvaluateConfig  # noqa: E402
-from memoryformer.evaluation.harness import MemoryFormerLM  # noqa: E402
+from memoryformer.evaluation.lm_adapter import MemoryFormerLM  # noqa: E402
 from memoryformer.evaluation.runner import run_evaluation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

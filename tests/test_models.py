@@ -345,7 +345,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(every):
 
 
 def test_training_module_applies_activation_checkpointing_every_nth_block():
-    from memoryformer.schema import OptimConfig
+    from memoryformer.conf_schema import OptimConfig
     from memoryformer.training import LMTrainingModule
 
     config = tiny(n_layer=3).to_dict()

@@ -21,14 +21,16 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from memoryformer import flops
+from memoryformer.conf_schema import OptimConfig, register_configs
 from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.models import LanguageModel
-from memoryformer.schema import OptimConfig, register_configs
 from memoryformer.training.optim import build_optimizer, build_scheduler
 from memoryformer.training.run import check_config, optim_for_precision
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the paper-table printer
+import paper_flops  # noqa: E402
+
 CONF = ROOT / "conf"
 register_configs()
 
@@ -203,7 +205,7 @@ def test_hashed_width_model_runs_and_ignores_unhashed_dims_in_its_codes():
 
 def test_flops_tool_prints_table3_rows():
     # Table 3: FLOPs of one Memory Layer at s = 2048 (printed rounded up) and Memory Size of Memory Layer Q
-    rows = flops.table3_rows()
+    rows = paper_flops.table3_rows()
     assert [(r["d"], r["tau"], r["K"], r["out"]) for r in rows] == [(512, 4, 128, 512), (512, 8, 64, 512),
                                                                      (510, 10, 51, 512)]
     assert [math.ceil(r["flops_g"] * 100) / 100 for r in rows] == [0.14, 0.07, 0.06]

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from memoryformer.schema import register_configs  # noqa: E402
+from memoryformer.conf_schema import register_configs  # noqa: E402
 from reproduction import protocol  # noqa: E402
 from reproduction.__main__ import main as reproduce  # noqa: E402
 from reproduction.report import Stat, compare  # noqa: E402

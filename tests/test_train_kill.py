@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from memoryformer.schema import register_configs
+from memoryformer.conf_schema import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 6

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from memoryformer.conf_schema import OptimConfig
 from memoryformer.models import build_model
 from memoryformer.nn.memory_layer import MemoryLayer
-from memoryformer.schema import OptimConfig
 from memoryformer.training.optim import build_optimizer, build_scheduler, lr_multiplier, parameter_groups
 
 

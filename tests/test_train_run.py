@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from memoryformer.schema import register_configs
+from memoryformer.conf_schema import register_configs
 from memoryformer.training.callbacks import bucket_usage
 from memoryformer.training.module import NonFiniteLossError
 from memoryformer.training.run import train
@@ -94,6 +94,14 @@ def test_checkpoint_is_loadable_by_the_evaluation_loader(smoke_run: tuple[Path, 
     x = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(model(x)[0], exported(x)[0])
     assert tok is not None and tok2 is not None
+
+
+def test_token_count_is_saved_under_the_key_older_checkpoints_use(smoke_run: tuple[Path, dict]) -> None:
+    # TokenThroughputMonitor was called ThroughputMonitor; Lightning keys callback state by class name,
+    # so the state keeps the old key and runs saved before the rename resume their token count.
+    out, _ = smoke_run
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["callbacks"]["ThroughputMonitor"] == {"tokens_seen": 8 * 4 * 32}
 
 
 @pytest.mark.slow
@@ -221,7 +229,7 @@ def test_make_train_recipe_learns(tmp_path: Path) -> None:
 
     from memoryformer.checkpoint import load_model
     from memoryformer.evaluation.config import EvalSettings, EvaluateConfig
-    from memoryformer.evaluation.harness import MemoryFormerLM
+    from memoryformer.evaluation.lm_adapter import MemoryFormerLM
     from memoryformer.evaluation.runner import run_evaluation
     from memoryformer.models import LanguageModel
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from memoryformer.conf_schema import register_configs
 from memoryformer.config import ConfigError
-from memoryformer.schema import register_configs
 from memoryformer.training.strategy import build_strategy, deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ DS_SCRIPT = textwrap.dedent(
     import json, os, sys
     import torch, deepspeed
     from memoryformer.models import build_model
-    from memoryformer.schema import OptimConfig
+    from memoryformer.conf_schema import OptimConfig
     from memoryformer.training.optim import build_optimizer
     from memoryformer.training.strategy import deepspeed_config
 

@@ -51,6 +51,90 @@ class _ResumingLoader(DataLoader):
         return super().__iter__()
 
 
+class _IndexedSplit:
+    """A split of an index-backed source: a map-style dataset of samples, read through `MegatronSampler`."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def train_loader(self, dm: LMDataModule) -> DataLoader:
+        rank, world = dm._dist()
+        sampler = MegatronSampler(
+            len(self.dataset),
+            dm.micro_batch_size,
+            rank,
+            world,
+            wrap=True,
+            start_fn=lambda: dm.consumed_samples,
+        )
+        return DataLoader(
+            self.dataset,
+            batch_size=dm.micro_batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=dm.cfg.num_workers,
+            collate_fn=collate_samples,
+            persistent_workers=dm.cfg.num_workers > 0,
+        )
+
+    def val_loader(self, dm: LMDataModule) -> DataLoader:
+        rank, world = dm._dist()
+        total = min(len(self.dataset), dm.cfg.val_samples)
+        total = max(total, min(len(self.dataset), dm.micro_batch_size * world))
+        sampler = MegatronSampler(total, dm.micro_batch_size, rank, world)
+        return DataLoader(
+            self.dataset,
+            batch_size=dm.micro_batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=dm.cfg.num_workers,
+            collate_fn=collate_samples,
+        )
+
+
+class _StreamSplit:
+    """A split of a streaming source (files or hub): where its documents come from (`PackedStream`'s
+    `source`) and which of them it keeps (`doc_filter`, None for all); a fresh stream per DataLoader."""
+
+    def __init__(self, source: dict[str, Any], doc_filter: tuple[int, int, bool] | None) -> None:
+        self.source, self.doc_filter = source, doc_filter
+
+    def stream(self, dm: LMDataModule, limit: int | None = None) -> PackedStream:
+        rank, world = dm._dist()
+        return PackedStream(
+            self.source,
+            dm._tokenizer_path,
+            dm._eos,
+            dm.cfg.seq_len,
+            rank,
+            world,
+            dm.micro_batch_size,
+            self.doc_filter,
+            limit,
+        )
+
+    def train_loader(self, dm: LMDataModule) -> DataLoader:
+        return _ResumingLoader(
+            dm,
+            self.stream(dm),
+            batch_size=dm.micro_batch_size,
+            num_workers=dm.cfg.num_workers,
+            collate_fn=collate_samples,
+            drop_last=True,
+        )
+
+    def val_loader(self, dm: LMDataModule) -> DataLoader:
+        _, world = dm._dist()
+        stream = self.stream(dm, limit=max(1, dm.cfg.val_samples // world))
+        return DataLoader(stream, batch_size=dm.micro_batch_size, collate_fn=collate_samples)
+
+
 class LMDataModule(L.LightningDataModule):
     """Train/val dataloaders for a `DataConfig`, with exact resume and Megatron-style rank assignment.
 
@@ -85,7 +169,9 @@ class LMDataModule(L.LightningDataModule):
         self._tokenizer_path: str | None = None
         self._vocab_size: int | None = None
         self._eos: int | None = None
-        self._train = self._val = None
+        # the training and validation splits (`_IndexedSplit` or `_StreamSplit`), known after `setup()`
+        self._train: _IndexedSplit | _StreamSplit | None = None
+        self._val: _IndexedSplit | _StreamSplit | None = None
 
     # ------------------------------------------------------------------ environment
     def _dist(self) -> tuple[int, int]:
@@ -190,7 +276,7 @@ class LMDataModule(L.LightningDataModule):
             )
         wanted = self._train_samples_wanted()
         if len(train_sets) == 1:
-            self._train = self._samples(train_sets[0], wanted, split_docs[0][0], "train")
+            self._train = _IndexedSplit(self._samples(train_sets[0], wanted, split_docs[0][0], "train"))
         else:
             weights = list(weights) or [
                 float(ds.sizes[d].sum()) for ds, (d, _) in zip(train_sets, split_docs, strict=True)
@@ -205,15 +291,19 @@ class LMDataModule(L.LightningDataModule):
                 self._samples(ds, n, d, "train")
                 for ds, n, (d, _) in zip(train_sets, sizes, split_docs, strict=True)
             ]
-            self._train = BlendedDataset(parts, weights, wanted)
+            self._train = _IndexedSplit(BlendedDataset(parts, weights, wanted))
         if val_paths:
-            self._val = self._concat([self._samples(self._open(p), None, None, "valid") for p in val_paths])
+            self._val = _IndexedSplit(
+                self._concat([self._samples(self._open(p), None, None, "valid") for p in val_paths])
+            )
         elif c.val_fraction > 0:
-            self._val = self._concat(
-                [
-                    self._samples(ds, None, d, "valid")
-                    for ds, (_, d) in zip(train_sets, split_docs, strict=True)
-                ]
+            self._val = _IndexedSplit(
+                self._concat(
+                    [
+                        self._samples(ds, None, d, "valid")
+                        for ds, (_, d) in zip(train_sets, split_docs, strict=True)
+                    ]
+                )
             )
         self._check_val_batch(len(self._val) if self._val is not None else None, paths + val_paths)
 
@@ -258,11 +348,11 @@ class LMDataModule(L.LightningDataModule):
             )
         every = round(1 / c.val_fraction) if c.val_fraction > 0 else None
         train_filter = (every, every - 1, False) if val_src is None and every else None
-        self._train = (train_src, train_filter)
+        self._train = _StreamSplit(train_src, train_filter)
         if val_src is not None:
-            self._val = (val_src, None)
+            self._val = _StreamSplit(val_src, None)
         elif every:
-            self._val = (train_src, (every, every - 1, True))
+            self._val = _StreamSplit(train_src, (every, every - 1, True))
         self._probe_stream()
 
     def _probe_stream(self) -> None:
@@ -275,33 +365,18 @@ class LMDataModule(L.LightningDataModule):
         c = self.cfg
         what = ", ".join(c.files) if c.source == "files" else f"data.hf_name={c.hf_name}"
         need = self.micro_batch_size
-        got = self._stream(self._train).count_samples(need)
+        got = self._train.stream(self).count_samples(need)
         if got < need:
             raise DataError(
                 f"{what} gave {got} training sample(s) of data.seq_len + 1 = {c.seq_len + 1} tokens, fewer "
                 f"than one micro-batch of {need}; add data, or lower data.seq_len or global_batch_size."
             )
-        if self._val is not None and c.val_samples > 0 and self._stream(self._val).count_samples(1) < 1:
+        if self._val is not None and c.val_samples > 0 and self._val.stream(self).count_samples(1) < 1:
             vwhat = ", ".join(c.val_files) if c.val_files else what
             raise DataError(
                 f"{vwhat} gave no validation sample of data.seq_len + 1 = {c.seq_len + 1} tokens; give "
                 f"data.val_files, raise data.val_fraction, or set data.val_samples=0."
             )
-
-    def _stream(self, spec, limit: int | None = None) -> PackedStream:
-        rank, world = self._dist()
-        source, doc_filter = spec
-        return PackedStream(
-            source,
-            self._tokenizer_path,
-            self._eos,
-            self.cfg.seq_len,
-            rank,
-            world,
-            self.micro_batch_size,
-            doc_filter,
-            limit,
-        )
 
     def _stream_skip_batches(self) -> int:
         # first pass of this process: resume where the checkpoint left off; later passes start over
@@ -314,34 +389,7 @@ class LMDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Training batches from `consumed_samples` on, this rank's share only."""
         self.setup()
-        c = self.cfg
-        if isinstance(self._train, tuple):
-            return _ResumingLoader(
-                self,
-                self._stream(self._train),
-                batch_size=self.micro_batch_size,
-                num_workers=c.num_workers,
-                collate_fn=collate_samples,
-                drop_last=True,
-            )
-        rank, world = self._dist()
-        sampler = MegatronSampler(
-            len(self._train),
-            self.micro_batch_size,
-            rank,
-            world,
-            wrap=True,
-            start_fn=lambda: self.consumed_samples,
-        )
-        return DataLoader(
-            self._train,
-            batch_size=self.micro_batch_size,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=c.num_workers,
-            collate_fn=collate_samples,
-            persistent_workers=c.num_workers > 0,
-        )
+        return self._train.train_loader(self)
 
     def val_dataloader(self) -> DataLoader | list:
         """The first `val_samples` validation samples, split over ranks; `[]` without validation data."""
@@ -349,21 +397,7 @@ class LMDataModule(L.LightningDataModule):
         c = self.cfg
         if self._val is None or c.val_samples == 0:
             return []
-        rank, world = self._dist()
-        if isinstance(self._val, tuple):
-            stream = self._stream(self._val, limit=max(1, c.val_samples // world))
-            return DataLoader(stream, batch_size=self.micro_batch_size, collate_fn=collate_samples)
-        total = min(len(self._val), c.val_samples)
-        total = max(total, min(len(self._val), self.micro_batch_size * world))
-        sampler = MegatronSampler(total, self.micro_batch_size, rank, world)
-        return DataLoader(
-            self._val,
-            batch_size=self.micro_batch_size,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=c.num_workers,
-            collate_fn=collate_samples,
-        )
+        return self._val.val_loader(self)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = getattr(self, "trainer", None)

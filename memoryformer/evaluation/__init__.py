@@ -1,5 +1,6 @@
-"""Zero-shot evaluation through lm-evaluation-harness: the `memoryformer` lm-eval model (`harness`), offline
-task data (`data`, `tasks/`), one run (`runner`, used by evaluate.py) and the paper's tables (`report`)."""
+"""Zero-shot evaluation through lm-evaluation-harness: the `memoryformer` lm-eval model (`lm_adapter`),
+offline task data (`data`, `tasks/`), one run (`runner`, used by evaluate.py), its scores and results.md
+(`scores`) and the paper's tables (`report`)."""
 
 from memoryformer.evaluation.config import TASK_SETS, EvalSettings, EvaluateConfig
 

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     """Register the memoryformer model, expand `--data_dir DIR`, then call `lm_eval.__main__.cli_evaluate`."""
     from lm_eval.__main__ import cli_evaluate
 
-    import memoryformer.evaluation.harness  # noqa: F401 - registers the "memoryformer" lm-eval model
+    import memoryformer.evaluation.lm_adapter  # noqa: F401 - registers the "memoryformer" lm-eval model
     from memoryformer.evaluation.data import TASKS_DIR
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -30,8 +30,8 @@ from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.evaluation.ablations import ablation_markdown, ablation_rows, plot_ablation
 from memoryformer.evaluation.config import EvalSettings
 from memoryformer.evaluation.paper import COLUMN_TASKS, paper_results
-from memoryformer.evaluation.runner import task_scores
 from memoryformer.evaluation.runs import EvalRun, Runs, TrainRun, config_value, find_runs, same_value
+from memoryformer.evaluation.scores import task_scores
 
 GIGA = 1e9
 ACCURACY_TABLES = ("table1", "table2", "table6")
@@ -298,16 +298,16 @@ def plot(rows: list[Row], path: Path, title: str = "Zero-shot accuracy: ours vs 
 
 
 NOTES = {
-    "table1": "FLOPs come from the analytic counter (`python -m memoryformer.flops`, one multiply-add = one "
-    "FLOP, the paper's 6Ksd rule for MemoryFormer blocks). The paper's MF-small row prints 1.0 G / 7.4 G, "
-    "which its own rule does not give (0.906 G / 7.348 G); the cell shows both.",
+    "table1": "FLOPs come from the analytic counter (`memoryformer.flops`, printed by `make flops`; one "
+    "multiply-add = one FLOP, the paper's 6Ksd rule for MemoryFormer blocks). The paper's MF-small row "
+    "prints 1.0 G / 7.4 G, which its own rule does not give (0.906 G / 7.348 G); the cell shows both.",
     "table2": "Linformer, cosFormer and Performer FLOPs are the paper's (their settings are not given). "
     "Our rows come from the runs named linformer_410m, cosformer_410m and performer_410m.",
     "table3": "d is the hashed width K·τ; Memory Layer outputs and the residual stream stay 512 wide "
     "(model.hashed_width), which the d = 510 row's 53.5 MB needs. FLOPs and Memory Size are the paper's "
-    "(one Memory Layer Q at s = 2048); `python -m memoryformer.flops` reproduces them from our modules.",
+    "(one Memory Layer Q at s = 2048); `benchmarks/paper_flops.py` reproduces them from our modules.",
     "table4": "1e-3 is Pythia-70M's learning rate; MemoryFormer uses 3x (paper section 3).",
-    "table5": "Memory Size is both Memory Block layers in fp16, as printed; `python -m memoryformer.flops` "
+    "table5": "Memory Size is both Memory Block layers in fp16, as printed; `benchmarks/paper_flops.py` "
     "reproduces it from our modules.",
     "table6": "Trained with the full recipe (as Table 1's MF-tiny), not the 8000-step ablation; an mf_tiny "
     "run fills the first row too.",

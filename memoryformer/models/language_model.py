@@ -164,7 +164,9 @@ class LanguageModel(nn.Module):
                     cache.reset()
                     pending = idx[:, -block_size:]
                 logits, _ = self(pending, kv_cache=cache)
-            next_token = _pick(logits[:, -1].float(), temperature, top_k, greedy, generator, top_p)
+            next_token = _sample_next_token(
+                logits[:, -1].float(), temperature, top_k, greedy, generator, top_p
+            )
             if eos_token_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
                 finished |= next_token == eos_token_id
@@ -175,7 +177,7 @@ class LanguageModel(nn.Module):
                 break
 
 
-def _pick(
+def _sample_next_token(
     logits: torch.Tensor,
     temperature: float,
     top_k: int | None,
@@ -183,7 +185,8 @@ def _pick(
     generator: torch.Generator | None,
     top_p: float | None = None,
 ) -> torch.Tensor:
-    """Next token per row from last-position logits `[B, V]` -> `[B]`."""
+    """Next token per row from last-position logits `[B, V]` -> `[B]`: argmax when greedy, else sampled
+    after temperature, top-k and top-p (nucleus) filtering."""
     if greedy or temperature == 0:
         return logits.argmax(dim=-1)
     if temperature < 0:

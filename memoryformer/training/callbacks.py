@@ -28,13 +28,20 @@ def _batch_tokens(batch: Any) -> int:
     return int(ids.numel())
 
 
-class ThroughputMonitor(L.Callback):
+class TokenThroughputMonitor(L.Callback):
     """Logs `train/tokens_seen`, `train/tokens_per_s`, `train/tflops` and (with a peak) `train/mfu`.
 
     Measured per optimizer step, all ranks together (`tokens per rank x world size`), wall time between
     consecutive step ends with validation time excluded. `flops_per_token` is in multiply-adds (paper
     convention) and is doubled here; `peak_tflops_per_device` uses the same 2-FLOPs-per-MAC convention.
+    Not Lightning's `ThroughputMonitor`: that one needs a batch-size function and logs samples, not tokens.
     """
+
+    @property
+    def state_key(self) -> str:
+        # Checkpoints store `tokens_seen` under this key; it was the class name before the rename, and
+        # keeping it lets runs saved then resume their token count (and without Lightning's warning).
+        return "ThroughputMonitor"
 
     def __init__(
         self, flops_per_token: float | None = None, peak_tflops_per_device: float | None = None

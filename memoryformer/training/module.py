@@ -15,9 +15,9 @@ import lightning as L
 import numpy as np
 import torch
 
+from memoryformer.conf_schema import OptimConfig
 from memoryformer.config import ModelConfig
 from memoryformer.models import LanguageModel
-from memoryformer.schema import OptimConfig
 from memoryformer.training.optim import build_optimizer, build_scheduler
 from memoryformer.training.parallelize import apply_activation_checkpointing, apply_compile
 

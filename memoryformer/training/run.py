@@ -23,10 +23,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from memoryformer.atomic_io import atomic_write_text
+from memoryformer.conf_schema import OptimConfig
 from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.data.config import DataConfig
-from memoryformer.schema import OptimConfig
-from memoryformer.training.callbacks import ThroughputMonitor
+from memoryformer.training.callbacks import TokenThroughputMonitor
 from memoryformer.training.checkpoint_io import SafeCheckpointIO
 from memoryformer.training.module import LMTrainingModule
 from memoryformer.training.resume import SEARCH_VALUES, resolve_ckpt_path
@@ -238,7 +238,7 @@ def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[L.Callback]:
         cb = instantiate(spec)
         if isinstance(cb, ProgressBar) and not show_bar:
             continue
-        if isinstance(cb, ThroughputMonitor) and cb.flops_per_token is None:
+        if isinstance(cb, TokenThroughputMonitor) and cb.flops_per_token is None:
             from memoryformer.flops import training_flops_per_token
 
             cb.flops_per_token = training_flops_per_token(plan.model, plan.data.seq_len)

@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "eval"))
 from eval_test_helpers import EOT, byte_tokenizer, tiny_model  # noqa: E402
 
-from memoryformer.evaluation.harness import AdapterError, MemoryFormerLM  # noqa: E402
+from memoryformer.evaluation.lm_adapter import AdapterError, MemoryFormerLM  # noqa: E402
 
 
 def _req(kind: str, args: tuple, i: int = 0) -> Instance:

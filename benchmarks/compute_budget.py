@@ -1,9 +1,9 @@
 """What a paper row costs to train: tokens from its experiment config, FLOPs from the FLOPs tool, and
 device-hours from a throughput that is measured, published, or (where neither exists yet) estimated.
 
-    python -m memoryformer.compute_budget                       # the cost table (README "What a row costs")
-    python -m memoryformer.compute_budget --all                 # ... with CPU measurements too
-    python -m memoryformer.compute_budget record --experiment mf_tiny --device "NVIDIA H100 80GB HBM3" \\
+    python benchmarks/compute_budget.py                          # the cost table (README "What a row costs")
+    python benchmarks/compute_budget.py --all                    # ... with CPU measurements too
+    python benchmarks/compute_budget.py record --experiment mf_tiny --device "NVIDIA H100 80GB HBM3" \\
         --tokens-per-s 123456 --devices 8 --dtype bf16 --micro-batch 16   # a number read off your own run
 
 Method:
@@ -32,9 +32,14 @@ from dataclasses import asdict, dataclass, fields
 from functools import cache
 from pathlib import Path
 
-from memoryformer.config import ConfigError
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _p in (str(HERE), str(ROOT)):  # run as `python benchmarks/compute_budget.py`, or imported by scripts
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
-ROOT = Path(__file__).resolve().parents[1]
+from memoryformer.config import ConfigError  # noqa: E402
+
 CONF_DIR = ROOT / "conf"
 MEASUREMENTS = ROOT / "docs" / "throughput.json"
 FLOPS_PER_MAC = 2
@@ -153,9 +158,9 @@ def row_budget(experiment: str) -> RowBudget:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from memoryformer.conf_schema import register_configs
     from memoryformer.config import ModelConfig
     from memoryformer.flops import model_cost, training_flops_per_token
-    from memoryformer.schema import register_configs
 
     if not (CONF_DIR / "experiment" / f"{experiment}.yaml").exists():
         known = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -366,7 +371,7 @@ def format_cost_table(measurements: list[Measurement], experiments: tuple[str, .
                       include_cpu: bool = False, devices: int = 32) -> str:
     """Markdown: one line per `cost_lines` entry, with device-hours, days on `devices` devices (the paper's
     and Pythia's 32 GPUs by default) and MFU where the device's peak is known."""
-    from memoryformer.flops import PAPER_LABELS
+    from paper_flops import PAPER_LABELS
 
     lines = [f"| Row | Tokens | Train GFLOPs/token | Device | Tokens/s per device | Device-hours "
              f"| Days on {devices} | MFU | Basis |", "|---|---|---|---|---|---|---|---|---|"]
@@ -404,7 +409,7 @@ def today() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m memoryformer.compute_budget",
+    parser = argparse.ArgumentParser(prog="python benchmarks/compute_budget.py",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--measurements", default=str(MEASUREMENTS), help="JSON file of measurements")
     parser.add_argument("--all", action="store_true", help="also list measurements taken on CPUs")
