@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> Runner:
         command = f"python -m reproduction --scale {args.scale}" + (
             f" --tables {args.tables}" if args.tables else ""
         )
-    meta = {"command": command, "wall_minutes": round((time.perf_counter() - start) / 60, 1)}
+    meta = {
+        "command": command,
+        "wall_minutes": round((time.perf_counter() - start) / 60, 1),
+        "train_minutes": sum(r["train_seconds"] for r in results.values()) / 60,
+    }
     report.write_json(
         args.docs_dir / f"{prefix}.json", scale, rows, sweeps if "1" in tables else {}, results, meta
     )

@@ -36,7 +36,8 @@ class Scale:
     seeds_ablation: tuple[int, ...] = (0, 1)
     # Table 1 (b): each model's own lr sweep; the dense models also get the paper's protocol lr (1e-3)
     lrs_mf: tuple[float, ...] = (1e-3, 2e-3, 3e-3, 4e-3, 1e-2)  # contains Table 4's grid
-    lrs_dense: tuple[float, ...] = (1e-3, 2e-3, 3e-3, 4e-3, 1e-2)  # the same grid: no edge for either
+    # the same grid, plus 2e-2: the dense twin's loss still fell at 1e-2, the grid's edge (first full run)
+    lrs_dense: tuple[float, ...] = (1e-3, 2e-3, 3e-3, 4e-3, 1e-2, 2e-2)
     lrs_dense_wide: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     lr_dense_protocol: float = 1e-3  # Pythia-70M's lr, the paper's Table 4 baseline
     lr_mf_ratio: float = 3.0  # the paper: MemoryFormer lr = 3 x the matching Pythia lr

@@ -219,7 +219,8 @@ def write_json(path: Path, scale: Scale, rows: list[Row], sweeps: dict, results:
         "command": meta["command"],
         "scale": scale.describe(),
         "machine": machine(),
-        "wall_minutes": meta.get("wall_minutes"),
+        "wall_minutes_last_invocation": meta["wall_minutes"],
+        "train_minutes_all_runs": meta["train_minutes"],
         "rows": json_rows(rows, sweeps, results),
     }
     tmp = path.with_suffix(".json.tmp")
@@ -284,8 +285,10 @@ def markdown(
     out = [
         "# CPU-scale reproduction of the paper's six tables",
         "",
-        f"Produced by `{meta['command']}` ({meta.get('wall_minutes', '?')} min wall on this machine: "
-        f"{machine()['cores']} cores, torch {machine()['torch']}). Every number below comes from "
+        f"Produced by `{meta['command']}` on this machine ({machine()['cpu']}, {machine()['cores']} cores, "
+        f"torch {machine()['torch']}): {len(results)} runs, {meta['train_minutes']:.0f} min of training in "
+        f"all (two runs side by side, one thread each; the last invocation took {meta['wall_minutes']} min "
+        "wall, finished runs being reused). Every number below comes from "
         "`docs/reproduction.json`, which the same command wrote; each of its rows carries the exact "
         "`train.py` arguments that retrain it (`python train.py <argv>`).",
         "",
