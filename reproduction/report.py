@@ -238,7 +238,7 @@ def _fmt_row(row: Row, results: dict[str, dict], extra: list[str]) -> str:
         f"{st.mean:.4f} ± {st.std:.4f}",
         f"{math.exp(st.mean):.2f}",
         f"{first['params'] / 1e6:.2f}M",
-        f"{first['flops_per_token'] / 1e6:.1f}",
+        f"{first['flops_per_token'] / 1e6:.2f}",
     ]
     for key in extra:
         vals = [results[r.key][key] for r in row.runs if key in results[r.key]]

@@ -184,13 +184,10 @@ class Runner:
                         row = p.resolve(lambda r: self.results[r.key]["val_loss"], self.scale)
                         rows.append(row)
                         pending.remove(p)
-                        new = [
-                            r
-                            for r in row.runs
-                            if r.key not in self.results and r not in self._queue and not self._adopt(r)
-                        ]
+                        unseen = [r for r in row.runs if r.key not in self.results and r not in self._queue]
+                        new = [r for r in unseen if not self._adopt(r)]
                         self._queue += new
-                        self._total += len(new)
+                        self._total += len(unseen)  # adopted ones count as done, as at the start
                         self.log(f"  {row.label}: its {len(row.runs)} seeds ({len(new)} new runs)")
                         self._lock.notify_all()
                 idle = not self._queue and self._running == 0
@@ -205,7 +202,14 @@ class Runner:
             t.join()
         if self._failed:
             raise RuntimeError("reproduction: these runs failed: " + "; ".join(self._failed))
-        return sorted(rows, key=lambda r: (r.table, plan.rows.index(r) if r in plan.rows else 99))
+        order = {id(p): i for i, p in enumerate(plan.pending)}
+
+        def position(row: Row) -> tuple[str, int]:  # plan order; resolved rows after, in pending order
+            if row in plan.rows:
+                return row.table, plan.rows.index(row)
+            return row.table, len(plan.rows) + order[id(row.source)]
+
+        return sorted(rows, key=position)
 
     def _adopt(self, run: Run) -> bool:
         """Take a finished run's result from disk; True when there was one."""
