@@ -39,10 +39,10 @@ for _p in (str(HERE), str(ROOT)):  # run as `python benchmarks/compute_budget.py
         sys.path.insert(0, _p)
 
 from memoryformer.config import ConfigError  # noqa: E402
+from memoryformer.flops import FLOPS_PER_MAC  # noqa: E402
 
 CONF_DIR = ROOT / "conf"
 MEASUREMENTS = ROOT / "docs" / "throughput.json"
-FLOPS_PER_MAC = 2
 SECONDS_PER_HOUR = 3600.0
 
 #: The paper's Table 1 rows, in its order, as `conf/experiment` names.

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from memoryformer.atomic_io import atomic_directory
-from memoryformer.config import ConfigError, ModelConfig
+from memoryformer.config import ConfigError, ModelConfig, to_plain
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -248,24 +248,12 @@ def _model_config(raw: Any, src: Path) -> ModelConfig:
         if isinstance(raw, str):
             return ModelConfig.from_name(raw)
         if isinstance(raw, Mapping):
-            return ModelConfig.from_dict(_plain(raw))
+            return ModelConfig.from_dict(dict(to_plain(raw)))
     except (ConfigError, TypeError) as err:
         raise CheckpointError(f"the model config stored in {src} is invalid: {err}") from err
     raise CheckpointError(
         f"the model config stored in {src} is a {type(raw).__name__}, not a mapping or a name."
     )
-
-
-def _plain(raw: Mapping) -> dict[str, Any]:
-    # OmegaConf containers (Lightning saves hparams as given) become plain dicts and lists.
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(raw, DictConfig):
-            return OmegaConf.to_container(raw, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(raw)
 
 
 def weights_mismatch(config: ModelConfig, state: Mapping[str, Any]) -> str | None:

@@ -133,7 +133,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise `ConfigError` with one sentence naming the key and the fix for any impossible value."""
-        _choice("model.block", self.block, BLOCK_TYPES)
+        check_choice("model.block", self.block, BLOCK_TYPES)
         for key in ("vocab_size", "n_layer", "n_embd", "n_head", "block_size"):
             if int(getattr(self, key)) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be a positive integer.")
@@ -156,17 +156,17 @@ class ModelConfig:
         self._validate_attention()
         if self.block == "pythia":
             return
-        _choice("model.norm", self.norm, NORM_TYPES)
-        _choice("model.qkv", self.qkv, QKV_TYPES)
-        _choice("model.ffn", self.ffn, FFN_TYPES)
-        _choice("model.weighting", self.weighting, WEIGHTINGS)
-        _choice("model.memory_impl", self.memory_impl, MEMORY_IMPLS)
+        check_choice("model.norm", self.norm, NORM_TYPES)
+        check_choice("model.qkv", self.qkv, QKV_TYPES)
+        check_choice("model.ffn", self.ffn, FFN_TYPES)
+        check_choice("model.weighting", self.weighting, WEIGHTINGS)
+        check_choice("model.memory_impl", self.memory_impl, MEMORY_IMPLS)
         if self.num_tables <= 0 or self.code_length <= 0:
             raise ConfigError(
                 f"model.num_tables={self.num_tables} and model.code_length={self.code_length} "
                 f"must be positive."
             )
-        _choice("model.memory_block_activation", self.memory_block_activation, MEMORY_BLOCK_ACTIVATIONS)
+        check_choice("model.memory_block_activation", self.memory_block_activation, MEMORY_BLOCK_ACTIVATIONS)
         if not 0 <= self.hashed_width <= self.n_embd:
             raise ConfigError(
                 f"model.hashed_width={self.hashed_width} must lie in [0, model.n_embd={self.n_embd}] "
@@ -204,7 +204,7 @@ class ModelConfig:
 
     def _validate_attention(self) -> None:
         """The attention core and its knobs (`model.attention`, `model.performer_*`, `linformer_*`, ...)."""
-        _choice("model.attention", self.attention, ATTENTION_TYPES)
+        check_choice("model.attention", self.attention, ATTENTION_TYPES)
         for key in ("performer_features", "performer_redraw_interval", "cosformer_m"):
             if int(getattr(self, key)) < 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 0 (0 = the default).")
@@ -246,9 +246,22 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Fail with a `ConfigError` naming `key` and the allowed values unless `value` is one of `allowed`."""
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not supported; choose one of: {', '.join(allowed)}.")
+
+
+def to_plain(node: Any) -> Any:
+    """An OmegaConf container as resolved plain dicts and lists; anything else is returned unchanged.
+
+    Lightning saves hparams as given and Hydra hands over `DictConfig`s; the dataclasses want plain values.
+    """
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return node
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 _PYTHIA = dict(block="pythia", rotary_pct=0.25, layer_norm_eps=1e-5, parallel_residual=True)

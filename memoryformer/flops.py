@@ -26,6 +26,10 @@ from torch import nn
 from memoryformer.config import ModelConfig
 from memoryformer.nn.memory_layer import MemoryLayer
 
+#: FLOPs per multiply-add in the usual MFU convention (TFLOP/s, MFU, GPU datasheet peaks); this module's own
+#: counts use the paper's convention of ONE FLOP per multiply-add, so multiply them by this for MFU.
+FLOPS_PER_MAC = 2
+
 GIGA = 1e9
 MEGA = 1e6
 FP16_BYTES = 2

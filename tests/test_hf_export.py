@@ -310,3 +310,14 @@ def test_export_from_a_real_deepspeed_checkpoint_directory(tmp_path):
     assert set(loaded.state_dict()) == set(expected)
     for key, value in expected.items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_self_contained_hf_config_copies_the_package_choices():
+    # configuration_memoryformer.py may import only transformers, so it carries copies of these tuples.
+    from memoryformer import config
+    from memoryformer.hf import configuration_memoryformer as hf
+
+    assert hf.NORMS == config.NORM_TYPES
+    assert hf.QKV == config.QKV_TYPES
+    assert hf.FFNS == config.FFN_TYPES
+    assert hf.WEIGHTINGS == config.WEIGHTINGS

@@ -16,7 +16,7 @@ import glob
 import os
 from dataclasses import dataclass, field
 
-from memoryformer.config import ConfigError
+from memoryformer.config import ConfigError, check_choice
 
 SOURCES = ("sample", "indexed", "files", "hf")
 INDEX_MAPPINGS = ("gpt_neox", "preshuffled")
@@ -77,9 +77,9 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the key and the fix for any value that cannot work."""
-        _choice("data.source", self.source, SOURCES)
-        _choice("data.index_mapping", self.index_mapping, INDEX_MAPPINGS)
-        _choice("data.on_bad_line", self.on_bad_line, BAD_LINE_POLICIES)
+        check_choice("data.source", self.source, SOURCES)
+        check_choice("data.index_mapping", self.index_mapping, INDEX_MAPPINGS)
+        check_choice("data.on_bad_line", self.on_bad_line, BAD_LINE_POLICIES)
         if self.seq_len <= 0:
             raise ConfigError(f"data.seq_len={self.seq_len} must be a positive integer.")
         if self.num_workers < 0:
@@ -146,8 +146,3 @@ class DataConfig:
 def strip_extension(prefix: str) -> str:
     """`foo.bin` / `foo.idx` / `foo` -> `foo` (users often paste a file name instead of a prefix)."""
     return prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not supported; choose one of: {', '.join(allowed)}.")

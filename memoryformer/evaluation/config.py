@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from memoryformer.config import ConfigError
+from memoryformer.config import ConfigError, to_plain
 
 #: Named task sets for `eval.tasks`. "paper" is the six zero-shot tasks of the paper's Tables 1, 2 and 6 with
 #: the paper's WSC: SuperGLUE WSC (lm-eval `wsc`, 104 validation items; every WSC value the paper prints is
@@ -112,14 +112,7 @@ class EvaluateConfig:
     @classmethod
     def from_mapping(cls, raw: Any) -> EvaluateConfig:
         """Build from a resolved Hydra/OmegaConf node or a plain dict; unknown keys are errors."""
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(raw, DictConfig):
-                raw = OmegaConf.to_container(raw, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf is a dependency
-            pass
-        raw = {k: v for k, v in dict(raw).items() if k != "hydra"}
+        raw = {k: v for k, v in dict(to_plain(raw)).items() if k != "hydra"}
         eval_raw = dict(raw.pop("eval", None) or {})
         _reject_unknown("", raw, cls)
         _reject_unknown("eval.", eval_raw, EvalSettings)

@@ -34,9 +34,12 @@ class AdapterError(ValueError):
     """A bad argument to the `memoryformer` lm-eval model; the message names it and the fix."""
 
 
-def load_tokenizer(source: Any):
-    """A `tokenizers.Tokenizer` from a path to its JSON file (or the tokenizer itself, passed through)."""
+def _tokenizer_from(source: Any):
+    """A `tokenizers.Tokenizer` from a path (via `data.tokenizer.load_tokenizer`) or the tokenizer itself."""
     from tokenizers import Tokenizer
+
+    from memoryformer.config import ConfigError
+    from memoryformer.data.tokenizer import load_tokenizer
 
     if isinstance(source, Tokenizer):
         return source
@@ -46,10 +49,11 @@ def load_tokenizer(source: Any):
             "model_args or export the model with tokenizer_path=."
         )
     try:
-        return Tokenizer.from_file(str(source))
-    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for missing/bad files
+        return load_tokenizer(str(source))
+    except ConfigError as err:
+        reason = err.__cause__ or "no such file"
         raise AdapterError(
-            f"tokenizer file {source} could not be read ({err}); pass a tokenizers JSON file."
+            f"tokenizer file {source} could not be read ({reason}); pass a tokenizers JSON file."
         ) from err
 
 
@@ -114,7 +118,7 @@ class MemoryFormerLM(TemplateLM):
             tokenizer = tokenizer if tokenizer is not None else stored_tokenizer
         self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
         self._device = torch.device(device)
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = _tokenizer_from(tokenizer)
 
         block_size = int(self.model.config.block_size)
         self._max_length = int(max_length) if max_length is not None else block_size

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+# Copies of `memoryformer.config`'s NORM_TYPES, QKV_TYPES, FFN_TYPES and WEIGHTINGS: this file must import
+# only transformers (see above); tests/test_hf_export.py checks that the copies agree.
 NORMS = ("rmsnorm", "layernorm")
 QKV = ("memory", "linear")
 FFNS = ("memory_block", "mlp")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NORM_TYPES = ("rmsnorm", "layernorm")
+from memoryformer.config import NORM_TYPES
 
 
 class RMSNorm(nn.Module):

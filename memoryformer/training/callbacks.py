@@ -18,9 +18,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from memoryformer.flops import FLOPS_PER_MAC
 from memoryformer.nn.memory_layer import MemoryLayer
-
-FLOPS_PER_MAC = 2
 
 
 def _batch_tokens(batch: Any) -> int:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from memoryformer.atomic_io import atomic_write_text
 from memoryformer.conf_schema import OptimConfig
-from memoryformer.config import ConfigError, ModelConfig
+from memoryformer.config import ConfigError, ModelConfig, to_plain
 from memoryformer.data.config import DataConfig
 from memoryformer.training.callbacks import TokenThroughputMonitor
 from memoryformer.training.checkpoint_io import SafeCheckpointIO
@@ -50,10 +50,6 @@ class RunPlan:
     micro_batch_size: int
     max_steps: int
     tokens_per_step: int
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def world_size(trainer_cfg: dict[str, Any]) -> int:
@@ -103,10 +99,10 @@ def check_loggers(logger_cfg: dict[str, Any] | None) -> None:
 
 def check_config(cfg: DictConfig) -> RunPlan:
     """Validate the composed config and derive the batch arithmetic and step budget (see `RunPlan`)."""
-    model = ModelConfig.from_dict(_plain(cfg.model))
-    data = DataConfig(**_plain(cfg.data))
-    optim = OptimConfig(**_plain(cfg.optim))
-    trainer_cfg = _plain(cfg.trainer)
+    model = ModelConfig.from_dict(to_plain(cfg.model))
+    data = DataConfig(**to_plain(cfg.data))
+    optim = OptimConfig(**to_plain(cfg.optim))
+    trainer_cfg = to_plain(cfg.trainer)
     if data.seq_len > model.block_size:
         raise ConfigError(
             f"data.seq_len={data.seq_len} exceeds model.block_size={model.block_size}; "
@@ -144,7 +140,7 @@ def check_config(cfg: DictConfig) -> RunPlan:
             f"(1 checkpoints every block, n every n-th block)."
         )
     check_precision(trainer_cfg)
-    check_loggers(_plain(cfg.logger))
+    check_loggers(to_plain(cfg.logger))
     ckpt = cfg.ckpt_path
     if ckpt is not None and ckpt not in SEARCH_VALUES and not os.path.exists(str(ckpt)):
         raise ConfigError(
@@ -202,7 +198,7 @@ def optim_for_precision(optim: dict[str, Any], trainer_cfg: dict[str, Any]) -> d
 
 def trainer_kwargs(cfg: DictConfig, plan: RunPlan) -> dict[str, Any]:
     """Keyword arguments of `L.Trainer` from `cfg.trainer` plus what the run-level keys imply."""
-    kwargs = dict(_plain(cfg.trainer))
+    kwargs = dict(to_plain(cfg.trainer))
     kwargs["max_steps"] = plan.max_steps
     kwargs["strategy"] = build_strategy(kwargs.get("strategy"), kwargs.get("precision"))
     kwargs.setdefault("gradient_clip_val", plan.optim.grad_clip or None)
@@ -286,7 +282,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     module = LMTrainingModule(
         model=plan.model.to_dict(),
-        optim=optim_for_precision(_plain(cfg.optim), _plain(cfg.trainer)),
+        optim=optim_for_precision(to_plain(cfg.optim), to_plain(cfg.trainer)),
         max_steps=plan.max_steps,
         activation_checkpointing=bool(cfg.activation_checkpointing),
         activation_checkpointing_every=int(cfg.activation_checkpointing_every),
