@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> float:
     """Validate the config, run lm-eval, write the results; returns the average of the chosen accuracy
     metrics (or, when only perplexity tasks ran, their average word perplexity) for Hydra sweepers."""
     from memoryformer.checkpoint import CheckpointError
-    from memoryformer.evaluation.data import DataError
+    from memoryformer.errors import DataError
     from memoryformer.evaluation.lm_adapter import AdapterError
     from memoryformer.evaluation.runner import run_evaluation
     from memoryformer.evaluation.scores import task_scores

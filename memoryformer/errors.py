@@ -21,12 +21,16 @@ from typing import Any
 EXIT_USER_ERROR = 2
 
 
+class DataError(ValueError):
+    """Data that cannot be used: a training data file or record (`memoryformer.data`) or a local evaluation
+    task directory (`memoryformer.evaluation.data`); the message names the file or path and the fix."""
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Our exception classes whose message is already one sentence naming the value and the fix."""
     from memoryformer.atomic_io import AtomicWriteError
     from memoryformer.checkpoint import CheckpointError
     from memoryformer.config import ConfigError
-    from memoryformer.data.indexed import DataError
 
     return (ConfigError, DataError, CheckpointError, AtomicWriteError)
 

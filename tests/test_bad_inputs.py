@@ -244,3 +244,13 @@ def test_unreadable_file_is_one_sentence_even_when_run_as_root(
     monkeypatch.setattr(streaming, "open", denied, raising=False)
     with pytest.raises(DataError, match=rf"data\.files entry {path} cannot be read \(Permission denied\)"):
         streaming.expand_globs([str(path)])
+
+
+def test_one_data_error_for_training_and_evaluation_data() -> None:
+    from memoryformer import errors
+    from memoryformer.data import DataError as data_pkg_error
+    from memoryformer.data.indexed import DataError as indexed_error
+    from memoryformer.evaluation.data import DataError as eval_error
+
+    assert data_pkg_error is indexed_error is eval_error is errors.DataError
+    assert errors.DataError in errors.user_error_types()

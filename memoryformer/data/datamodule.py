@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader
 from memoryformer.config import ConfigError
 from memoryformer.data.config import DataConfig, strip_extension
 from memoryformer.data.gpt_neox import BlendedDataset, GPTSampleDataset, PreshuffledDataset, blend_sizes
-from memoryformer.data.indexed import DataError, MMapIndexedDataset
+from memoryformer.data.indexed import MMapIndexedDataset
 from memoryformer.data.sample import build_sample_corpus
 from memoryformer.data.sampler import MegatronSampler
 from memoryformer.data.streaming import PackedStream, expand_globs
 from memoryformer.data.tokenizer import check_vocab_fits, eos_id, load_tokenizer, resolve_tokenizer_path
+from memoryformer.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from memoryformer.data.indexed import DataError, MMapIndexedDataset
+from memoryformer.data.indexed import MMapIndexedDataset
+from memoryformer.errors import DataError
 
 
 def num_epochs_needed(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:

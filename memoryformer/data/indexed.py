@@ -24,6 +24,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from memoryformer.errors import DataError  # the one DataError, also importable from here
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPES: dict[int, type] = {
@@ -37,10 +39,6 @@ DTYPES: dict[int, type] = {
     8: np.uint16,
 }
 _HEADER = len(MAGIC) + 8 + 1 + 8 + 8
-
-
-class DataError(ValueError):
-    """A data file or record that cannot be used; the message names the file and the problem."""
 
 
 def dtype_code(dtype: np.dtype | type) -> int:

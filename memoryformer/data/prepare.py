@@ -22,9 +22,10 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from memoryformer.data.indexed import DataError, MMapIndexedDataset, MMapIndexedDatasetBuilder, best_dtype
+from memoryformer.data.indexed import MMapIndexedDataset, MMapIndexedDatasetBuilder, best_dtype
 from memoryformer.data.streaming import BadLines, expand_globs, iter_document_getters
 from memoryformer.data.tokenizer import eos_id, load_tokenizer, resolve_tokenizer_path
+from memoryformer.errors import DataError
 
 
 def _part_prefix(output: str, i: int) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from memoryformer.data.indexed import DataError
+from memoryformer.errors import DataError
 
 log = logging.getLogger(__name__)
 

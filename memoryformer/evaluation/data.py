@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from memoryformer.errors import DataError  # the one DataError, also importable from here
+
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DATA_DIR_ENV = "MEMORYFORMER_EVAL_DATA"
 FORMATS = ("jsonl", "json", "parquet")
@@ -51,10 +53,6 @@ def task_split(task: str) -> str | None:
     if task in GENERATED_SPLITS:
         return GENERATED_SPLITS[task][0]
     return EVAL_SPLITS.get(task)
-
-
-class DataError(FileNotFoundError):
-    """A local task data directory that lacks what a task needs; the message names the path and the fix."""
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
