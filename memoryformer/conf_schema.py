@@ -47,6 +47,10 @@ class TrainConfig:
 
     Batch arithmetic: `global_batch_size` sequences per optimizer step =
     micro batch x `trainer.accumulate_grad_batches` x devices x `trainer.num_nodes`.
+
+    The run-level defaults below are the only ones: `conf/config.yaml` picks the groups and states no
+    values, and `conf/experiment/*.yaml` state only what they change (tests/test_config_train.py checks
+    the effective defaults).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -57,23 +61,26 @@ class TrainConfig:
     callbacks: dict[str, Any] | None = None
     paths: dict[str, Any] = field(default_factory=dict)
 
-    name: str = "run"  # run name: output folder and logger run name
+    name: str = "run"  # run name: outputs/<name>/<time>/ and the logger run name
     seed: int = 1234
-    global_batch_size: int = 32  # sequences per optimizer step, all devices together
-    max_tokens: int | None = None  # token budget; sets trainer.max_steps when given
-    val_every_n_steps: int | None = None  # optimizer steps between validations (None: once per epoch)
+    global_batch_size: int = 16  # sequences per optimizer step = micro x accumulate x devices x nodes
+    max_tokens: int | None = None  # token budget; when set it decides trainer.max_steps
+    val_every_n_steps: int | None = None  # optimizer steps between validations (None: Lightning's per-epoch)
     validate_at_start: bool = False  # log val/loss of the untrained model at step 0 (fresh runs only)
-    ckpt_every_n_steps: int | None = None  # optimizer steps between checkpoints (None: only last)
-    keep_last_k: int = 3  # step checkpoints kept (last.ckpt is kept in addition)
-    ckpt_path: str | None = None  # resume from: a .ckpt path, "last"/"auto" (newest loadable one) or null
+    ckpt_every_n_steps: int | None = None  # optimizer steps between step checkpoints (None: only last.ckpt)
+    keep_last_k: int = 3  # step checkpoints kept besides last.ckpt
+    # resume from: a .ckpt path, or "last"/"auto": the newest loadable checkpoint of this run folder and
+    # paths.runs_root ("last" warns when there is none, "auto" is silent); None: a fresh run
+    ckpt_path: str | None = None
     trust_checkpoint: bool = False  # unpickle checkpoint files fully (can run code): only for trusted files
     activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
     activation_checkpointing_every: int = 1  # with activation_checkpointing: every n-th block (1 = all)
     compile: bool = False  # torch.compile the model for training
-    peak_tflops_per_device: float | None = None  # for MFU (2 FLOPs per multiply-add); None: MFU not logged
+    # datasheet peak for MFU, 2 FLOPs per multiply-add (H100 SXM bf16: 989); None: MFU not logged
+    peak_tflops_per_device: float | None = None
     bucket_stats_every_n_steps: int = 50  # Memory Layer bucket-usage stats cadence; 0 disables
-    export_final: bool = True  # write the final model with memoryformer.checkpoint.export_model
-    print_config: bool = True
+    export_final: bool = True  # export the final model to <output_dir>/model for evaluate.py
+    print_config: bool = True  # print the composed config at start
     validate_only: bool = False  # build and check everything, then exit without training (tests, dry runs)
 
 

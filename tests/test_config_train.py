@@ -163,3 +163,66 @@ def test_sweeper_configs_compose(sweeper: str) -> None:
 def test_div_resolver_derives_k_from_tau() -> None:
     cfg = _compose("model.code_length=4", "model.num_tables='${div:${model.n_embd},${model.code_length}}'")
     assert check_config(cfg).model.num_tables == 32  # 128 / 4
+
+
+#: The run-level defaults train.py runs with when no experiment is picked (TrainConfig in conf_schema.py is
+#: their only home; conf/config.yaml states no values).
+RUN_DEFAULTS = {
+    "name": "run",
+    "seed": 1234,
+    "global_batch_size": 16,
+    "max_tokens": None,
+    "val_every_n_steps": None,
+    "validate_at_start": False,
+    "ckpt_every_n_steps": None,
+    "keep_last_k": 3,
+    "ckpt_path": None,
+    "trust_checkpoint": False,
+    "activation_checkpointing": False,
+    "activation_checkpointing_every": 1,
+    "compile": False,
+    "peak_tflops_per_device": None,
+    "bucket_stats_every_n_steps": 50,
+    "export_final": True,
+    "print_config": True,
+    "validate_only": False,
+}
+
+
+def test_run_level_defaults_have_one_home() -> None:
+    import dataclasses
+
+    import yaml
+
+    from memoryformer.conf_schema import TrainConfig
+
+    primary = yaml.safe_load((CONF / "config.yaml").read_text())
+    assert set(primary) == {"defaults"}, "conf/config.yaml must state no values; TrainConfig holds them"
+    schema = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in RUN_DEFAULTS}
+    assert schema == RUN_DEFAULTS
+    cfg = _compose()
+    assert {k: cfg[k] for k in RUN_DEFAULTS} == RUN_DEFAULTS
+
+
+@pytest.mark.parametrize(
+    ("experiment", "changed"),
+    [
+        (
+            "nano_cpu",
+            dict(name="nano_cpu", global_batch_size=16, val_every_n_steps=50, validate_at_start=True,
+                 ckpt_every_n_steps=100),
+        ),
+        (
+            "mf_tiny",
+            dict(name="mf_tiny", global_batch_size=1024, val_every_n_steps=1000, ckpt_every_n_steps=1000),
+        ),
+        (
+            "smoke",
+            dict(name="smoke", global_batch_size=4, val_every_n_steps=4, ckpt_every_n_steps=4,
+                 bucket_stats_every_n_steps=2, print_config=False),
+        ),
+    ],
+)
+def test_experiments_change_only_what_they_state(experiment: str, changed: dict) -> None:
+    cfg = _compose(f"experiment={experiment}")
+    assert {k: cfg[k] for k in RUN_DEFAULTS} == {**RUN_DEFAULTS, **changed}
