@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from memoryformer.config import ModelConfig
+from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.data.config import DataConfig
 
 
@@ -39,6 +39,19 @@ class OptimConfig:
     decay_steps: int | None = None  # cosine decay horizon in steps (lr reaches min lr there); None: max_steps
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     fused: bool = True  # torch's fused (single-kernel) Adam/AdamW step: ~4x faster on CPU, and on GPU
+
+    def validate(self) -> None:
+        """Raise `ConfigError` with one sentence naming the key and the fix for an impossible value.
+
+        `training.run.check_config` calls it; the optimizer name and the schedule's step counts are checked
+        where they are used (`memoryformer.training.optim`), since those need the run's step budget.
+        """
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(
+                f"optim.lr={self.lr} must be > 0 and optim.min_lr_ratio={self.min_lr_ratio} in [0, 1]."
+            )
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1).")
 
 
 @dataclass

@@ -226,3 +226,22 @@ def test_run_level_defaults_have_one_home() -> None:
 def test_experiments_change_only_what_they_state(experiment: str, changed: dict) -> None:
     cfg = _compose(f"experiment={experiment}")
     assert {k: cfg[k] for k in RUN_DEFAULTS} == {**RUN_DEFAULTS, **changed}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=0", r"optim\.lr=0\.0 must be > 0 and optim\.min_lr_ratio=0\.01 in \[0, 1\]\."),
+        ("optim.min_lr_ratio=2", r"optim\.lr=0\.003 must be > 0 and optim\.min_lr_ratio=2\.0 in \[0, 1\]\."),
+        ("optim.betas=[0.9,1.0]", r"optim\.betas=\[0\.9, 1\.0\] must be two numbers in \[0, 1\)\."),
+        ("optim.betas=[0.9]", r"optim\.betas=\[0\.9\] must be two numbers in \[0, 1\)\."),
+    ],
+)
+def test_bad_optim_values_are_refused_by_the_optim_config(override: str, message: str) -> None:
+    from memoryformer.conf_schema import OptimConfig
+
+    cfg = _compose(override)
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
+    with pytest.raises(ConfigError, match=message):
+        OptimConfig(**OmegaConf.to_container(cfg.optim)).validate()

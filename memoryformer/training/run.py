@@ -108,12 +108,7 @@ def check_config(cfg: DictConfig) -> RunPlan:
             f"data.seq_len={data.seq_len} exceeds model.block_size={model.block_size}; "
             f"lower data.seq_len or raise model.block_size."
         )
-    if optim.lr <= 0 or not 0 <= optim.min_lr_ratio <= 1:
-        raise ConfigError(
-            f"optim.lr={optim.lr} must be > 0 and optim.min_lr_ratio={optim.min_lr_ratio} in [0, 1]."
-        )
-    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
-        raise ConfigError(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1).")
+    optim.validate()
     world = world_size(trainer_cfg)
     accumulate = int(trainer_cfg.get("accumulate_grad_batches", 1) or 1)
     per_step = world * accumulate
