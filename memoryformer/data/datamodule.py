@@ -74,21 +74,19 @@ class _IndexedSplit:
             wrap=True,
             start_fn=lambda: dm.consumed_samples,
         )
-        return DataLoader(
-            self.dataset,
-            batch_size=dm.micro_batch_size,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=dm.cfg.num_workers,
-            collate_fn=collate_samples,
-            persistent_workers=dm.cfg.num_workers > 0,
-        )
+        return self._loader(dm, sampler, persistent_workers=dm.cfg.num_workers > 0)
 
     def val_loader(self, dm: LMDataModule) -> DataLoader:
         rank, world = dm._dist()
         total = min(len(self.dataset), dm.cfg.val_samples)
         total = max(total, min(len(self.dataset), dm.micro_batch_size * world))
         sampler = MegatronSampler(total, dm.micro_batch_size, rank, world)
+        return self._loader(dm, sampler)
+
+    def _loader(
+        self, dm: LMDataModule, sampler: MegatronSampler, persistent_workers: bool = False
+    ) -> DataLoader:
+        """Micro-batches of this split's samples in `sampler`'s order (incomplete last batch dropped)."""
         return DataLoader(
             self.dataset,
             batch_size=dm.micro_batch_size,
@@ -96,6 +94,7 @@ class _IndexedSplit:
             drop_last=True,
             num_workers=dm.cfg.num_workers,
             collate_fn=collate_samples,
+            persistent_workers=persistent_workers,
         )
 
 
