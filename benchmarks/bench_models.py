@@ -24,7 +24,7 @@ def _configs(quick: bool) -> tuple[ModelConfig, ModelConfig]:
     if quick:
         nano = ModelConfig.from_name("nano")
         return nano, ModelConfig.from_dict({**nano.to_dict(), "block": "pythia", "name": "nano_pythia"})
-    return ModelConfig.from_name("memoryformer_tiny"), ModelConfig.from_name("pythia_70m")
+    return ModelConfig.from_name("mf_tiny"), ModelConfig.from_name("pythia_70m")
 
 
 def _build(config: ModelConfig) -> LanguageModel:

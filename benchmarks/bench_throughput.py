@@ -36,7 +36,6 @@ sys.path.insert(1, str(HERE.parent))
 from benchutil import copy_bandwidth, cpu_model, load_average, proc_kib_field  # noqa: E402
 from compute_budget import (  # noqa: E402
     MEASUREMENTS,
-    PAPER_EXPERIMENTS,
     PEAK_BF16_TFLOPS,
     Measurement,
     format_cost_table,
@@ -49,7 +48,7 @@ from compute_budget import (  # noqa: E402
 )
 
 from memoryformer.conf_schema import OptimConfig  # noqa: E402
-from memoryformer.config import ModelConfig  # noqa: E402
+from memoryformer.config import PAPER_MODELS, ModelConfig  # noqa: E402
 from memoryformer.flops import model_cost  # noqa: E402
 from memoryformer.models import LanguageModel  # noqa: E402
 from memoryformer.training.optim import build_optimizer  # noqa: E402
@@ -223,7 +222,7 @@ def run(quick: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--experiments", nargs="+", default=list(PAPER_EXPERIMENTS))
+    parser.add_argument("--experiments", nargs="+", default=list(PAPER_MODELS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                         help="bf16 autocast (default on CUDA) or fp32 (default on CPU)")

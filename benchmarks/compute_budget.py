@@ -38,15 +38,12 @@ for _p in (str(HERE), str(ROOT)):  # run as `python benchmarks/compute_budget.py
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from memoryformer.config import ConfigError  # noqa: E402
+from memoryformer.config import PAPER_MODELS, PAPER_ROWS, ConfigError  # noqa: E402
 from memoryformer.flops import FLOPS_PER_MAC  # noqa: E402
 
 CONF_DIR = ROOT / "conf"
 MEASUREMENTS = ROOT / "docs" / "throughput.json"
 SECONDS_PER_HOUR = 3600.0
-
-#: The paper's Table 1 rows, in its order, as `conf/experiment` names.
-PAPER_EXPERIMENTS = ("pythia_70m", "mf_tiny", "pythia_160m", "mf_small", "pythia_410m", "mf_base")
 
 #: EleutherAI's measured cost of the Pythia rows: A100-40GB GPU-hours per model for 299,892,736,000 tokens
 #: on 32 GPUs with GPT-NeoX in fp16 (Biderman et al. 2023, "Pythia", arXiv 2304.01373, appendix table of
@@ -55,7 +52,7 @@ PYTHIA_A100_40GB_HOURS = {"pythia_70m": 510.0, "pythia_160m": 1030.0, "pythia_41
 PYTHIA_SOURCE = "EleutherAI, Pythia paper (arXiv 2304.01373): 32 x A100-40GB, GPT-NeoX, fp16"
 
 #: The Pythia row of the same width as each MemoryFormer row (the paper's Table 1 pairs).
-SAME_WIDTH_PYTHIA = {"mf_tiny": "pythia_70m", "mf_small": "pythia_160m", "mf_base": "pythia_410m"}
+SAME_WIDTH_PYTHIA = {row.name: row.baseline for row in PAPER_ROWS if row.baseline}
 
 #: Passes over the table entries a training step makes per entry read in the forward: the forward gather;
 #: in the backward, the row again (gradient of the hash weight) and the output gradient once per (token,
@@ -246,7 +243,7 @@ def method_check(measurements: list[Measurement], device: str, memory_bytes_per_
     rate (as `peak` at MFU 1), the measured `memory_bytes_per_s` for the bandwidth, and AdamW runs once per
     measured micro-batch. None when either measurement is missing."""
     found = {m.model: m for m in measurements if m.device == device}
-    ref, mf = found.get("pythia_70m"), found.get("memoryformer_tiny")
+    ref, mf = found.get("pythia_70m"), found.get("mf_tiny")
     if ref is None or mf is None:
         return None
     dense_rate = FLOPS_PER_MAC * row_budget("pythia_70m").flops_per_token * ref.tokens_per_s
@@ -280,7 +277,7 @@ class CostLine:
         return mfu(self.row.flops_per_token, self.tokens_per_s, self.peak_tflops)
 
 
-def cost_lines(measurements: list[Measurement], experiments: tuple[str, ...] = PAPER_EXPERIMENTS,
+def cost_lines(measurements: list[Measurement], experiments: tuple[str, ...] = PAPER_MODELS,
                include_cpu: bool = False) -> list[CostLine]:
     """Every known cost of every row: our measurements at the row's sequence length (CPU ones only with
     `include_cpu`), then EleutherAI's published A100 measurement of a Pythia row, and for a MemoryFormer
@@ -367,7 +364,7 @@ def _hours(h: float) -> str:
     return f"{h:,.0f}" if h >= 10 else f"{h:,.1f}"
 
 
-def format_cost_table(measurements: list[Measurement], experiments: tuple[str, ...] = PAPER_EXPERIMENTS,
+def format_cost_table(measurements: list[Measurement], experiments: tuple[str, ...] = PAPER_MODELS,
                       include_cpu: bool = False, devices: int = 32) -> str:
     """Markdown: one line per `cost_lines` entry, with device-hours, days on `devices` devices (the paper's
     and Pythia's 32 GPUs by default) and MFU where the device's peak is known."""

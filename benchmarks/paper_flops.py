@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python benchmarks/paper_flops.py`
 
-from memoryformer.config import PAPER_MODELS, PRESETS, ModelConfig  # noqa: E402
+from memoryformer.config import PAPER_MODELS, PAPER_ROWS, PRESETS, ModelConfig  # noqa: E402
 from memoryformer.flops import (  # noqa: E402
     GIGA,
     MEGA,
@@ -27,15 +27,8 @@ from memoryformer.flops import (  # noqa: E402
     model_cost,
 )
 
-#: Paper Table 1 labels for our preset names.
-PAPER_LABELS = {
-    "pythia_70m": "Pythia-70M",
-    "memoryformer_tiny": "MF-tiny",
-    "pythia_160m": "Pythia-160M",
-    "memoryformer_small": "MF-small",
-    "pythia_410m": "Pythia-410M",
-    "memoryformer_base": "MF-base",
-}
+#: Paper Table 1 labels for our row names.
+PAPER_LABELS = {row.name: row.label for row in PAPER_ROWS}
 
 
 
@@ -51,7 +44,7 @@ def table3_config(tau: int, width: int = 512) -> ModelConfig:
     """
     k = width // tau
     return ModelConfig.from_name(
-        "memoryformer_tiny", n_embd=width, code_length=tau, num_tables=k, hashed_width=k * tau
+        "mf_tiny", n_embd=width, code_length=tau, num_tables=k, hashed_width=k * tau
     )
 
 
@@ -73,7 +66,7 @@ def table5_rows() -> list[dict]:
     """Paper Table 5's Memory Size column: both Memory Block layers of MF-tiny for expand bits 0..3."""
     out = []
     for extra in range(4):
-        cfg = ModelConfig.from_name("memoryformer_tiny", expand_bits=extra)
+        cfg = ModelConfig.from_name("mf_tiny", expand_bits=extra)
         hidden = cfg.memory_block_hidden
         mb = memory_layer_mb(cfg.n_embd, hidden, cfg.code_length) + memory_layer_mb(
             hidden, cfg.n_embd, cfg.code_length + extra
@@ -204,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"## FLOPs per block at s = {args.seq_len} (1 multiply-add = 1 FLOP, G = 1e9)\n")
     print(format_table1(costs))
-    if "memoryformer_small" in names and args.seq_len == 2048:
+    if "mf_small" in names and args.seq_len == 2048:
         print(
             "\nNote: the paper prints MF-small as 1.0 G / 7.4 G; its own rule 6Ksd gives 0.906 G / 7.348 G "
             "(a rounding slip in the paper)."

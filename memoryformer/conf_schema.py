@@ -15,13 +15,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from memoryformer.config import ConfigError, ModelConfig
+from memoryformer.config import PRESETS, ConfigError, ModelConfig
 from memoryformer.data.config import DataConfig
 
 
 @dataclass
 class OptimConfig:
-    """Optimizer, schedule and clipping (`conf/optim/*.yaml`); defaults are the paper's MemoryFormer recipe.
+    """Optimizer, schedule and clipping (the `optim` group); defaults are the paper's MemoryFormer recipe.
 
     lr 3e-3 is 3x Pythia-70M's (paper section 3); min lr is 0.01 * lr as in the released configs.
     """
@@ -98,7 +98,13 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Register `TrainConfig` as `train_schema` and `OptimConfig` as `optim/optim_schema` (ConfigStore).
+    """Register in Hydra's ConfigStore: `TrainConfig` as `train_schema`, `OptimConfig()` as the option
+    `optim=adamw`, and every model preset of `memoryformer.config.PRESETS` as the option `model=NAME`.
+
+    Typed defaults have one home: the presets are defined once, in Python, as litgpt does (`model=mf_tiny`
+    on the command line and `ModelConfig.from_name("mf_tiny")` in code give the same config), and the
+    optimizer's values are `OptimConfig`'s defaults. A YAML file `conf/model/NAME.yaml` adds an option
+    beside the presets (conf/model/README.md).
 
     Also registers the `div` and `mul` resolvers used by the hash-shape sweeps (Table 3).
     """
@@ -110,4 +116,6 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    cs.store(group="optim", name="adamw", node=OptimConfig())
+    for name in PRESETS:
+        cs.store(group="model", name=name, node=ModelConfig.from_name(name))

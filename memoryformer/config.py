@@ -1,7 +1,8 @@
 """Typed model configuration: one dataclass for every architecture knob, with named presets.
 
-`ModelConfig.from_name("memoryformer_tiny")` returns the paper's MF-tiny; the same dataclass is the
-schema that Hydra validates `conf/model/*.yaml` against (see `memoryformer.conf_schema`). Every impossible
+`ModelConfig.from_name("mf_tiny")` returns the paper's MF-tiny. `PRESETS` below is the only home of the
+named models: `memoryformer.conf_schema` registers each as the Hydra option `model=NAME`, and the same
+dataclass is the schema every composed `model` node is validated against. Every impossible
 combination fails in `__post_init__` with one sentence naming the key and the fix, so a bad command line
 never reaches a stack trace deep inside the model.
 
@@ -267,27 +268,45 @@ def to_plain(node: Any) -> Any:
 _PYTHIA = dict(block="pythia", rotary_pct=0.25, layer_norm_eps=1e-5, parallel_residual=True)
 
 #: Named model presets. MemoryFormer rows: tau = 8 and K = 64 / 96 / 128 (paper section 3); small and base
-#: take Pythia-160M / 410M's layer and head counts as in Table 1; `memoryformer_small_released` is the
+#: take Pythia-160M / 410M's layer and head counts as in Table 1; `mf_small_released` is the
 #: authors' released 6-layer, 8-head config. Pythia rows: EleutherAI's shapes, vocabulary padded to 50304.
 PRESETS: dict[str, dict[str, Any]] = {
     "nano": dict(
         block="memoryformer", vocab_size=4096, n_layer=2, n_embd=128, n_head=4, block_size=256,
         num_tables=16, code_length=8,
     ),
-    "memoryformer_tiny": dict(block="memoryformer", n_layer=6, n_embd=512, n_head=8, num_tables=64),
-    "memoryformer_small": dict(block="memoryformer", n_layer=12, n_embd=768, n_head=12, num_tables=96),
-    "memoryformer_small_released": dict(
+    "mf_tiny": dict(block="memoryformer", n_layer=6, n_embd=512, n_head=8, num_tables=64),
+    "mf_small": dict(block="memoryformer", n_layer=12, n_embd=768, n_head=12, num_tables=96),
+    "mf_small_released": dict(
         block="memoryformer", n_layer=6, n_embd=768, n_head=8, num_tables=96
     ),
-    "memoryformer_base": dict(block="memoryformer", n_layer=24, n_embd=1024, n_head=16, num_tables=128),
+    "mf_base": dict(block="memoryformer", n_layer=24, n_embd=1024, n_head=16, num_tables=128),
     "pythia_70m": dict(_PYTHIA, n_layer=6, n_embd=512, n_head=8),
     "pythia_160m": dict(_PYTHIA, n_layer=12, n_embd=768, n_head=12),
     "pythia_410m": dict(_PYTHIA, n_layer=24, n_embd=1024, n_head=16),
 }
 
-#: The six models of the paper's Table 1, in its row order.
-PAPER_MODELS = (
-    "pythia_70m", "memoryformer_tiny",
-    "pythia_160m", "memoryformer_small",
-    "pythia_410m", "memoryformer_base",
+@dataclass(frozen=True)
+class PaperRow:
+    """One model row of the paper's Table 1.
+
+    `name` is the row's only name: the model preset (`model=NAME`, `ModelConfig.from_name(NAME)`), the
+    experiment with the paper's recipe (`experiment=NAME`) and that experiment's run name. `baseline` is the
+    Pythia row of the same width that a MemoryFormer row is compared with in Table 1.
+    """
+
+    name: str
+    label: str  # as the paper prints it
+    baseline: str | None = None
+
+
+#: The paper's Table 1, in its row order; every list of paper rows in the project derives from this one.
+PAPER_ROWS = (
+    PaperRow("pythia_70m", "Pythia-70M"),
+    PaperRow("mf_tiny", "MF-tiny", baseline="pythia_70m"),
+    PaperRow("pythia_160m", "Pythia-160M"),
+    PaperRow("mf_small", "MF-small", baseline="pythia_160m"),
+    PaperRow("pythia_410m", "Pythia-410M"),
+    PaperRow("mf_base", "MF-base", baseline="pythia_410m"),
 )
+PAPER_MODELS = tuple(row.name for row in PAPER_ROWS)

@@ -23,7 +23,7 @@ class Scale:
 
     Every run trains `steps` optimizer steps of `batch` sequences of `seq_len` tokens on the bundled corpus,
     validates every `val_every` steps on `val_samples` held-out sequences, and keeps the optimizer recipe of
-    `conf/optim/adamw.yaml` (AdamW, cosine over the run, warmup `warmup_ratio`).
+    `OptimConfig` (AdamW, cosine over the run, warmup `warmup_ratio`).
     """
 
     steps: int = 200

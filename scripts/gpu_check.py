@@ -261,7 +261,7 @@ def run_fit(run_dir: Path, timeout_s: float, peak: float | None) -> dict:
     losses, speeds = read_metrics(metrics) if metrics.is_file() else ([], [])
     steady = speeds[len(speeds) // 2 :]  # the first steps pay for kernel selection and allocator growth
     tps = statistics.median(steady) if steady else None
-    macs = training_flops_per_token(ModelConfig.from_name("memoryformer_tiny"), 256)
+    macs = training_flops_per_token(ModelConfig.from_name("mf_tiny"), 256)
     record.update(
         steps_logged=len(losses),
         first_losses=losses[:5],

@@ -14,21 +14,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-README_MODELS = (
-    "nano", "memoryformer_tiny", "memoryformer_small", "memoryformer_small_released", "memoryformer_base",
-    "pythia_70m", "pythia_160m", "pythia_410m",
-)
 
 
 def model_table(seq_len: int = 2048) -> str:
-    """The README's model table: `python benchmarks/paper_flops.py` columns for every `conf/model` preset."""
+    """The README's model table: `python benchmarks/paper_flops.py` columns for every model preset."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import paper_flops
 
-    costs = [paper_flops.model_cost(name, seq_len) for name in README_MODELS]
+    names = tuple(paper_flops.PRESETS)  # every model preset, in memoryformer.config.PRESETS' order
+    costs = [paper_flops.model_cost(name, seq_len) for name in names]
     table = paper_flops.format_table1(costs)
-    # README readers pick configs by their conf/model name, so show it beside the paper's label.
-    for name in README_MODELS:
+    # README readers pick configs by their `model=` name, so show it beside the paper's label.
+    for name in names:
         label = paper_flops.PAPER_LABELS.get(name, name)
         shown = f"`{name}` ({label})" if label != name else f"`{name}`"
         table = table.replace(f"| {label} |", f"| {shown} |", 1)

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from memoryformer.config import ModelConfig
 from memoryformer.data.indexed import MMapIndexedDatasetBuilder
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK = ROOT / "tests" / "fixtures" / "data" / "tokenizer.json"
 TIMEOUT_S = 150  # the slowest case fails in ~20 s on a busy 2-core machine; a hang would run for ever
-NANO_VOCAB = 4096  # conf/model/nano.yaml's vocab_size (the smoke experiment's model)
+NANO_VOCAB = ModelConfig.from_name("nano").vocab_size  # the smoke experiment's model
 
 
 def _indexed(prefix: Path, docs: list[np.ndarray]) -> Path:
@@ -106,7 +107,7 @@ def case_unknown_root_key(tmp: Path):
 
 
 def case_unknown_model_preset(tmp: Path):
-    return ["model=nonexistent"], ["model=nonexistent", "memoryformer_tiny"], []
+    return ["model=nonexistent"], ["model=nonexistent", "mf_tiny"], []
 
 
 def case_unknown_experiment(tmp: Path):

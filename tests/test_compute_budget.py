@@ -34,8 +34,8 @@ def test_pythia_rows_train_on_pythias_published_token_count():
 
 
 def test_memoryformer_rows_train_the_released_configs_steps():
-    for exp, model in (("mf_tiny", "memoryformer_tiny"), ("mf_small", "memoryformer_small"),
-                       ("mf_base", "memoryformer_base")):
+    for exp, model in (("mf_tiny", "mf_tiny"), ("mf_small", "mf_small"),
+                       ("mf_base", "mf_base")):
         row = cb.row_budget(exp)
         assert row.model == model
         assert row.tokens == 106_418 * 1024 * 2048  # ~223.2B tokens, docs/paper-notes.md §4
@@ -79,11 +79,11 @@ def test_measurements_round_trip_and_replace_by_key(tmp_path):
     path = tmp_path / "tp.json"
     assert cb.load_measurements(path) == []
     cb.save_measurement(_m(), path)
-    cb.save_measurement(_m(model="memoryformer_tiny", tokens_per_s=5e5), path)
+    cb.save_measurement(_m(model="mf_tiny", tokens_per_s=5e5), path)
     cb.save_measurement(_m(tokens_per_s=2e6), path)  # same key: replaces the first
     got = cb.load_measurements(path)
     assert len(got) == 2
-    assert {m.model: m.tokens_per_s for m in got} == {"pythia_70m": 2e6, "memoryformer_tiny": 5e5}
+    assert {m.model: m.tokens_per_s for m in got} == {"pythia_70m": 2e6, "mf_tiny": 5e5}
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -108,7 +108,7 @@ def _table_lines(table: str) -> list[list[str]]:
 
 
 def test_cost_table_turns_a_measurement_into_hours_days_and_mfu():
-    table = cb.format_cost_table([_m(peak_tflops=989.0), _m(model="memoryformer_tiny", seq_len=512)],
+    table = cb.format_cost_table([_m(peak_tflops=989.0), _m(model="mf_tiny", seq_len=512)],
                                  experiments=("pythia_70m", "mf_tiny"))
     measured = [c for c in _table_lines(table) if c[8].startswith("**measured**")]
     assert len(measured) == 1  # the mf_tiny measurement at s = 512 does not stand for the s = 2048 row
@@ -177,7 +177,7 @@ def test_estimate_shape():
 
 
 def test_a_measurement_on_an_a100_replaces_the_estimate():
-    m = _m(model="memoryformer_tiny", device="NVIDIA A100-SXM4-80GB", tokens_per_s=90_000.0)
+    m = _m(model="mf_tiny", device="NVIDIA A100-SXM4-80GB", tokens_per_s=90_000.0)
     bases = [line.basis for line in cb.cost_lines([m], ("mf_tiny",))]
     assert bases == ["measured"]
     assert [line.basis for line in cb.cost_lines([], ("mf_tiny",))] == ["estimate"]
@@ -193,7 +193,7 @@ def test_cpu_measurements_only_on_request():
 def test_method_check_predicts_from_the_reference_measurement():
     cpu = "CPU: test"
     ms = [_m(device=cpu, tokens_per_s=300.0, micro_batch=1),
-          _m(model="memoryformer_tiny", device=cpu, tokens_per_s=350.0, micro_batch=1)]
+          _m(model="mf_tiny", device=cpu, tokens_per_s=350.0, micro_batch=1)]
     estimate, measured = cb.method_check(ms, cpu, memory_bytes_per_s=15e9)
     dense_rate = 2 * cb.row_budget("pythia_70m").flops_per_token * 300.0
     mf = cb.row_budget("mf_tiny")
@@ -210,7 +210,7 @@ def test_record_cli_divides_a_runs_tokens_per_s_by_its_devices(tmp_path, capsys)
     assert rc == 0
     (m,) = cb.load_measurements(path)
     assert (m.model, m.tokens_per_s, m.devices, m.seq_len, m.source) == (
-        "memoryformer_tiny", 100000.0, 8, 2048, "training run")
+        "mf_tiny", 100000.0, 8, 2048, "training run")
     assert "GPU Y" in capsys.readouterr().out
     rc = cb.main(["--measurements", str(path), "record", "--experiment", "nope", "--device", "d",
                   "--tokens-per-s", "1", "--micro-batch", "1"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from memoryformer.config import PAPER_MODELS, ModelConfig
+from memoryformer.config import PAPER_MODELS, PAPER_ROWS, ModelConfig
 from memoryformer.evaluation.paper import paper_results
 from memoryformer.evaluation.report import counter_flops, paper_rows, render
 
@@ -29,12 +29,20 @@ def test_counter_reproduces_table1_flops(name):
     wo, total = counter_flops(ModelConfig.from_name(name), S)
     ref_wo, ref_total = _formula(name)
     assert wo == pytest.approx(ref_wo, rel=1e-12) and total == pytest.approx(ref_total, rel=1e-12)
-    if name == "memoryformer_small":
+    if name == "mf_small":
         # The paper prints 1.0 G / 7.4 G, but its own rule gives 0.906 G / 7.348 G (docs/paper-notes.md §5).
         assert (round(wo, 1), round(total, 1)) == (0.9, 7.3)
         assert (row["flops_wo_attn_g"], row["flops_total_g"]) == (1.0, 7.4)
     else:
         assert (round(wo, 1), round(total, 1)) == (row["flops_wo_attn_g"], row["flops_total_g"])
+
+
+def test_paper_data_file_table1_is_the_row_table():
+    # the printed numbers live in paper_results.yaml; their rows must be PAPER_ROWS, under the same one name
+    table1 = paper_results()["table1"]
+    assert [(r["model"], r["label"], r["experiments"]) for r in table1] == [
+        (row.name, row.label, [row.name]) for row in PAPER_ROWS
+    ]
 
 
 def test_paper_data_file_averages_match_its_rows():
@@ -68,12 +76,12 @@ def test_report_puts_runs_beside_the_paper_rows_and_writes_png(tmp_path):
         "arc_challenge": 0.23,
         "logiqa": 0.26,
     }
-    run = _fake_run(tmp_path / "mf_tiny_run", "memoryformer_tiny", scores)
+    run = _fake_run(tmp_path / "mf_tiny_run", "mf_tiny", scores)
     md = render([run], tmp_path / "out")
     lines = md.splitlines()
     i = next(k for k, line in enumerate(lines) if line.startswith("| MF-tiny | paper |"))
     assert lines[i + 1].startswith(
-        "| memoryformer_tiny | ours (mf_tiny_run) | 6 | 512 | 0.4 G | 4.7 G | 0.610 |"
+        "| mf_tiny | ours (mf_tiny_run) | 6 | 512 | 0.4 G | 4.7 G | 0.610 |"
     )
     # a wsc273 number is labelled in its cell and in the average, never passed off as the paper's WSC
     assert "| 0.400 (wsc273) |" in lines[i + 1]

@@ -19,11 +19,11 @@ import paper_flops  # noqa: E402
 # Paper Table 1: (FLOPs w/o Attn., Total FLOPs) per block at s = 2048, in G, as printed.
 TABLE1 = {
     "pythia_70m": (6.4, 10.7),
-    "memoryformer_tiny": (0.4, 4.7),
+    "mf_tiny": (0.4, 4.7),
     "pythia_160m": (14.5, 20.9),
-    "memoryformer_small": (1.0, 7.4),  # a rounding slip in the paper: its own rule gives 0.906 / 7.348
+    "mf_small": (1.0, 7.4),  # a rounding slip in the paper: its own rule gives 0.906 / 7.348
     "pythia_410m": (25.8, 34.4),
-    "memoryformer_base": (1.6, 10.2),
+    "mf_base": (1.6, 10.2),
 }
 
 
@@ -33,7 +33,7 @@ def test_table1_flops_columns(name):
     paper_wo, paper_total = TABLE1[name]
     ours_wo = cost.block.without_attention_paper / 1e9
     ours_total = cost.block.total_paper / 1e9
-    if name == "memoryformer_small":
+    if name == "mf_small":
         # 6 K s d = 6 * 96 * 2048 * 768 = 0.906 G; Total 2 s^2 d + that = 7.348 G (docs/paper-notes.md §5).
         assert round(ours_wo, 3) == 0.906 and round(ours_total, 3) == 7.348
         return
@@ -45,7 +45,7 @@ def test_table1_flops_columns(name):
 
 def test_exact_lookup_count_is_five_and_a_quarter_kd():
     # QKV 3Kd + MB1 K(tau+2)K + MB2 Kd = 5.25 K d per token at tau = 8 (docs/paper-notes.md §5).
-    cfg = ModelConfig.from_name("memoryformer_tiny")
+    cfg = ModelConfig.from_name("mf_tiny")
     cost = flops.model_cost(cfg, seq_len=2048)
     assert cost.block.dense == 0
     assert cost.block.lookups == int(5.25 * 64 * 512 * 2048)
@@ -75,7 +75,7 @@ def test_table5_memory_sizes():
 
 
 def test_model_storage_columns_for_mf_tiny():
-    cost = flops.model_cost("memoryformer_tiny")
+    cost = flops.model_cost("mf_tiny")
     assert round(cost.qkv_layer_mb_fp16, 1) == 16.8  # Table 3, tau = 8 row
     assert round(cost.memory_block_mb_fp16, 1) == 88.1  # Table 5, 2 expanding bits
     # docs/paper-notes.md §6: tables 415.2M of ~466.8M parameters.

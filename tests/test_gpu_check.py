@@ -92,7 +92,7 @@ def test_fit_command_composes_and_checks(tmp_path: Path) -> None:
     plan = check_config(cfg)
     assert (plan.max_steps, plan.micro_batch_size, plan.data.seq_len) == (50, 16, 256)
     assert cfg.trainer.strategy.config.zero_optimization.stage == 2
-    assert cfg.trainer.precision == "bf16-mixed" and cfg.model.name == "memoryformer_tiny"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.model.name == "mf_tiny"
 
 
 def test_write_report_is_json_and_atomic(tmp_path: Path) -> None:

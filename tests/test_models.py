@@ -227,7 +227,7 @@ def test_qkv_share_one_hash(monkeypatch):
 )
 def test_expand_bits_gives_table5_memory_block_shapes(expand_bits, mb_mb):
     with torch.device("meta"):
-        model = build_model("memoryformer_tiny", expand_bits=expand_bits)
+        model = build_model("mf_tiny", expand_bits=expand_bits)
     ffn = model.blocks[0].ffn
     assert isinstance(ffn, MemoryBlock)
     k, tau_prime = 64, 8 + expand_bits
@@ -287,7 +287,7 @@ def test_pythia_block_structure():
 def test_init_follows_released_code():
     torch.manual_seed(0)
     # MF-tiny width (d = 512, K = 64) with one layer and a small vocabulary, to keep it fast.
-    model = build_model("memoryformer_tiny", n_layer=1, vocab_size=2048)
+    model = build_model("mf_tiny", n_layer=1, vocab_size=2048)
     block = model.blocks[0]
     # docs/paper-notes.md §4: small_init std 0.0280 at d = 512 for embeddings, LM head and Q/K/V tables.
     attn = block.attn

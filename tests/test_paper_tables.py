@@ -22,7 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from memoryformer.conf_schema import OptimConfig, register_configs
-from memoryformer.config import ConfigError, ModelConfig
+from memoryformer.config import PAPER_MODELS, ConfigError, ModelConfig
 from memoryformer.models import LanguageModel
 from memoryformer.training.optim import build_optimizer, build_scheduler
 from memoryformer.training.run import check_config, optim_for_precision
@@ -35,13 +35,23 @@ CONF = ROOT / "conf"
 register_configs()
 
 PAPER_EXPERIMENTS = [
-    "pythia_70m", "mf_tiny", "pythia_160m", "mf_small", "pythia_410m", "mf_base",
-    "mf_tiny_ablation", "table3_tau", "table4_lr", "table5_expand_bits", "table6_gelu",
+    *PAPER_MODELS, "mf_tiny_ablation", "table3_tau", "table4_lr", "table5_expand_bits", "table6_gelu",
 ]
 FP16_HEADER = (
     "# Precision: these experiments default to bf16-mixed; the authors trained in fp16 (released configs), "
     "and trainer.precision=16-mixed reproduces theirs."
 )
+
+
+def _experiment_chain(name: str) -> list[str]:
+    """`name` and the experiment files it builds on (its first non-override defaults entry), in order."""
+    chain = [name]
+    while True:
+        spec = OmegaConf.load(CONF / "experiment" / f"{chain[-1]}.yaml")
+        parents = [d for d in spec.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+        if not parents:
+            return chain
+        chain.append(parents[0])
 
 
 def _compose(*overrides: str, hydra: bool = False):
@@ -173,19 +183,19 @@ def test_gelu_switch_changes_the_output_and_sits_before_the_memory_block_norm():
 def test_memory_block_activation_is_validated():
     message = r"^model.memory_block_activation='relu' is not supported; choose one of: none, gelu.$"
     with pytest.raises(ConfigError, match=message):
-        ModelConfig.from_name("memoryformer_tiny", memory_block_activation="relu")
+        ModelConfig.from_name("mf_tiny", memory_block_activation="relu")
 
 
 # ------------------------------------------------------------------------------------ Table 3's d = 510 row
 def test_d510_row_hashes_510_dims_and_outputs_512():
-    cfg = ModelConfig.from_name("memoryformer_tiny", code_length=10, num_tables=51, hashed_width=510)
+    cfg = ModelConfig.from_name("mf_tiny", code_length=10, num_tables=51, hashed_width=510)
     with torch.device("meta"):
         model = LanguageModel(cfg)
     q = model.blocks[0].attn.q_proj
     assert (q.in_features, q.num_tables, q.out_features) == (510, 51, 512)
     assert model.blocks[0].ffn.layer1.in_features == 510
     with pytest.raises(ConfigError, match="set model.hashed_width=510"):
-        ModelConfig.from_name("memoryformer_tiny", code_length=10, num_tables=51)
+        ModelConfig.from_name("mf_tiny", code_length=10, num_tables=51)
 
 
 def test_hashed_width_model_runs_and_ignores_unhashed_dims_in_its_codes():
@@ -216,8 +226,11 @@ def test_flops_tool_prints_table3_rows():
 # ------------------------------------------------------------------------------------ precision
 @pytest.mark.parametrize("experiment", PAPER_EXPERIMENTS)
 def test_paper_experiment_states_precision_and_composes_in_fp16(experiment):
-    lines = (CONF / "experiment" / f"{experiment}.yaml").read_text().splitlines()
-    assert lines[0] == "# @package _global_" and lines[1] == FP16_HEADER
+    # the precision note is written once, in the recipe every paper experiment builds on
+    chain = _experiment_chain(experiment)
+    assert chain[-1] == "paper_recipe", chain
+    recipe = (CONF / "experiment" / "paper_recipe.yaml").read_text().splitlines()
+    assert recipe[0] == "# @package _global_" and recipe[1] == FP16_HEADER
     cfg = _compose(f"experiment={experiment}", "trainer.precision=16-mixed")
     _check(cfg)
     assert cfg.trainer.precision == "16-mixed"
@@ -266,7 +279,7 @@ TASKS = ("piqa", "winogrande", "arc_easy", "arc_challenge", "logiqa")
 def _train_run(d: Path, name: str, model: dict, lr: float = 3e-3, ppl: float | None = None,
                max_steps: int = 8000) -> Path:
     (d / "checkpoints").mkdir(parents=True)
-    config = {"name": name, "model": {"name": "memoryformer_tiny", **model}, "optim": {"lr": lr},
+    config = {"name": name, "model": {"name": "mf_tiny", **model}, "optim": {"lr": lr},
               "trainer": {"max_steps": max_steps}}
     (d / "checkpoints" / "config.yaml").write_text(yaml.safe_dump(config))
     if ppl is not None:
@@ -287,8 +300,8 @@ def _eval_run(d: Path, train_dir: Path, scores: dict[str, float]) -> Path:
     info = {
         "kind": "memoryformer",
         "checkpoint": str(train_dir / "checkpoints" / "last.ckpt"),
-        "label": "memoryformer_tiny",
-        "model": ModelConfig.from_name("memoryformer_tiny").to_dict(),
+        "label": "mf_tiny",
+        "model": ModelConfig.from_name("mf_tiny").to_dict(),
         "settings": {"eval": {"tasks": list(scores), "metric": {"default": "acc"}}},
     }
     (d / "run_info.json").write_text(json.dumps(info))

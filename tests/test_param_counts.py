@@ -45,9 +45,9 @@ def test_pythia_counts_equal_eleutherai(name, total, non_embedding):
 @pytest.mark.parametrize(
     "name, per_block_m, qkv_m, memory_block_m",
     [
-        ("memoryformer_tiny", 69.2, 25.2, 44.0),
-        ("memoryformer_small", 155.7, None, None),
-        ("memoryformer_base", 276.8, None, None),
+        ("mf_tiny", 69.2, 25.2, 44.0),
+        ("mf_small", 155.7, None, None),
+        ("mf_base", 276.8, None, None),
     ],
 )
 def test_memoryformer_block_counts_match_paper_section_6(name, per_block_m, qkv_m, memory_block_m):
@@ -63,20 +63,20 @@ def test_memoryformer_block_counts_match_paper_section_6(name, per_block_m, qkv_
 
 
 def test_memoryformer_totals_match_paper_section_6():
-    tiny = on_meta("memoryformer_tiny")
+    tiny = on_meta("mf_tiny")
     assert round(tiny.num_parameters() / 1e6, 1) == 466.8
     assert round(table_params(tiny) / 1e6, 1) == 415.2
     assert round(table_params(tiny) * 2 / 1e9, 2) == 0.83  # GB in fp16
-    assert round(on_meta("memoryformer_small").num_parameters() / 1e9, 2) == 1.95
-    assert round(on_meta("memoryformer_small_released").num_parameters() / 1e9, 2) == 1.01
-    base = on_meta("memoryformer_base")
+    assert round(on_meta("mf_small").num_parameters() / 1e9, 2) == 1.95
+    assert round(on_meta("mf_small_released").num_parameters() / 1e9, 2) == 1.01
+    base = on_meta("mf_base")
     assert round(base.num_parameters() / 1e9, 2) == 6.75
     assert round(table_params(base) / 1e9, 2) == 6.64
     assert round(table_params(base) * 2 / 1e9, 1) == 13.3
 
 
 def test_untied_embedding_and_head_at_50304():
-    model = on_meta("memoryformer_tiny")
+    model = on_meta("mf_tiny")
     assert model.wte.weight.shape == (50304, 512)
     assert model.lm_head.weight.shape == (50304, 512)
     assert model.num_parameters() - model.num_parameters(exclude_embeddings=True) == 2 * 50304 * 512
