@@ -379,5 +379,6 @@ def test_table2_experiments_are_pythia_410m_with_only_the_attention_swapped(atte
     for c in (ours, theirs):
         del c["name"], c["model"]["name"], c["model"]["attention"]
     assert ours == theirs
-    header = (CONF / "experiment" / f"{attention}_410m.yaml").read_text().splitlines()
-    assert header[1].startswith("# Precision: these experiments default to bf16-mixed;")
+    # it inherits the recipe (and its precision note) instead of restating it
+    spec = OmegaConf.load(CONF / "experiment" / f"{attention}_410m.yaml")
+    assert list(spec.defaults) == ["pythia_410m", "_self_"]
