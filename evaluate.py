@@ -20,9 +20,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from memoryformer.conf_schema import register_configs
 from memoryformer.config import ConfigError
 from memoryformer.errors import reports_user_errors
 from memoryformer.evaluation.config import EvaluateConfig
+
+
+register_configs()  # evaluate_defaults / generate_defaults: the options and their defaults
 
 
 @reports_user_errors

@@ -1,4 +1,6 @@
-"""Structured (typed) schema of `train.py`'s config, registered in Hydra's ConfigStore as `train_schema`.
+"""What Hydra composes the entry points' configs on: `train.py`'s typed schema (`train_schema`) and the
+declared defaults of `evaluate.py` and `generate.py` (`evaluate_defaults`, `generate_defaults`), all
+registered in Hydra's ConfigStore by `register_configs`, which each entry point calls at import.
 
 `conf/config.yaml` lists `train_schema` first in its defaults, so every composed config is checked against
 these dataclasses: a misspelt key (`optim.lrr=1`) or a wrong type (`optim.lr=fast`) fails at composition
@@ -15,7 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from memoryformer.config import PRESETS, ConfigError, ModelConfig
+from memoryformer.config import PRESETS, ConfigError, ModelConfig, field_defaults
 from memoryformer.data.config import DataConfig
 
 
@@ -106,7 +108,8 @@ def register_configs() -> None:
     optimizer's values are `OptimConfig`'s defaults. A YAML file `conf/model/NAME.yaml` adds an option
     beside the presets (conf/model/README.md).
 
-    Also registers the `div` and `mul` resolvers used by the hash-shape sweeps (Table 3).
+    Also registers evaluate.py's and generate.py's defaults (`EvaluateConfig`, `GenerateConfig`) and the
+    `div` and `mul` resolvers used by the hash-shape sweeps (Table 3).
     """
     if not OmegaConf.has_resolver("div"):
         # `${div:a,b}` = a // b, e.g. model.num_tables=${div:${model.n_embd},${model.code_length}} in sweeps
@@ -119,3 +122,11 @@ def register_configs() -> None:
     cs.store(group="optim", name="adamw", node=OptimConfig())
     for name in PRESETS:
         cs.store(group="model", name=name, node=ModelConfig.from_name(name))
+    # evaluate.py and generate.py check their options themselves (from_mapping, one sentence per mistake,
+    # and they accept shorthands such as eval.tasks=piqa,arc_easy or eval.metric=acc_norm that a typed
+    # node would refuse), so Hydra gets their declared defaults as plain values, not a schema.
+    from memoryformer.evaluation.config import EvaluateConfig
+    from memoryformer.generation import GenerateConfig
+
+    cs.store(name="evaluate_defaults", node=field_defaults(EvaluateConfig))
+    cs.store(name="generate_defaults", node=field_defaults(GenerateConfig))

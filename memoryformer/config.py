@@ -253,6 +253,24 @@ def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not supported; choose one of: {', '.join(allowed)}.")
 
 
+def field_defaults(cls: type) -> dict[str, Any]:
+    """The declared default of every field of dataclass `cls`, as plain values, without running its checks.
+
+    Nested dataclass fields (`default_factory=SomeDataclass`) recurse. An entry point registers this as the
+    node its Hydra config is composed on, so each option's default is written once, in the dataclass, and
+    the YAML file only adds Hydra's own settings.
+    """
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif dataclasses.is_dataclass(f.default_factory):
+            values[f.name] = field_defaults(f.default_factory)
+        elif f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
+    return values
+
+
 def to_plain(node: Any) -> Any:
     """An OmegaConf container as resolved plain dicts and lists; anything else is returned unchanged.
 

@@ -25,19 +25,20 @@ REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decoder gives for an incomplete
 
 @dataclass
 class GenerateConfig:
-    """Options of `generate.py` (conf/generate.yaml); `validate` names a bad one and the fix."""
+    """Options of `generate.py` and their defaults (conf/generate.yaml composes on them); `validate` names a
+    bad one and the fix."""
 
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # exported / Hugging Face model dir, Lightning .ckpt or DeepSpeed dir
     prompt: str | None = None
     max_new_tokens: int = 64
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float = 1.0
-    greedy: bool = False
-    seed: int = 0
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = None  # keep the k most likely tokens (None: all)
+    top_p: float = 1.0  # nucleus sampling: keep the most likely tokens up to this probability mass
+    greedy: bool = False  # argmax decoding (ignores temperature, top_k, top_p)
+    seed: int = 0  # samples are reproducible for a given seed
     num_samples: int = 1
-    tokenizer: str | None = None
-    eos_token: str = "<|endoftext|>"
+    tokenizer: str | None = None  # overrides the tokenizer stored with the checkpoint
+    eos_token: str = "<|endoftext|>"  # generation stops at this token
     device: str = "cpu"
     dtype: str = "float32"
 

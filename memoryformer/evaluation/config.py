@@ -1,4 +1,5 @@
-"""Typed, validated configuration of `evaluate.py` (`conf/evaluate.yaml` + `conf/eval/default.yaml`).
+"""Typed, validated configuration of `evaluate.py`: the one home of its options and their defaults
+(`conf/evaluate.yaml` composes on them and adds only Hydra's settings).
 
 `EvaluateConfig.from_mapping(cfg)` turns the resolved Hydra node into dataclasses and fails with one
 sentence naming the key and the fix for anything that cannot work, before a model is loaded.
@@ -34,16 +35,17 @@ class EvalSettings:
     """The `eval` group: which tasks, which metric per task, and how to run lm-eval."""
 
     tasks: list[str] = field(default_factory=lambda: ["paper"])
-    metric: dict[str, str] = field(default_factory=dict)  # task -> acc | acc_norm; "default" for the rest
+    # task -> acc | acc_norm, "default" for the rest; a plain string sets the default
+    metric: dict[str, str] = field(default_factory=lambda: {"default": "acc"})
     batch_size: int = 16
-    device: str = "cpu"
-    dtype: str = "float32"
-    limit: float | None = None
-    num_fewshot: int = 0
-    data_dir: str | None = None
-    bootstrap_iters: int = 10000
+    device: str = "cpu"  # cpu | cuda | cuda:0 ...
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    limit: float | None = None  # None: all examples; N: the first N per task; 0 < f < 1: that fraction
+    num_fewshot: int = 0  # the paper is zero-shot
+    data_dir: str | None = None  # DIR/<task>/<split>.jsonl (hub schema) to run offline
+    bootstrap_iters: int = 10000  # stderr bootstrap, as in the authors' eval_adapter.py; 0 skips it
     seed: int = 1234
-    max_length: int | None = None
+    max_length: int | None = None  # context used for scoring; None: the model's block_size
 
     def __post_init__(self) -> None:
         self.tasks = expand_tasks(self.tasks)
@@ -78,7 +80,7 @@ class EvalSettings:
 
 @dataclass
 class EvaluateConfig:
-    """Top level of `conf/evaluate.yaml`: what to evaluate (our checkpoint or a Hugging Face baseline)."""
+    """Top level of evaluate.py's config: what to evaluate (our checkpoint or a Hugging Face baseline)."""
 
     checkpoint: str | None = None
     baseline: str | None = None  # null: our checkpoint; "hf": a Hugging Face model directory (Pythia)
