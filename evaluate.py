@@ -25,7 +25,6 @@ from memoryformer.config import ConfigError
 from memoryformer.errors import reports_user_errors
 from memoryformer.evaluation.config import EvaluateConfig
 
-
 register_configs()  # evaluate_defaults / generate_defaults: the options and their defaults
 
 

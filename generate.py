@@ -6,7 +6,8 @@
     python generate.py checkpoint=PATH prompt="The" num_samples=3 seed=1    # reproducible samples
 
 `checkpoint` is anything evaluate.py reads (exported or Hugging Face model directory, Lightning .ckpt,
-DeepSpeed directory). Options and defaults: `GenerateConfig` in memoryformer/generation.py. A bad option prints one sentence on stderr and exits 2.
+DeepSpeed directory). Options and defaults: `GenerateConfig` in memoryformer/generation.py. A bad option
+prints one sentence on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from memoryformer.conf_schema import register_configs
 from memoryformer.config import ConfigError
-
 
 register_configs()  # evaluate_defaults / generate_defaults: the options and their defaults
 
