@@ -3,6 +3,7 @@ and what differs, never a restated default (issue #15), and the entry points com
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from memoryformer.conf_schema import OptimConfig, register_configs
-from memoryformer.config import ModelConfig, field_defaults
+from memoryformer.config import field_defaults
 from memoryformer.data.config import DataConfig
 from memoryformer.evaluation.config import EvalSettings, EvaluateConfig
 from memoryformer.generation import GenerateConfig
@@ -74,23 +75,70 @@ def test_data_files_state_only_what_differs(path):
     assert not restated, f"{path.name} restates DataConfig defaults: {restated}"
 
 
-@pytest.mark.parametrize("path", sorted((CONF / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
-def test_experiment_files_restate_no_model_or_run_default(path):
-    # model keys equal to the chosen preset, or run keys equal to TrainConfig's, would be a second home
-    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    cfg = _compose("config", f"experiment={path.stem}")
-    name = cfg["model"]["name"]
-    preset = ModelConfig.from_name(name).to_dict() if name in _presets() else {}
-    restated = {k: v for k, v in (spec.get("model") or {}).items() if k != "name" and preset.get(k) == v}
-    assert not restated, f"{path.name} restates the preset's model keys: {restated}"
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        plain = OmegaConf.to_container(compose("config"), resolve=False)
-    run_keys = {k: v for k, v in spec.items() if not isinstance(v, dict) and k not in ("defaults", "name")}
-    restated = {k: v for k, v in run_keys.items() if k in plain and plain[k] == v}
-    assert not restated, f"{path.name} restates run-level defaults: {restated}"
+def _leaves(node: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Key paths of the leaves of a plain mapping (lists are leaves)."""
+    out = []
+    for key, value in node.items():
+        out += _leaves(value, (*prefix, key)) if isinstance(value, dict) and value else [(*prefix, key)]
+    return out
 
 
-def _presets() -> set[str]:
-    from memoryformer.config import PRESETS
+def _without(node: dict, path: tuple[str, ...]) -> dict:
+    """A copy of `node` without the leaf at `path` (and without parents it leaves empty)."""
+    head, *rest = path
+    out = dict(node)
+    if rest:
+        out[head] = _without(node[head], tuple(rest))
+        if not out[head]:
+            del out[head]
+    else:
+        del out[head]
+    return out
 
-    return set(PRESETS)
+
+@pytest.fixture(scope="module")
+def conf_copy(tmp_path_factory) -> Path:
+    conf = tmp_path_factory.mktemp("conf") / "conf"
+    shutil.copytree(CONF, conf)
+    return conf
+
+
+def _composed(conf: Path, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["paths.output_dir=/tmp/x", *overrides], return_hydra_config=True)
+    out = OmegaConf.to_container(cfg, resolve=False)
+    sweep = out["hydra"]["sweeper"].get("params")
+    return {k: v for k, v in out.items() if k != "hydra"} | {"sweep": sweep}
+
+
+#: Values that equal what the default composition gives but state a recipe that must hold under other choices.
+KEPT_ON_PURPOSE = {
+    ("paper_recipe", "data.seq_len"),  # the paper's 2048 whatever data= is picked (data=sample says 256)
+}
+TRAINER_FILES = sorted((CONF / "trainer").glob("*.yaml"))
+EXPERIMENT_FILES = sorted((CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group, path", [("experiment", p) for p in EXPERIMENT_FILES]
+                         + [("trainer", p) for p in TRAINER_FILES], ids=lambda v: getattr(v, "stem", v))
+def test_every_value_a_file_states_changes_the_composed_config(group, path, conf_copy):
+    # Drop each value the file states, in a copy of conf/: if the composed config does not change, the value
+    # restated a default, a preset or a parent file, i.e. it had a second home.
+    full = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    spec = {k: v for k, v in full.items() if k not in ("defaults", "hydra")}
+    target = conf_copy / group / path.name
+    original = target.read_text()
+    expected = _composed(conf_copy, f"{group}={path.stem}")
+    redundant = []
+    try:
+        for leaf in _leaves(spec):
+            kept = {k: full[k] for k in ("defaults", "hydra") if k in full}
+            trimmed = {**_without(spec, leaf), **kept}
+            header = "# @package _global_\n" if original.startswith("# @package _global_") else ""
+            target.write_text(header + OmegaConf.to_yaml(OmegaConf.create(trimmed)))
+            if _composed(conf_copy, f"{group}={path.stem}") == expected:
+                redundant.append(".".join(leaf))
+    finally:
+        target.write_text(original)
+    redundant = [r for r in redundant if (path.stem, r) not in KEPT_ON_PURPOSE]
+    assert not redundant, f"{group}/{path.name} restates values it would get anyway: {redundant}"

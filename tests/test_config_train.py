@@ -10,7 +10,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from memoryformer.conf_schema import register_configs
-from memoryformer.config import ConfigError
+from memoryformer.config import PAPER_MODELS, ConfigError
 from memoryformer.training.run import check_config, trainer_kwargs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -24,8 +24,9 @@ def _compose(*overrides: str, tmp: Path | None = None):
 
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-#: The experiments of the paper's Table 1 rows (the ablation tables' experiments: tests/test_paper_tables.py).
-TABLE1_EXPERIMENTS = ["mf_base", "mf_small", "mf_tiny", "pythia_160m", "pythia_410m", "pythia_70m"]
+#: The experiments of the paper's Table 1 rows (named as the rows) and Table 2's attention variants (the
+#: ablation tables' experiments: tests/test_paper_tables.py).
+TABLE1_EXPERIMENTS = [*PAPER_MODELS, "linformer_410m", "cosformer_410m", "performer_410m"]
 TRAINERS = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))
 
 
@@ -59,7 +60,7 @@ def test_paper_experiments_carry_the_papers_recipe(experiment: str) -> None:
         "performer_410m": 3e-4,
     }
     assert cfg.optim.lr == pytest.approx(lrs[experiment])
-    steps = 106418 if experiment.startswith("mf_") else 143000
+    steps = 106418 if experiment.startswith("mf_") else 143000  # released MF configs / Pythia
     assert cfg.trainer.max_steps == steps
 
 

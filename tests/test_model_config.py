@@ -115,3 +115,8 @@ def test_from_dict_rejects_unknown_keys_and_round_trips():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown key"):
         ModelConfig.from_dict({**cfg.to_dict(), "hidden": 3})
+
+
+def test_model_readme_names_every_preset():
+    names = set(re.findall(r"`(\w+)`", (CONF / "model" / "README.md").read_text().split("|---|---|")[1]))
+    assert set(PRESETS) <= names, set(PRESETS) - names
