@@ -283,25 +283,20 @@ def to_plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-_PYTHIA = dict(block="pythia", rotary_pct=0.25, layer_norm_eps=1e-5, parallel_residual=True)
-
-#: Named model presets. MemoryFormer rows: tau = 8 and K = 64 / 96 / 128 (paper section 3); small and base
-#: take Pythia-160M / 410M's layer and head counts as in Table 1; `mf_small_released` is the
-#: authors' released 6-layer, 8-head config. Pythia rows: EleutherAI's shapes, vocabulary padded to 50304.
+#: Named model presets, each stating only what differs from `ModelConfig`'s defaults (which are MF-tiny's
+#: knobs: tau = 8, two expanding bits, RMSNorm, GPT-NeoX's rotary 25%, vocabulary 50304, sequence 2048).
+#: MemoryFormer rows: K = 64 / 96 / 128 (paper section 3); small and base take Pythia-160M / 410M's layer
+#: and head counts as in Table 1; `mf_small_released` is the authors' released 6-layer, 8-head config.
+#: Pythia rows: EleutherAI's shapes (LayerNorm eps 1e-5 and the parallel residual are defaults too).
 PRESETS: dict[str, dict[str, Any]] = {
-    "nano": dict(
-        block="memoryformer", vocab_size=4096, n_layer=2, n_embd=128, n_head=4, block_size=256,
-        num_tables=16, code_length=8,
-    ),
-    "mf_tiny": dict(block="memoryformer", n_layer=6, n_embd=512, n_head=8, num_tables=64),
-    "mf_small": dict(block="memoryformer", n_layer=12, n_embd=768, n_head=12, num_tables=96),
-    "mf_small_released": dict(
-        block="memoryformer", n_layer=6, n_embd=768, n_head=8, num_tables=96
-    ),
-    "mf_base": dict(block="memoryformer", n_layer=24, n_embd=1024, n_head=16, num_tables=128),
-    "pythia_70m": dict(_PYTHIA, n_layer=6, n_embd=512, n_head=8),
-    "pythia_160m": dict(_PYTHIA, n_layer=12, n_embd=768, n_head=12),
-    "pythia_410m": dict(_PYTHIA, n_layer=24, n_embd=1024, n_head=16),
+    "nano": dict(vocab_size=4096, n_layer=2, n_embd=128, n_head=4, block_size=256, num_tables=16),
+    "mf_tiny": dict(n_layer=6, n_embd=512, n_head=8, num_tables=64),
+    "mf_small": dict(n_layer=12, n_embd=768, n_head=12, num_tables=96),
+    "mf_small_released": dict(n_layer=6, n_embd=768, n_head=8, num_tables=96),
+    "mf_base": dict(n_layer=24, n_embd=1024, n_head=16, num_tables=128),
+    "pythia_70m": dict(block="pythia", n_layer=6, n_embd=512, n_head=8),
+    "pythia_160m": dict(block="pythia", n_layer=12, n_embd=768, n_head=12),
+    "pythia_410m": dict(block="pythia", n_layer=24, n_embd=1024, n_head=16),
 }
 
 @dataclass(frozen=True)
