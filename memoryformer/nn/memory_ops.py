@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from memoryformer.config import MEMORY_IMPLS
+from memoryformer.config import MEMORY_IMPLS, check_choice
 
 if TYPE_CHECKING:
     from memoryformer.nn.memory_layer import MemoryLayer
@@ -94,11 +94,10 @@ class _CpuFusedLookup(torch.autograd.Function):
 
 def resolve_impl(impl: str, tables: torch.Tensor) -> str:
     """The concrete path for `impl` on the tables' device and dtype: "torch", "cpu_kernel" or
-    "embedding_bag"."""
+    "embedding_bag". `impl` is checked here too: `weighted_lookup` takes it from any caller."""
     if impl == "torch":
         return "torch"
-    if impl != "auto" and impl != "fused":
-        raise ValueError(f"memory_impl={impl!r} is not supported; choose one of: {', '.join(MEMORY_IMPLS)}.")
+    check_choice("impl", impl, MEMORY_IMPLS)
     if tables.is_cpu and tables.dtype in _KERNEL_DTYPES and load_cpu_extension() is not None:
         return "cpu_kernel"
     if tables.dtype == torch.float64:
