@@ -127,6 +127,11 @@ class ModelConfig:
         return self.hashed_width or self.n_embd
 
     @property
+    def resolved_norm_eps(self) -> float:
+        """eps of the MemoryFormer's `norm` layers: `norm_eps` for RMSNorm, `layer_norm_eps` for LayerNorm."""
+        return self.norm_eps if self.norm == "rmsnorm" else self.layer_norm_eps
+
+    @property
     def is_memoryformer(self) -> bool:
         """True for the MemoryFormer block, False for the Pythia (GPT-NeoX) block."""
         return self.block == "memoryformer"

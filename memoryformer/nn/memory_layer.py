@@ -34,6 +34,9 @@ from torch import nn
 from memoryformer.config import MEMORY_IMPLS, check_choice, check_code_length, check_weighting
 from memoryformer.nn import memory_ops
 
+#: Default std of the tables' N(0, std^2) init; the Memory Block keeps it (`memoryformer.models.init`).
+TABLE_INIT_STD = 0.02
+
 
 def _check_code_length(code_length: int) -> None:
     # bool is an int subclass; True would silently mean tau = 1.
@@ -155,7 +158,7 @@ class MemoryLayer(nn.Module):
         weighting: str = "l1_prob",
         temperature: float = 1.0,
         bias: bool = True,
-        init_std: float = 0.02,
+        init_std: float = TABLE_INIT_STD,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         impl: str = "auto",
