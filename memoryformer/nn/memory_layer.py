@@ -145,9 +145,8 @@ class MemoryLayer(nn.Module):
     ("auto" | "torch" | "fused", see `memoryformer.nn.memory_ops`).
 
     Several layers reading the same input share one hash: `h = q.hash(x)`, then `q(x, hashed=h)`,
-    `k(x, hashed=h)`, ...; the weights are those of the hashing layer's weighting. Set
-    `record_codes = True` to keep the codes of the last forward in `last_codes` (int32 `[..., K]`, values in
-    `[0, 2**code_length)`), e.g. for bucket-usage statistics; off by default to save memory.
+    `k(x, hashed=h)`, ...; the weights are those of the hashing layer's weighting. For bucket-usage
+    statistics, `memoryformer.nn.bucket_usage.watch_hashes` reports the codes of every forward.
     """
 
     def __init__(
@@ -187,8 +186,6 @@ class MemoryLayer(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.tables = nn.Parameter(torch.empty(self.num_tables << code_length, out_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.record_codes = False
-        self.last_codes: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -222,8 +219,6 @@ class MemoryLayer(nn.Module):
                 f"HashCodes weights have shape {tuple(hashed.weights.shape)} but rows have shape "
                 f"{tuple(hashed.rows.shape)}; they must match."
             )
-        if self.record_codes:
-            self.last_codes = hashed.codes().detach().to(torch.int32)
         y = memory_ops.weighted_lookup(hashed.rows, hashed.weights, self.tables, impl=self.impl)
         return y if self.bias is None else y + self.bias
 
