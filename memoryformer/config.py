@@ -127,6 +127,11 @@ class ModelConfig:
         return self.hashed_width or self.n_embd
 
     @property
+    def resolved_norm_eps(self) -> float:
+        """eps of the MemoryFormer's `norm` layers: `norm_eps` for RMSNorm, `layer_norm_eps` for LayerNorm."""
+        return self.norm_eps if self.norm == "rmsnorm" else self.layer_norm_eps
+
+    @property
     def is_memoryformer(self) -> bool:
         """True for the MemoryFormer block, False for the Pythia (GPT-NeoX) block."""
         return self.block == "memoryformer"
@@ -160,13 +165,11 @@ class ModelConfig:
         check_choice("model.norm", self.norm, NORM_TYPES)
         check_choice("model.qkv", self.qkv, QKV_TYPES)
         check_choice("model.ffn", self.ffn, FFN_TYPES)
-        check_choice("model.weighting", self.weighting, WEIGHTINGS)
+        check_weighting(self.weighting, self.temperature, prefix="model.")
         check_choice("model.memory_impl", self.memory_impl, MEMORY_IMPLS)
-        if self.num_tables <= 0 or self.code_length <= 0:
-            raise ConfigError(
-                f"model.num_tables={self.num_tables} and model.code_length={self.code_length} "
-                f"must be positive."
-            )
+        if self.num_tables <= 0:
+            raise ConfigError(f"model.num_tables={self.num_tables} must be positive.")
+        check_code_length("model.code_length", self.code_length)
         check_choice("model.memory_block_activation", self.memory_block_activation, MEMORY_BLOCK_ACTIVATIONS)
         if not 0 <= self.hashed_width <= self.n_embd:
             raise ConfigError(
@@ -190,18 +193,8 @@ class ModelConfig:
             )
         if not 0 <= self.expand_bits <= 3:
             raise ConfigError(f"model.expand_bits={self.expand_bits} must be 0, 1, 2 or 3 (paper Table 5).")
-        if self.code_length + self.expand_bits > MAX_CODE_LENGTH:
-            raise ConfigError(
-                f"model.code_length + model.expand_bits = {self.code_length + self.expand_bits} bits gives "
-                f"tables of 2**{self.code_length + self.expand_bits} rows; keep it <= {MAX_CODE_LENGTH}."
-            )
-        if self.temperature <= 0:
-            raise ConfigError(f"model.temperature={self.temperature} must be > 0.")
-        if self.weighting == "l1_prob" and self.temperature != 1.0:
-            raise ConfigError(
-                f"model.temperature={self.temperature} has no effect with model.weighting=l1_prob "
-                f"(the released code fixes t=1); set model.weighting=prob to use a temperature."
-            )
+        # the Memory Block's layer 2 reads chunks of tau + expand_bits bits
+        check_code_length("model.code_length + model.expand_bits", self.code_length + self.expand_bits)
 
     def _validate_attention(self) -> None:
         """The attention core and its knobs (`model.attention`, `model.performer_*`, `linformer_*`, ...)."""
@@ -251,6 +244,32 @@ def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     """Fail with a `ConfigError` naming `key` and the allowed values unless `value` is one of `allowed`."""
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not supported; choose one of: {', '.join(allowed)}.")
+
+
+# The checks below are shared by `ModelConfig.validate` (keys named `model.<key>`) and the layers in
+# `memoryformer.nn` (keys named as their arguments), which can also be built without a ModelConfig.
+def check_code_length(key: str, bits: int) -> None:
+    """Fail with a `ConfigError` naming `key` unless Memory Layer chunks of `bits` bits are possible: 1 to
+    `MAX_CODE_LENGTH` bits, since each table has 2**bits rows."""
+    if not 1 <= bits <= MAX_CODE_LENGTH:
+        raise ConfigError(
+            f"{key}={bits} is out of range; keep it <= {MAX_CODE_LENGTH} bits per chunk and at least 1 "
+            f"(each table has 2**bits rows; the paper uses 8, and 10 in its Memory Block)."
+        )
+
+
+def check_weighting(weighting: str, temperature: float, prefix: str = "") -> None:
+    """Fail with a `ConfigError` unless `weighting` is one of `WEIGHTINGS` and the temperature t suits it:
+    t > 0, and t = 1 with "l1_prob" (the released code fixes it). Keys are named `<prefix>weighting` and
+    `<prefix>temperature`."""
+    check_choice(f"{prefix}weighting", weighting, WEIGHTINGS)
+    if not temperature > 0:
+        raise ConfigError(f"{prefix}temperature={temperature} must be > 0.")
+    if weighting == "l1_prob" and temperature != 1.0:
+        raise ConfigError(
+            f"{prefix}temperature={temperature} has no effect with {prefix}weighting=l1_prob (the released "
+            f"code fixes t = 1); set {prefix}weighting=prob to use a temperature."
+        )
 
 
 def field_defaults(cls: type) -> dict[str, Any]:

@@ -36,32 +36,17 @@ def heldout_tokens(run_dir: Path, seq_len: int, num_sequences: int = NUM_SEQUENC
     return torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len))
 
 
-def bucket_counts(codes: torch.Tensor, code_length: int) -> torch.Tensor:
-    """Hits of every bucket of every table: codes `[..., K]` in `[0, 2**tau)` -> int64 `[K, 2**tau]`."""
-    k = codes.shape[-1]
-    flat = codes.reshape(-1, k).long() + (torch.arange(k) << code_length)
-    return torch.bincount(flat.reshape(-1), minlength=k << code_length).view(k, 1 << code_length)
-
-
 @torch.no_grad()
 def hash_stats(model_dir: Path, seq_len: int) -> dict[str, Any]:
     """Per Memory Layer: `weight_mean`, `used_mean`/`used_min` (share of buckets hit, over the K tables);
     model-wide means; and `histograms`: the first block's bucket counts of its first and last table."""
     from memoryformer.checkpoint import load_model
-    from memoryformer.nn.memory_layer import MemoryLayer
+    from memoryformer.nn.bucket_usage import bucket_counts, bucket_usage, watch_hashes
+    from memoryformer.nn.memory_layer import HashCodes
 
     model, _ = load_model(model_dir)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, MemoryLayer)}
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook_for(name: str):
-        def hook(module: MemoryLayer, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-            hashed = kwargs.get("hashed") or (args[1] if len(args) > 1 else None) or module.hash(args[0])
-            captured[name] = (hashed.codes(), hashed.weights.float())
-
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n), with_kwargs=True) for n, m in layers.items()]
+    captured: dict[str, HashCodes] = {}
+    handles = watch_hashes(model, captured.__setitem__)
     try:
         model(heldout_tokens(model_dir.parent, seq_len))
     finally:
@@ -69,20 +54,21 @@ def hash_stats(model_dir: Path, seq_len: int) -> dict[str, Any]:
             h.remove()
     per_layer: dict[str, dict[str, float]] = {}
     histograms: dict[str, list[list[int]]] = {}
-    for name, (codes, weights) in captured.items():
-        counts = bucket_counts(codes, layers[name].code_length)
-        used = (counts > 0).float().mean(dim=1)
+    for name, hashed in captured.items():
+        codes, tau = hashed.codes(), hashed.code_length
+        used = bucket_usage(codes, tau)
         per_layer[name] = {
-            "weight_mean": float(weights.mean()),
+            "weight_mean": float(hashed.weights.float().mean()),
             "used_mean": float(used.mean()),
             "used_min": float(used.min()),
-            "tables": counts.shape[0],
-            "buckets": counts.shape[1],
+            "tables": hashed.num_tables,
+            "buckets": 1 << tau,
         }
         if name.startswith("blocks.0."):
+            counts = bucket_counts(codes, tau)
             histograms[name] = [counts[0].tolist(), counts[-1].tolist()]
     return {
-        "tokens": int(next(iter(captured.values()))[0].shape[:-1].numel()) if captured else 0,
+        "tokens": int(next(iter(captured.values())).rows.shape[:-1].numel()) if captured else 0,
         "weight_mean": float(np.mean([s["weight_mean"] for s in per_layer.values()])),
         "used_mean": float(np.mean([s["used_mean"] for s in per_layer.values()])),
         "used_min": float(min(s["used_min"] for s in per_layer.values())),

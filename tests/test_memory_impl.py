@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from memoryformer.nn import memory_ops
-from memoryformer.nn.memory_layer import MemoryLayer
+from memoryformer.nn.bucket_usage import watch_hashes
+from memoryformer.nn.memory_layer import MemoryLayer, hash_chunks
 from memoryformer.nn.memory_ops import weighted_lookup
 
 HAS_KERNEL = memory_ops.load_cpu_extension() is not None
@@ -292,9 +293,12 @@ def test_fused_inference_is_skipped_where_it_does_not_apply():
         assert memory_ops.fused_layer(layer, x.double()) is None
         assert memory_ops.fused_layer(layer, torch.randn(3, 24)) is None  # wrong width: hash() reports it
         assert memory_ops.fused_layer(MemoryLayer(16, 8, code_length=8, bias=False).double(), x) is None
-        layer.record_codes = True  # needs the codes, so it takes the hash + lookup path
-        layer(x)
-        assert layer.last_codes is not None and layer.last_codes.shape == (3, 2)
+        seen = []
+        handles = watch_hashes(layer, lambda name, hashed: seen.append(hashed.codes()))
+        layer(x)  # watched, it still takes the fused path: the hook hashes x again for the codes
+        for h in handles:
+            h.remove()
+        assert len(seen) == 1 and torch.equal(seen[0], hash_chunks(x, 8).codes())
         with pytest.raises(ValueError, match=r"expects input of shape \[\.\.\., 16\]"):
             layer(torch.randn(3, 24))
 

@@ -15,6 +15,7 @@ import torch
 from torch.func import functional_call
 
 from memoryformer.nn import HashCodes, MemoryLayer
+from memoryformer.nn.bucket_usage import watch_hashes
 
 
 # ----------------------------------------------------------------------------- float64 reference
@@ -281,19 +282,25 @@ def test_shared_hash_with_mismatched_layer_raises():
         MemoryLayer(32, 8, code_length=8).lookup(bad)
 
 
-def test_record_codes_returns_codes_of_the_last_forward():
+def test_watch_hashes_reports_the_codes_of_every_forward():
     layer = MemoryLayer(40, 6, code_length=10)  # K = 4
-    layer(torch.randn(2, 40))
-    assert layer.last_codes is None  # off by default
-    layer.record_codes = True
+    seen: list[tuple[str, HashCodes]] = []
+    handles = watch_hashes(layer, lambda name, hashed: seen.append((name, hashed)))
     x1, x2 = torch.randn(2, 3, 40), torch.randn(5, 40)
     layer(x1)
-    assert layer.last_codes.shape == (2, 3, 4)
     layer(x2)
-    codes = layer.last_codes
-    assert codes.shape == (5, 4) and codes.dtype == torch.int32
+    shared = layer.hash(x2)
+    layer(x2, hashed=shared)  # a shared hash (q, k and v) is reported as passed
+    for h in handles:
+        h.remove()
+    layer(x1)  # no longer watched
+    assert [name for name, _ in seen] == ["", "", ""]
+    assert seen[0][1].codes().shape == (2, 3, 4)
+    codes = seen[1][1].codes()
+    assert codes.shape == (5, 4)
     assert int(codes.min()) >= 0 and int(codes.max()) < 2**10
-    assert torch.equal(codes.long(), ref_codes(x2.reshape(5, 4, 10).double()))
+    assert torch.equal(codes, ref_codes(x2.reshape(5, 4, 10).double()))
+    assert seen[2][1] is shared
 
 
 # ----------------------------------------------------------------------------- errors

@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from memoryformer.conf_schema import register_configs
-from memoryformer.training.callbacks import bucket_usage
+from memoryformer.nn.bucket_usage import bucket_counts, bucket_usage
 from memoryformer.training.module import NonFiniteLossError
 from memoryformer.training.run import train
 
@@ -210,6 +210,7 @@ def test_bucket_usage_counts_distinct_codes_per_table() -> None:
     # K = 3 tables, tau = 2 (4 buckets each): table 0 sees {0, 1}, table 1 {3}, table 2 {0, 1, 2, 3}
     codes = torch.tensor([[0, 3, 0], [1, 3, 1], [0, 3, 2], [1, 3, 3]], dtype=torch.int32)
     assert bucket_usage(codes, 2).tolist() == [0.5, 0.25, 1.0]
+    assert bucket_counts(codes, 2).tolist() == [[2, 2, 0, 0], [0, 0, 0, 4], [1, 1, 1, 1]]
     # independent check on random codes: Python sets per table
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 256, (5, 7, 16), generator=g)

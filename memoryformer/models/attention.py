@@ -154,14 +154,18 @@ class MemoryFormerAttention(nn.Module):
     ) -> torch.Tensor:
         """`x` `[B, T, d]` (already normalised) -> `[B, T, d]`."""
         if isinstance(self.q_proj, MemoryLayer):
-            if x.shape[-1] != self.hash_width:
-                x = x[..., : self.hash_width].contiguous()
+            x = hashed_part(x, self.hash_width)
             hashed = self.q_proj.hash(x)
             q, k, v = (proj(x, hashed=hashed) for proj in (self.q_proj, self.k_proj, self.v_proj))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))
         return self.core(q, k, v, cos, sin, kv_cache)
+
+
+def hashed_part(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The first `width` dims of `x` `[..., d]`: the part a Memory Layer hashes (all of `x` if width = d)."""
+    return x if x.shape[-1] == width else x[..., :width].contiguous()
 
 
 class NeoXAttention(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memoryformer.config import ModelConfig
-from memoryformer.models.attention import KVCache, MemoryFormerAttention, NeoXAttention
+from memoryformer.models.attention import KVCache, MemoryFormerAttention, NeoXAttention, hashed_part
 from memoryformer.nn.memory_layer import MemoryLayer
 from memoryformer.nn.norms import build_norm
 
@@ -57,11 +57,6 @@ class MemoryBlock(nn.Module):
         return self.layer2(self.norm(self.act(self.layer1(hashed_part(x, self.hash_width)))))
 
 
-def hashed_part(x: torch.Tensor, width: int) -> torch.Tensor:
-    """The first `width` dims of `x` `[..., d]`: the part a Memory Layer hashes (all of `x` if width = d)."""
-    return x if x.shape[-1] == width else x[..., :width].contiguous()
-
-
 class MLP(nn.Module):
     """Dense feed-forward `fc_out(gelu(fc_in(x)))`, biases, exact (erf) GELU: `[..., d]` -> `[..., d]`."""
 
@@ -78,16 +73,15 @@ class MLP(nn.Module):
 class MemoryFormerBlock(nn.Module):
     """One MemoryFormer layer (pre-norm, sequential residual): `[B, T, d]` -> `[B, T, d]`.
 
-    Norms are `config.norm` (RMSNorm eps `config.norm_eps` as released, or LayerNorm eps
-    `config.layer_norm_eps`); the FFN is the Memory Block or, with `config.ffn == "mlp"`, a 4x GELU MLP.
+    Norms are `config.norm` with eps `config.resolved_norm_eps` (RMSNorm's as released, or LayerNorm's);
+    the FFN is the Memory Block or, with `config.ffn == "mlp"`, a 4x GELU MLP.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        eps = config.norm_eps if config.norm == "rmsnorm" else config.layer_norm_eps
-        self.norm1 = build_norm(config.norm, config.n_embd, eps)
+        self.norm1 = build_norm(config.norm, config.n_embd, config.resolved_norm_eps)
         self.attn = MemoryFormerAttention(config, layer_idx)
-        self.norm2 = build_norm(config.norm, config.n_embd, eps)
+        self.norm2 = build_norm(config.norm, config.n_embd, config.resolved_norm_eps)
         if config.ffn == "memory_block":
             self.ffn: nn.Module = MemoryBlock(config)
         else:

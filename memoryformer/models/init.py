@@ -17,10 +17,8 @@ from torch import nn
 from memoryformer.config import ModelConfig
 from memoryformer.models.attention import MemoryFormerAttention, NeoXAttention
 from memoryformer.models.blocks import MLP, MemoryBlock
-from memoryformer.nn.memory_layer import MemoryLayer
+from memoryformer.nn.memory_layer import TABLE_INIT_STD, MemoryLayer
 from memoryformer.nn.norms import RMSNorm
-
-MEMORY_BLOCK_TABLE_STD = 0.02
 
 
 def small_init_std(d: int) -> float:
@@ -61,8 +59,8 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
             _init_projection(module.query_key_value, small)
             _init_projection(module.dense, wang)
         elif isinstance(module, MemoryBlock):
-            _init_projection(module.layer1, MEMORY_BLOCK_TABLE_STD)
-            _init_projection(module.layer2, MEMORY_BLOCK_TABLE_STD)
+            _init_projection(module.layer1, TABLE_INIT_STD)
+            _init_projection(module.layer2, TABLE_INIT_STD)
         elif isinstance(module, MLP):
             _init_projection(module.fc_in, small)
             _init_projection(module.fc_out, wang)

@@ -43,8 +43,7 @@ class LanguageModel(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(build_block(config, i) for i in range(config.n_layer))
         if config.is_memoryformer:
-            eps = config.norm_eps if config.norm == "rmsnorm" else config.layer_norm_eps
-            self.norm_f = build_norm(config.norm, config.n_embd, eps)
+            self.norm_f = build_norm(config.norm, config.n_embd, config.resolved_norm_eps)
         else:
             self.norm_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

@@ -31,36 +31,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memoryformer.config import MAX_CODE_LENGTH, MEMORY_IMPLS, WEIGHTINGS
+from memoryformer.config import MEMORY_IMPLS, check_choice, check_code_length, check_weighting
 from memoryformer.nn import memory_ops
+
+#: Default std of the tables' N(0, std^2) init; the Memory Block keeps it (`memoryformer.models.init`).
+TABLE_INIT_STD = 0.02
 
 
 def _check_code_length(code_length: int) -> None:
     # bool is an int subclass; True would silently mean tau = 1.
     if isinstance(code_length, bool) or not isinstance(code_length, int):
         raise TypeError(f"code_length={code_length!r} must be an int number of bits per chunk, such as 8.")
-    if not 1 <= code_length <= MAX_CODE_LENGTH:
-        raise ValueError(
-            f"code_length={code_length} is out of range; use 1 to {MAX_CODE_LENGTH} bits per chunk "
-            f"(each table has 2**code_length rows; the paper uses 8, and 10 in its Memory Block)."
-        )
+    check_code_length("code_length", code_length)
 
 
 def _check_float(x: torch.Tensor) -> None:
     if not torch.is_floating_point(x):
         raise TypeError(f"Memory Layer input must be floating-point but has dtype {x.dtype}; cast it first.")
-
-
-def _check_weighting(weighting: str, temperature: float) -> None:
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting={weighting!r} is not supported; choose one of: {', '.join(WEIGHTINGS)}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0.")
-    if weighting == "l1_prob" and temperature != 1.0:
-        raise ValueError(
-            f"temperature={temperature} has no effect with weighting='l1_prob' (the released code fixes "
-            f"t = 1); use weighting='prob' to set a temperature."
-        )
 
 
 @dataclass
@@ -107,7 +94,7 @@ def chunk_weights(z: torch.Tensor, weighting: str = "l1_prob", temperature: floa
     The product is taken as exp(sum(logsigmoid)) so that tau = 16 does not underflow. The gradient at an
     exact z_j = 0 is that of d|z_j|/dz_j = 0 (see the module docstring).
     """
-    _check_weighting(weighting, temperature)
+    check_weighting(weighting, temperature)
     return _chunk_weights(z, weighting, temperature)
 
 
@@ -127,7 +114,7 @@ def hash_chunks(
     _check_float(x)
     if x.shape[-1] % code_length:
         raise ValueError(f"input width {x.shape[-1]} is not divisible by code_length={code_length}.")
-    _check_weighting(weighting, temperature)
+    check_weighting(weighting, temperature)
     return _hash_chunks(x, code_length, weighting, temperature)
 
 
@@ -158,9 +145,8 @@ class MemoryLayer(nn.Module):
     ("auto" | "torch" | "fused", see `memoryformer.nn.memory_ops`).
 
     Several layers reading the same input share one hash: `h = q.hash(x)`, then `q(x, hashed=h)`,
-    `k(x, hashed=h)`, ...; the weights are those of the hashing layer's weighting. Set
-    `record_codes = True` to keep the codes of the last forward in `last_codes` (int32 `[..., K]`, values in
-    `[0, 2**code_length)`), e.g. for bucket-usage statistics; off by default to save memory.
+    `k(x, hashed=h)`, ...; the weights are those of the hashing layer's weighting. For bucket-usage
+    statistics, `memoryformer.nn.bucket_usage.watch_hashes` reports the codes of every forward.
     """
 
     def __init__(
@@ -171,15 +157,14 @@ class MemoryLayer(nn.Module):
         weighting: str = "l1_prob",
         temperature: float = 1.0,
         bias: bool = True,
-        init_std: float = 0.02,
+        init_std: float = TABLE_INIT_STD,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         impl: str = "auto",
     ) -> None:
         super().__init__()
         # Every argument is checked here, once: forward runs on every decoded token.
-        if impl not in MEMORY_IMPLS:
-            raise ValueError(f"impl={impl!r} is not supported; choose one of: {', '.join(MEMORY_IMPLS)}.")
+        check_choice("impl", impl, MEMORY_IMPLS)
         self.impl = impl
         _check_code_length(code_length)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -190,7 +175,7 @@ class MemoryLayer(nn.Module):
                 f"in_features={in_features} is not divisible by code_length={code_length}; the input is "
                 f"split into in_features / code_length chunks, so pick a code_length that divides it."
             )
-        _check_weighting(weighting, temperature)
+        check_weighting(weighting, temperature)
         self.in_features = in_features
         self.out_features = out_features
         self.code_length = code_length
@@ -201,8 +186,6 @@ class MemoryLayer(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.tables = nn.Parameter(torch.empty(self.num_tables << code_length, out_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.record_codes = False
-        self.last_codes: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -236,8 +219,6 @@ class MemoryLayer(nn.Module):
                 f"HashCodes weights have shape {tuple(hashed.weights.shape)} but rows have shape "
                 f"{tuple(hashed.rows.shape)}; they must match."
             )
-        if self.record_codes:
-            self.last_codes = hashed.codes().detach().to(torch.int32)
         y = memory_ops.weighted_lookup(hashed.rows, hashed.weights, self.tables, impl=self.impl)
         return y if self.bias is None else y + self.bias
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from memoryformer.config import MEMORY_IMPLS
+from memoryformer.config import MEMORY_IMPLS, check_choice
 
 if TYPE_CHECKING:
     from memoryformer.nn.memory_layer import MemoryLayer
@@ -94,11 +94,10 @@ class _CpuFusedLookup(torch.autograd.Function):
 
 def resolve_impl(impl: str, tables: torch.Tensor) -> str:
     """The concrete path for `impl` on the tables' device and dtype: "torch", "cpu_kernel" or
-    "embedding_bag"."""
+    "embedding_bag". `impl` is checked here too: `weighted_lookup` takes it from any caller."""
     if impl == "torch":
         return "torch"
-    if impl != "auto" and impl != "fused":
-        raise ValueError(f"memory_impl={impl!r} is not supported; choose one of: {', '.join(MEMORY_IMPLS)}.")
+    check_choice("impl", impl, MEMORY_IMPLS)
     if tables.is_cpu and tables.dtype in _KERNEL_DTYPES and load_cpu_extension() is not None:
         return "cpu_kernel"
     if tables.dtype == torch.float64:
@@ -162,8 +161,8 @@ def fused_hash(layer: MemoryLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def fused_layer(layer: MemoryLayer, x: torch.Tensor) -> torch.Tensor | None:
     """The whole `layer` (hash + lookup + bias) in one C++ call: `x` `[..., K * tau]` -> `[..., D]` in the
-    tables' dtype, bias added in fp32. None where it does not apply: as `fused_hash`, or the layer records
-    its codes, or x has the wrong width (the torch path then reports it).
+    tables' dtype, bias added in fp32. None where it does not apply: as `fused_hash`, or x has the wrong
+    width (the torch path then reports it).
     """
     # _parameters directly: nn.Module.__getattr__ costs ~2 us per parameter here, a fifth of a whole
     # decoding step's lookup (getattr still serves parametrized or wrapped parameters).
@@ -174,7 +173,7 @@ def fused_layer(layer: MemoryLayer, x: torch.Tensor) -> torch.Tensor | None:
     if bias is None and "bias" not in params:
         bias = layer.bias
     ops = _kernel_ops(layer.impl, x, tables, bias)
-    if ops is None or layer.record_codes or not x.shape or x.shape[-1] != layer.in_features:
+    if ops is None or not x.shape or x.shape[-1] != layer.in_features:
         return None
     l1_prob = layer.weighting == "l1_prob"
     return ops.layer_forward(x, tables, bias, layer.code_length, l1_prob, layer.temperature)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memoryformer.config import NORM_TYPES
+from memoryformer.config import NORM_TYPES, check_choice
 
 
 class RMSNorm(nn.Module):
@@ -42,8 +42,5 @@ class RMSNorm(nn.Module):
 
 def build_norm(kind: str, dim: int, eps: float) -> nn.Module:
     """`RMSNorm(dim, eps)` for kind "rmsnorm", `nn.LayerNorm(dim, eps)` for "layernorm"."""
-    if kind == "rmsnorm":
-        return RMSNorm(dim, eps=eps)
-    if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
-    raise ValueError(f"norm={kind!r} is not supported; choose one of: {', '.join(NORM_TYPES)}.")
+    check_choice("norm", kind, NORM_TYPES)
+    return RMSNorm(dim, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)

@@ -19,7 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from memoryformer.flops import FLOPS_PER_MAC
-from memoryformer.nn.memory_layer import MemoryLayer
+from memoryformer.nn.bucket_usage import bucket_usage, watch_hashes
+from memoryformer.nn.memory_layer import HashCodes
 
 
 def _batch_tokens(batch: Any) -> int:
@@ -90,14 +91,6 @@ class TokenThroughputMonitor(L.Callback):
         self.tokens_seen = int(state_dict["tokens_seen"])
 
 
-def bucket_usage(codes: torch.Tensor, code_length: int) -> torch.Tensor:
-    """Share of the 2**tau buckets of each table hit at least once. `codes` `[..., K]` -> `[K]` in (0, 1]."""
-    k = codes.shape[-1]
-    flat = codes.reshape(-1, k).long() + (torch.arange(k, device=codes.device) << code_length)
-    counts = torch.bincount(flat.reshape(-1), minlength=k << code_length).view(k, 1 << code_length)
-    return (counts > 0).float().mean(dim=1)
-
-
 class BucketUsageMonitor(L.Callback):
     """Every `every_n_steps`, logs per Memory Layer the mean hash weight and the share of buckets used.
 
@@ -112,26 +105,17 @@ class BucketUsageMonitor(L.Callback):
         self._hooks: list[Any] = []
         self._stats: dict[str, dict[str, torch.Tensor]] = {}
 
-    def _layers(self, pl_module: L.LightningModule) -> dict[str, MemoryLayer]:
-        model = getattr(pl_module, "model", pl_module)
-        return {name: m for name, m in model.named_modules() if isinstance(m, MemoryLayer)}
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.every_n_steps <= 0 or self._hooks or trainer.global_step % self.every_n_steps:
             return
-        for name, layer in self._layers(pl_module).items():
-            self._hooks.append(layer.register_forward_hook(self._make_hook(name), with_kwargs=True))
+        self._hooks = watch_hashes(getattr(pl_module, "model", pl_module), self._record)
 
-    def _make_hook(self, name: str):
-        def hook(module: MemoryLayer, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-            with torch.no_grad():
-                hashed = kwargs.get("hashed") or (args[1] if len(args) > 1 else None) or module.hash(args[0])
-                self._stats[name] = {
-                    "used": bucket_usage(hashed.codes(), module.code_length),
-                    "weight_mean": hashed.weights.float().mean(),
-                }
-
-        return hook
+    def _record(self, name: str, hashed: HashCodes) -> None:
+        # reduced at once: keeping every layer's codes until the batch ends would cost GPU memory
+        self._stats[name] = {
+            "used": bucket_usage(hashed.codes(), hashed.code_length),
+            "weight_mean": hashed.weights.float().mean(),
+        }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._hooks:
