@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from memoryformer.errors import ConfigError  # the one ConfigError, also importable from here
+
 BLOCK_TYPES = ("memoryformer", "pythia")
 #: Keys that earlier versions saved with the model config and that no longer exist: `from_dict` drops them,
 #: so checkpoints written before their removal still load.
@@ -29,10 +31,6 @@ MEMORY_IMPLS = ("auto", "torch", "fused")  # Memory Layer compute paths, see mem
 MEMORY_BLOCK_ACTIVATIONS = ("none", "gelu")
 MAX_CODE_LENGTH = 16
 ATTENTION_TYPES = ("softmax", "linformer", "cosformer", "performer")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key and how to fix it."""
 
 
 @dataclass

@@ -24,14 +24,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
+from memoryformer.errors import AdapterError  # the one AdapterError, also importable from here
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EOT_TOKEN = "<|endoftext|>"
-
-
-class AdapterError(ValueError):
-    """A bad argument to the `memoryformer` lm-eval model; the message names it and the fix."""
 
 
 def _tokenizer_from(source: Any):
