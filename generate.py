@@ -13,7 +13,7 @@ DeepSpeed directory). Options and defaults: `GenerateConfig` in memoryformer/gen
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from memoryformer.conf_schema import register_configs
 from memoryformer.errors import exit_on_user_error, reports_user_errors
@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     from memoryformer.generation import GenerateConfig, run_generation
 
     with exit_on_user_error():
-        config = GenerateConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+        config = GenerateConfig.from_mapping(cfg)
         run_generation(config)
 
 
