@@ -70,6 +70,7 @@ class LMTrainingModule(L.LightningModule):
         self.save_hyperparameters()
         self.model_config = ModelConfig.from_dict(dict(model))
         self.optim_config = OptimConfig(**dict(optim))
+        self.optim_config.validate()  # build_optimizer / build_scheduler rely on a known name and schedule
         self.model = LanguageModel(self.model_config)
         if activation_checkpointing:
             apply_activation_checkpointing(self.model, every=activation_checkpointing_every)
