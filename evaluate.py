@@ -13,7 +13,6 @@ several runs as the paper's Tables 1-6 with `python -m memoryformer.report RUN_D
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -21,31 +20,25 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from memoryformer.conf_schema import register_configs
-from memoryformer.config import ConfigError
-from memoryformer.errors import reports_user_errors
+from memoryformer.errors import exit_on_user_error, reports_user_errors
 from memoryformer.evaluation.config import EvaluateConfig
 
 register_configs()  # evaluate_defaults / generate_defaults: the options and their defaults
 
 
+# reports_user_errors: a bad option, checkpoint or task directory ends in one sentence and exit status 2
 @reports_user_errors
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     """Validate the config, run lm-eval, write the results; returns the average of the chosen accuracy
     metrics (or, when only perplexity tasks ran, their average word perplexity) for Hydra sweepers."""
-    from memoryformer.checkpoint import CheckpointError
-    from memoryformer.errors import DataError
-    from memoryformer.evaluation.lm_adapter import AdapterError
     from memoryformer.evaluation.runner import run_evaluation
     from memoryformer.evaluation.scores import task_scores
 
-    try:
+    with exit_on_user_error():
         config = EvaluateConfig.from_mapping(cfg)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         results = run_evaluation(config, out_dir)
-    except (ConfigError, CheckpointError, DataError, AdapterError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     rows = task_scores(results, config.eval) if results else []
     print((out_dir / "results.md").read_text() if results else "")
     print(f"results written to {out_dir}")

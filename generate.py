@@ -7,34 +7,30 @@
 
 `checkpoint` is anything evaluate.py reads (exported or Hugging Face model directory, Lightning .ckpt,
 DeepSpeed directory). Options and defaults: `GenerateConfig` in memoryformer/generation.py. A bad option
-prints one sentence on stderr and exits 2.
+(a misspelt one such as `topp=0.9` included) or checkpoint prints one sentence on stderr and exits 2.
 """
 
 from __future__ import annotations
 
-import sys
-
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from memoryformer.conf_schema import register_configs
-from memoryformer.config import ConfigError
+from memoryformer.errors import exit_on_user_error, reports_user_errors
 
 register_configs()  # evaluate_defaults / generate_defaults: the options and their defaults
 
 
+# reports_user_errors: a bad option or checkpoint ends in one sentence and exit status 2
+@reports_user_errors
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     """Validate the options, then stream the samples to stdout."""
-    from memoryformer.checkpoint import CheckpointError
     from memoryformer.generation import GenerateConfig, run_generation
 
-    try:
-        config = GenerateConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+    with exit_on_user_error():
+        config = GenerateConfig.from_mapping(cfg)
         run_generation(config)
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Examples:
     python train.py experiment=nano_cpu                     # make train: nano model, bundled corpus, CPU
     python train.py experiment=mf_tiny trainer=deepspeed_zero2 trainer.devices=8
-    python train.py -m optim.lr=1e-3,2e-3,3e-3,4e-3          # the paper's Table 4 lr ablation (multirun)
+    python train.py -m experiment=table4_lr                 # the paper's Table 4 lr ablation (multirun)
     python train.py experiment=nano_cpu ckpt_path=last       # resume the newest run of that name
     python train.py experiment=nano_cpu ckpt_path=auto       # resume if a checkpoint loads, else start fresh
 

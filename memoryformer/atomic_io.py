@@ -18,13 +18,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from memoryformer.errors import AtomicWriteError  # the one AtomicWriteError, also importable from here
+
 #: Prefix of temporary files and directories; they never end in `.ckpt`, so checkpoint searches skip them.
 TMP_PREFIX = ".tmp-"
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-class AtomicWriteError(OSError):
-    """A write that failed and left the previous file in place; the message names the directory and fix."""
 
 
 def _fsync_dir(directory: Path) -> None:

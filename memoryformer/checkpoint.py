@@ -39,6 +39,7 @@ import torch
 
 from memoryformer.atomic_io import atomic_directory
 from memoryformer.config import ConfigError, ModelConfig, to_plain
+from memoryformer.errors import CheckpointError, UnsafeCheckpointError, first_line  # also importable here
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -54,14 +55,6 @@ SAFE_GLOBALS: list[Any] = [
     pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath
 ]
 TRUST_HINT = "trust_checkpoint=true"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the path and how to fix it."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint whose unpickling would need more than tensors and plain containers (possibly code)."""
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -341,14 +334,11 @@ def safe_torch_load(
             f"its source."
         ) from err
     except Exception as err:  # noqa: BLE001 - any other read failure means the same thing to the user
+        reason = f"{type(err).__name__}: {first_line(err, default='')}"
         raise CheckpointError(
-            f"{p} could not be read as a PyTorch checkpoint ({type(err).__name__}: {_first_line(err)}); "
+            f"{p} could not be read as a PyTorch checkpoint ({reason}); "
             f"it is truncated, corrupt or not a checkpoint, so pass another one."
         ) from err
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0]
 
 
 # -------------------------------------------------------------------------------------------- deepspeed

@@ -17,8 +17,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from memoryformer.config import PRESETS, ConfigError, ModelConfig, field_defaults
+from memoryformer.config import PRESETS, ConfigError, ModelConfig, check_choice, field_defaults
 from memoryformer.data.config import DataConfig
+
+OPTIMIZERS = ("adamw", "adam")  # optim.name
+SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
 
 
 @dataclass
@@ -45,9 +48,11 @@ class OptimConfig:
     def validate(self) -> None:
         """Raise `ConfigError` with one sentence naming the key and the fix for an impossible value.
 
-        `training.run.check_config` calls it; the optimizer name and the schedule's step counts are checked
+        `training.run.check_config` and `LMTrainingModule` call it; the schedule's step counts are checked
         where they are used (`memoryformer.training.optim`), since those need the run's step budget.
         """
+        check_choice("optim.name", self.name, OPTIMIZERS)
+        check_choice("optim.schedule", self.schedule, SCHEDULES)
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(
                 f"optim.lr={self.lr} must be > 0 and optim.min_lr_ratio={self.min_lr_ratio} in [0, 1]."

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from memoryformer.errors import ConfigError  # the one ConfigError, also importable from here
 
 BLOCK_TYPES = ("memoryformer", "pythia")
 #: Keys that earlier versions saved with the model config and that no longer exist: `from_dict` drops them,
@@ -29,10 +32,9 @@ MEMORY_IMPLS = ("auto", "torch", "fused")  # Memory Layer compute paths, see mem
 MEMORY_BLOCK_ACTIVATIONS = ("none", "gelu")
 MAX_CODE_LENGTH = 16
 ATTENTION_TYPES = ("softmax", "linformer", "cosformer", "performer")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key and how to fix it."""
+#: Weight dtypes a model is evaluated or sampled in (`eval.dtype`, generate.py's `dtype`, the lm-eval
+#: model's `dtype=`), spelt as torch spells them: `getattr(torch, name)` is the dtype.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -226,13 +228,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build from a plain mapping (a checkpoint's saved config, a resolved Hydra node)."""
-        known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in values.items() if k not in RETIRED_KEYS}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"model config has unknown key(s) {unknown}; known keys are: {', '.join(sorted(known))}."
-            )
+        reject_unknown_keys("model.", values, cls)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,6 +267,26 @@ def check_weighting(weighting: str, temperature: float, prefix: str = "") -> Non
             f"{prefix}temperature={temperature} has no effect with {prefix}weighting=l1_prob (the released "
             f"code fixes t = 1); set {prefix}weighting=prob to use a temperature."
         )
+
+
+def reject_unknown_keys(prefix: str, values: Mapping[str, Any], cls: type, noun: str = "key") -> None:
+    """Fail with a `ConfigError` naming every key of `values` that is not a field of dataclass `cls`
+    (written `prefix` + key, e.g. `eval.taskz`) and listing the known ones; `noun` is what the entry point
+    calls its keys (generate.py: "option")."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        names = ", ".join(prefix + key for key in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        raise ConfigError(
+            f"unknown {noun}{plural} {names}; known {noun}s are: {', '.join(sorted(known))}."
+        )
+
+
+def entry_point_options(node: Any) -> dict[str, Any]:
+    """An entry point's resolved config (an OmegaConf node or a mapping) as a plain dict, without the
+    `hydra` node: Hydra's own settings, never one of the entry point's options."""
+    return {k: v for k, v in dict(to_plain(node)).items() if k != "hydra"}
 
 
 def field_defaults(cls: type) -> dict[str, Any]:

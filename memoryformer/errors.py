@@ -1,7 +1,12 @@
-"""One sentence on stderr and exit status 2 for every error a user can fix (config, data, checkpoint).
+"""The project's exception classes, and one sentence on stderr with exit status 2 for every error a user
+can fix (config, data, checkpoint, evaluation adapter argument, failed write).
 
-`train.py` and `evaluate.py` wrap their `@hydra.main` function in `reports_user_errors` (train.py also
-runs its task inside `exit_on_user_error`). Hydra's own report of a bad command line is several lines (the
+The classes live here, with no import beyond the standard library, so that any module can raise them and
+this module can name them all without importing torch or Lightning; each is also importable from the module
+that raises it (`memoryformer.config.ConfigError`, `memoryformer.checkpoint.CheckpointError`, ...).
+
+`train.py`, `evaluate.py` and `generate.py` wrap their `@hydra.main` function in `reports_user_errors` and
+run their task inside `exit_on_user_error`. Hydra's own report of a bad command line is several lines (the
 message, OmegaConf's `full_key:` block, the config search path, a hint about HYDRA_FULL_ERROR) and exits 1;
 the wrapper asks Hydra to raise instead and turns composition errors, our own error types and a run folder
 that cannot be created into one sentence. Anything else is a bug and keeps its full traceback.
@@ -21,18 +26,67 @@ from typing import Any
 EXIT_USER_ERROR = 2
 
 
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and how to fix it."""
+
+
+class RunLockError(ConfigError):
+    """Another live run holds the output directory; the message names its pid, host and the fix
+    (`memoryformer.training.run_lock`)."""
+
+
 class DataError(ValueError):
     """Data that cannot be used: a training data file or record (`memoryformer.data`) or a local evaluation
     task directory (`memoryformer.evaluation.data`); the message names the file or path and the fix."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the path and how to fix it."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose unpickling would need more than tensors and plain containers (possibly code)."""
+
+
+class AtomicWriteError(OSError):
+    """A write that failed and left the previous file in place; the message names the directory and fix
+    (`memoryformer.atomic_io`)."""
+
+
+class AdapterError(ValueError):
+    """A bad argument to the `memoryformer` lm-eval model; the message names it and the fix
+    (`memoryformer.evaluation.lm_adapter`)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss or the gradient norm is NaN/inf; no checkpoint is written for that step.
+
+    Not a user error: the run diverged, and its traceback shows where (`memoryformer.training.module`).
+    """
+
+
+#: Our exception classes whose message is already one sentence naming the value and the fix (subclasses
+#: such as `RunLockError` and `UnsafeCheckpointError` included).
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    AtomicWriteError,
+    AdapterError,
+)
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Our exception classes whose message is already one sentence naming the value and the fix."""
-    from memoryformer.atomic_io import AtomicWriteError
-    from memoryformer.checkpoint import CheckpointError
-    from memoryformer.config import ConfigError
+    return _USER_ERRORS
 
-    return (ConfigError, DataError, CheckpointError, AtomicWriteError)
+
+def first_line(err: BaseException, default: str | None = None) -> str:
+    """The first line of `err`'s message; `default` (None: the exception's type name) when it is empty."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__ if default is None else default
+    return text.splitlines()[0]
 
 
 def one_line(err: BaseException) -> str:
@@ -57,9 +111,9 @@ def hydra_error_sentence(err: BaseException) -> str:
             f"{group}={name} is not an option of the config group {group!r}; "
             f"choose one of: {', '.join(options)}."
         )
-    head = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+    head = first_line(err).rstrip(".")
     cause = err.__cause__
-    detail = f" ({str(cause).strip().splitlines()[0]})" if cause is not None and str(cause).strip() else ""
+    detail = f" ({first_line(cause)})" if cause is not None and str(cause).strip() else ""
     return (
         f"{head}{detail}; check the key's spelling and value against `python {_script()} --cfg job` "
         f"(add a new key with +key=value)."
@@ -84,7 +138,7 @@ def sentence_for(err: BaseException, task_code: Any = None) -> str | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if isinstance(err, user_error_types()):
+    if isinstance(err, _USER_ERRORS):
         return one_line(err)
     if isinstance(err, HydraException | OmegaConfBaseException):
         return hydra_error_sentence(err)
@@ -106,7 +160,7 @@ def exit_on_user_error() -> Iterator[None]:
     """
     try:
         yield
-    except user_error_types() as err:
+    except _USER_ERRORS as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 

@@ -9,7 +9,6 @@ complete.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,9 +16,8 @@ from typing import Any, TextIO
 
 import torch
 
-from memoryformer.config import ConfigError
+from memoryformer.config import DTYPES, ConfigError, check_choice, entry_point_options, reject_unknown_keys
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decoder gives for an incomplete UTF-8 sequence
 
 
@@ -44,12 +42,9 @@ class GenerateConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> GenerateConfig:
-        """Build from a resolved Hydra config (unknown keys are an error) and validate."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(cfg).items() if k != "hydra"}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown option(s) {unknown}; known options are: {', '.join(sorted(known))}.")
+        """Build from generate.py's Hydra config or a plain mapping (unknown keys are errors); validate."""
+        values = entry_point_options(cfg)
+        reject_unknown_keys("", values, cls, noun="option")
         if values.get("prompt") is not None and not isinstance(values["prompt"], str):
             # Hydra reads prompt=3456 as an int; the user meant the text (quote it to keep e.g. 1e3 as typed).
             values["prompt"] = str(values["prompt"])
@@ -73,8 +68,7 @@ class GenerateConfig:
             raise ConfigError(f"top_p={self.top_p} must lie in (0, 1]; 1 keeps every token.")
         if int(self.num_samples) < 1:
             raise ConfigError(f"num_samples={self.num_samples} must be a positive integer.")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r} is not supported; choose one of: {', '.join(DTYPES)}.")
+        check_choice("dtype", self.dtype, DTYPES)
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device={self.device} was requested but CUDA is unavailable; use device=cpu.")
 
@@ -126,7 +120,7 @@ def load_for_generation(config: GenerateConfig) -> tuple[Any, Any]:
         raise ConfigError(
             f"no tokenizer is stored with {config.checkpoint}; pass tokenizer=PATH (a tokenizer.json)."
         )
-    model = model.to(device=config.device, dtype=DTYPES[config.dtype]).eval()
+    model = model.to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
     return model, load_tokenizer(path)
 
 

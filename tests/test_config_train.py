@@ -236,6 +236,9 @@ def test_experiments_change_only_what_they_state(experiment: str, changed: dict)
         ("optim.min_lr_ratio=2", r"optim\.lr=0\.003 must be > 0 and optim\.min_lr_ratio=2\.0 in \[0, 1\]\."),
         ("optim.betas=[0.9,1.0]", r"optim\.betas=\[0\.9, 1\.0\] must be two numbers in \[0, 1\)\."),
         ("optim.betas=[0.9]", r"optim\.betas=\[0\.9\] must be two numbers in \[0, 1\)\."),
+        ("optim.name=sgd", r"optim\.name='sgd' is not supported; choose one of: adamw, adam\."),
+        ("optim.schedule=step", r"optim\.schedule='step' is not supported; choose one of: cosine, linear, "
+                                r"constant\."),
     ],
 )
 def test_bad_optim_values_are_refused_by_the_optim_config(override: str, message: str) -> None:

@@ -117,6 +117,19 @@ def test_bad_input_is_one_sentence_and_exit_2(trained_dir, args, message, capsys
     assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
 
 
+def test_misspelt_option_is_one_sentence_and_exit_2(capsys, monkeypatch):
+    # a Hydra composition error, raised before the task runs: reports_user_errors, not Hydra's report
+    import runpy
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # what the wrapper sets; restored after the test
+    monkeypatch.setattr(sys, "argv", ["generate.py", "checkpoint=x", "prompt=y", "topp=0.9"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "generate.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("error: Could not override 'topp'") and err.count("\n") == 1, err
+
+
 def test_bad_input_in_a_real_process_has_no_traceback():
     proc = _run("checkpoint=/nonexistent/model", "prompt=hello")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -126,5 +139,5 @@ def test_bad_input_in_a_real_process_has_no_traceback():
 def test_config_errors_name_the_option():
     with pytest.raises(ConfigError, match="num_samples=0"):
         GenerateConfig(checkpoint="x", prompt="y", num_samples=0).validate()
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['topp'\]"):
+    with pytest.raises(ConfigError, match=r"unknown option topp; known options are: checkpoint, device"):
         GenerateConfig.from_mapping({"checkpoint": "x", "prompt": "y", "topp": 0.9})

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from memoryformer.config import ConfigError, to_plain
+from memoryformer.config import DTYPES, ConfigError, check_choice, entry_point_options, reject_unknown_keys
 
 #: Named task sets for `eval.tasks`. "paper" is the six zero-shot tasks of the paper's Tables 1, 2 and 6 with
 #: the paper's WSC: SuperGLUE WSC (lm-eval `wsc`, 104 validation items; every WSC value the paper prints is
@@ -26,7 +26,6 @@ TASK_SETS: dict[str, list[str]] = {
     "sample": ["sample_heldout"],
 }
 METRICS = ("acc", "acc_norm")
-DTYPES = ("float32", "bfloat16", "float16")
 BASELINES = ("hf",)
 
 
@@ -58,10 +57,7 @@ class EvalSettings:
                 raise ConfigError(f"eval.metric.{task}={metric!r} is not supported; choose acc or acc_norm.")
         if self.batch_size <= 0:
             raise ConfigError(f"eval.batch_size={self.batch_size} must be a positive integer.")
-        if self.dtype not in DTYPES:
-            raise ConfigError(
-                f"eval.dtype={self.dtype!r} is not supported; choose one of: {', '.join(DTYPES)}."
-            )
+        check_choice("eval.dtype", self.dtype, DTYPES)
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(
                 f"eval.limit={self.limit} must be null (all examples), a count >= 1 or a fraction < 1."
@@ -114,10 +110,10 @@ class EvaluateConfig:
     @classmethod
     def from_mapping(cls, raw: Any) -> EvaluateConfig:
         """Build from a resolved Hydra/OmegaConf node or a plain dict; unknown keys are errors."""
-        raw = {k: v for k, v in dict(to_plain(raw)).items() if k != "hydra"}
+        raw = entry_point_options(raw)
         eval_raw = dict(raw.pop("eval", None) or {})
-        _reject_unknown("", raw, cls)
-        _reject_unknown("eval.", eval_raw, EvalSettings)
+        reject_unknown_keys("", raw, cls)
+        reject_unknown_keys("eval.", eval_raw, EvalSettings)
         return cls(**raw, eval=EvalSettings(**eval_raw))
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,9 +135,3 @@ def expand_tasks(tasks: Any) -> list[str]:
         raise ConfigError(f"eval.tasks is empty; give task names or a named set ({', '.join(TASK_SETS)}).")
     return names
 
-
-def _reject_unknown(prefix: str, raw: dict[str, Any], cls: type) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]}; known keys are: {', '.join(sorted(known))}.")

@@ -24,14 +24,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
+from memoryformer.config import DTYPES
+from memoryformer.errors import AdapterError  # the one AdapterError, also importable from here
+
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EOT_TOKEN = "<|endoftext|>"
-
-
-class AdapterError(ValueError):
-    """A bad argument to the `memoryformer` lm-eval model; the message names it and the fix."""
 
 
 def _tokenizer_from(source: Any):
@@ -116,7 +114,7 @@ class MemoryFormerLM(TemplateLM):
 
             model, stored_tokenizer = load_model(checkpoint, trust_checkpoint=_as_bool(trust_checkpoint))
             tokenizer = tokenizer if tokenizer is not None else stored_tokenizer
-        self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+        self.model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
         self._device = torch.device(device)
         self.tokenizer = _tokenizer_from(tokenizer)
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from memoryformer.config import MEMORY_IMPLS, check_choice
+from memoryformer.errors import first_line
 
 if TYPE_CHECKING:
     from memoryformer.nn.memory_layer import MemoryLayer
@@ -237,9 +238,8 @@ def load_cpu_extension() -> object | None:
             )
         return torch.ops.memoryformer
     except Exception as err:  # any build failure (no compiler, no ninja, bad flags) -> the portable path
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(
-            f"memoryformer: could not build the C++ Memory Layer kernel ({first_line}); "
+            f"memoryformer: could not build the C++ Memory Layer kernel ({first_line(err)}); "
             f"using the slower F.embedding_bag path.",
             RuntimeWarning,
             stacklevel=2,

@@ -17,13 +17,10 @@ import torch
 
 from memoryformer.conf_schema import OptimConfig
 from memoryformer.config import ModelConfig
+from memoryformer.errors import NonFiniteLossError  # the one NonFiniteLossError, also importable from here
 from memoryformer.models import LanguageModel
 from memoryformer.training.optim import build_optimizer, build_scheduler
 from memoryformer.training.parallelize import apply_activation_checkpointing, apply_compile
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when the loss or the gradient norm is NaN/inf; no checkpoint is written for that step."""
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +70,7 @@ class LMTrainingModule(L.LightningModule):
         self.save_hyperparameters()
         self.model_config = ModelConfig.from_dict(dict(model))
         self.optim_config = OptimConfig(**dict(optim))
+        self.optim_config.validate()  # build_optimizer / build_scheduler rely on a known name and schedule
         self.model = LanguageModel(self.model_config)
         if activation_checkpointing:
             apply_activation_checkpointing(self.model, every=activation_checkpointing_every)

@@ -11,7 +11,7 @@ import logging
 import math
 import netrc
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from memoryformer.training.checkpoint_io import SafeCheckpointIO
 from memoryformer.training.module import LMTrainingModule
 from memoryformer.training.resume import SEARCH_VALUES, resolve_ckpt_path
 from memoryformer.training.run_lock import is_launching_process, run_lock
-from memoryformer.training.strategy import build_strategy
+from memoryformer.training.strategy import build_strategy, is_deepspeed
 
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
 #: Loggers to which Lightning attaches its own console handler when it is imported.
@@ -184,7 +184,7 @@ def optim_for_precision(optim: dict[str, Any], trainer_cfg: dict[str, Any]) -> d
     `optim.grad_clip > 0` the step uses torch's foreach implementation, which computes the same update.
     """
     precision = str(trainer_cfg.get("precision", ""))
-    deepspeed = "deepspeed" in str(trainer_cfg.get("strategy")).lower()  # DeepSpeed clips by itself
+    deepspeed = is_deepspeed(trainer_cfg.get("strategy"))  # DeepSpeed clips by itself
     if precision.startswith("16") and optim.get("fused") and optim.get("grad_clip") and not deepspeed:
         rank_zero_info("trainer.precision=16-mixed with gradient clipping: using the non-fused AdamW step.")
         return {**optim, "fused": False}
@@ -202,18 +202,13 @@ def trainer_kwargs(cfg: DictConfig, plan: RunPlan) -> dict[str, Any]:
         kwargs["val_check_interval"] = int(cfg.val_every_n_steps) * plan.accumulate
         kwargs["check_val_every_n_epoch"] = None
     kwargs.setdefault("default_root_dir", cfg.paths.output_dir)
-    if not _is_deepspeed_spec(kwargs["strategy"]):
+    if not is_deepspeed(kwargs["strategy"]):
+        # DeepSpeed's engine writes its checkpoint directories itself and would not use a CheckpointIO;
         # every .ckpt is written atomically and read back without unpickling code (see checkpoint_io)
         plugins = kwargs.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         kwargs["plugins"] = [*plugins, SafeCheckpointIO(trust_checkpoint=bool(cfg.trust_checkpoint))]
     return kwargs
-
-
-def _is_deepspeed_spec(strategy: Any) -> bool:
-    # DeepSpeed's engine writes its checkpoint directories itself; a CheckpointIO would not be used for them
-    name = strategy if isinstance(strategy, str) else type(strategy).__name__
-    return "deepspeed" in name.lower()
 
 
 def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[L.Callback]:
@@ -272,12 +267,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from memoryformer.data.datamodule import LMDataModule
 
-    datamodule = LMDataModule(
-        plan.data, plan.micro_batch_size, plan.model.vocab_size, plan.model.block_size, seed=plan.data.seed
-    )
+    datamodule = LMDataModule(plan.data, plan.micro_batch_size, plan.model.vocab_size, plan.model.block_size)
     module = LMTrainingModule(
         model=plan.model.to_dict(),
-        optim=optim_for_precision(to_plain(cfg.optim), to_plain(cfg.trainer)),
+        optim=optim_for_precision(asdict(plan.optim), to_plain(cfg.trainer)),
         max_steps=plan.max_steps,
         activation_checkpointing=bool(cfg.activation_checkpointing),
         activation_checkpointing_every=int(cfg.activation_checkpointing_every),
@@ -325,13 +318,12 @@ def _fit(cfg: DictConfig, plan: RunPlan, trainer: L.Trainer, module, datamodule,
         val_loss=metrics.get("val/loss"),
         tokenizer_path=datamodule.tokenizer,
     )
-    if cfg.export_final and trainer.is_global_zero and not _is_deepspeed(trainer):
+    if cfg.export_final and trainer.is_global_zero and not is_deepspeed(trainer.strategy):
         from memoryformer.checkpoint import export_model
 
-        eos = cfg.data.get("eos_token", "<|endoftext|>")
+        eos = plan.data.eos_token
         export_dir = export_model(module.model, output_dir / "model", datamodule.tokenizer, eos_token=eos)
         summary["export_dir"] = str(export_dir)
-    return summary
 
 
 def _finish_wandb(trainer: L.Trainer) -> None:
@@ -339,7 +331,3 @@ def _finish_wandb(trainer: L.Trainer) -> None:
     for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
             logger.experiment.finish()
-
-
-def _is_deepspeed(trainer: L.Trainer) -> bool:
-    return type(trainer.strategy).__name__ == "DeepSpeedStrategy"

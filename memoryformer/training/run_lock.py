@@ -21,15 +21,11 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from memoryformer.config import ConfigError
+from memoryformer.errors import RunLockError  # the one RunLockError, also importable from here
 
 LOCK_NAME = ".run.lock"
 #: Environment variables that mark a process that is not the launching one (any value but 0).
 RANK_VARS = ("LOCAL_RANK", "RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
-
-
-class RunLockError(ConfigError):
-    """Another live run holds the output directory; the message names its pid, host and the fix."""
 
 
 def is_launching_process(environ: dict[str, str] | None = None) -> bool:

@@ -43,6 +43,19 @@ def deepspeed_config(spec: Mapping[str, Any], precision: str | int | None) -> di
     return config
 
 
+def is_deepspeed(strategy: Any) -> bool:
+    """True for DeepSpeed in each form a strategy takes: a `trainer.strategy` mapping (`name: deepspeed`), a
+    Lightning strategy name (`deepspeed`, `deepspeed_stage_2`, ...) or a built strategy (`DeepSpeedStrategy`,
+    e.g. `trainer.strategy`)."""
+    if isinstance(strategy, Mapping):
+        name = strategy.get("name")
+    elif strategy is None or isinstance(strategy, str):
+        name = strategy
+    else:
+        name = type(strategy).__name__
+    return "deepspeed" in str(name or "").lower()
+
+
 def build_strategy(
     spec: str | Mapping[str, Any] | None, precision: str | int | None = None
 ) -> str | Strategy:
