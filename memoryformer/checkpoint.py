@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from memoryformer.atomic_io import atomic_directory
-from memoryformer.config import ConfigError, ModelConfig, to_plain
+from memoryformer.config import EOS_TOKEN, ConfigError, ModelConfig, to_plain
 from memoryformer.errors import CheckpointError, UnsafeCheckpointError, first_line  # also importable here
 
 CONFIG_FILE = "config.json"
@@ -62,7 +62,7 @@ def export_model(
     model: torch.nn.Module,
     out_dir: str | os.PathLike,
     tokenizer_path: str | None = None,
-    eos_token: str = "<|endoftext|>",
+    eos_token: str = EOS_TOKEN,
     strict: bool = False,
 ) -> Path:
     """Write `model` (a `LanguageModel`) as a Hugging Face model directory and return its path.

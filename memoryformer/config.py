@@ -35,6 +35,9 @@ ATTENTION_TYPES = ("softmax", "linformer", "cosformer", "performer")
 #: Weight dtypes a model is evaluated or sampled in (`eval.dtype`, generate.py's `dtype`, the lm-eval
 #: model's `dtype=`), spelt as torch spells them: `getattr(torch, name)` is the dtype.
 DTYPES = ("float32", "bfloat16", "float16")
+#: GPT-NeoX's end-of-text token: the document separator of the data, where generation stops, and the
+#: exported tokenizer's eos/bos/pad.
+EOS_TOKEN = "<|endoftext|>"
 
 
 @dataclass

@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from memoryformer.config import EOS_TOKEN
+
 KEYS = ("checkpoint", "out", "tokenizer", "eos_token")
 
 
@@ -31,7 +33,7 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return args
 
 
-def export(checkpoint: str, out: str, tokenizer: str | None = None, eos_token: str = "<|endoftext|>") -> Path:
+def export(checkpoint: str, out: str, tokenizer: str | None = None, eos_token: str = EOS_TOKEN) -> Path:
     """Load `checkpoint` with `load_model` and write it to `out` with `export_model`; returns `out`."""
     from memoryformer.checkpoint import CheckpointError, export_model, load_model
 

@@ -16,7 +16,14 @@ from typing import Any, TextIO
 
 import torch
 
-from memoryformer.config import DTYPES, ConfigError, check_choice, entry_point_options, reject_unknown_keys
+from memoryformer.config import (
+    DTYPES,
+    EOS_TOKEN,
+    ConfigError,
+    check_choice,
+    entry_point_options,
+    reject_unknown_keys,
+)
 
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decoder gives for an incomplete UTF-8 sequence
 
@@ -36,7 +43,7 @@ class GenerateConfig:
     seed: int = 0  # samples are reproducible for a given seed
     num_samples: int = 1
     tokenizer: str | None = None  # overrides the tokenizer stored with the checkpoint
-    eos_token: str = "<|endoftext|>"  # generation stops at this token
+    eos_token: str = EOS_TOKEN  # generation stops at this token
     device: str = "cpu"
     dtype: str = "float32"
 

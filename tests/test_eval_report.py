@@ -37,6 +37,12 @@ def test_counter_reproduces_table1_flops(name):
         assert (round(wo, 1), round(total, 1)) == (row["flops_wo_attn_g"], row["flops_total_g"])
 
 
+def test_paper_data_file_columns_are_the_paper_task_set():
+    from memoryformer.evaluation.config import PAPER_TASKS, TASK_SETS
+
+    assert tuple(paper_results()["tasks"]) == PAPER_TASKS == tuple(TASK_SETS["paper"])
+
+
 def test_paper_data_file_table1_is_the_row_table():
     # the printed numbers live in paper_results.yaml; their rows must be PAPER_ROWS, under the same one name
     table1 = paper_results()["table1"]

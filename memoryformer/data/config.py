@@ -16,7 +16,7 @@ import glob
 import os
 from dataclasses import dataclass, field
 
-from memoryformer.config import ConfigError, check_choice
+from memoryformer.config import EOS_TOKEN, ConfigError, check_choice
 
 SOURCES = ("sample", "indexed", "files", "hf")
 INDEX_MAPPINGS = ("gpt_neox", "preshuffled")
@@ -39,7 +39,7 @@ class DataConfig:
 
     # --- tokenizer (files / hf; sample trains its own; indexed only needs it for decoding/vocab check)
     tokenizer: str | None = None  # path to a tokenizer.json (or a folder holding one)
-    eos_token: str = "<|endoftext|>"
+    eos_token: str = EOS_TOKEN
     append_eos: bool = True  # one end-of-text token after every document (GPT-NeoX --append-eod)
 
     # --- sample

@@ -22,6 +22,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from memoryformer.config import EOS_TOKEN
 from memoryformer.data.indexed import MMapIndexedDataset, MMapIndexedDatasetBuilder, best_dtype
 from memoryformer.data.streaming import BadLines, expand_globs, iter_document_getters
 from memoryformer.data.tokenizer import eos_id, load_tokenizer, resolve_tokenizer_path
@@ -70,7 +71,7 @@ def prepare(
     output: str,
     num_proc: int = 1,
     text_field: str = "text",
-    eos_token: str | None = "<|endoftext|>",
+    eos_token: str | None = EOS_TOKEN,
     on_bad_line: str = "skip",
     keep_parts: bool = False,
     batch_docs: int = 256,
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--text-field", default="text", help="JSON/parquet field holding the text (dots for nesting)"
     )
-    p.add_argument("--eos-token", default="<|endoftext|>")
+    p.add_argument("--eos-token", default=EOS_TOKEN)
     p.add_argument("--no-eos", action="store_true", help="do not append an end-of-text token to documents")
     p.add_argument("--on-bad-line", choices=("skip", "fail"), default="skip")
     p.add_argument("--keep-parts", action="store_true")

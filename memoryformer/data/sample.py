@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from memoryformer.config import EOS_TOKEN
 from memoryformer.data.indexed import MMapIndexedDatasetBuilder, best_dtype
 
-EOS = "<|endoftext|>"
+EOS = EOS_TOKEN
 FORMAT_VERSION = 1
 
 

@@ -24,12 +24,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
-from memoryformer.config import DTYPES
+from memoryformer.config import DTYPES, EOS_TOKEN
 from memoryformer.errors import AdapterError  # the one AdapterError, also importable from here
 
 log = logging.getLogger(__name__)
 
-EOT_TOKEN = "<|endoftext|>"
+EOT_TOKEN = EOS_TOKEN
 
 
 def _tokenizer_from(source: Any):

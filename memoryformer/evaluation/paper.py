@@ -8,17 +8,14 @@ from typing import Any
 
 import yaml
 
+from memoryformer.evaluation.config import PAPER_TASKS
+
 PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.yaml"
 
 #: Our task names for the paper's six columns. The paper's WSC is SuperGLUE WSC (k/104); a run that
 #: evaluated lm-eval's `wsc273` instead fills the same column, labelled "(wsc273)" in the cell by the report.
 COLUMN_TASKS: dict[str, tuple[str, ...]] = {
-    "piqa": ("piqa",),
-    "winogrande": ("winogrande",),
-    "wsc": ("wsc", "wsc273"),
-    "arc_easy": ("arc_easy",),
-    "arc_challenge": ("arc_challenge",),
-    "logiqa": ("logiqa",),
+    task: (task, "wsc273") if task == "wsc" else (task,) for task in PAPER_TASKS
 }
 
 

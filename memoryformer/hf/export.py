@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from memoryformer.config import ConfigError, ModelConfig
+from memoryformer.config import EOS_TOKEN, ConfigError, ModelConfig
 from memoryformer.hf.config_map import ARCHITECTURE, AUTO_MAP, MODEL_TYPE, check_exportable, to_hf_config
 
 HERE = Path(__file__).resolve().parent
@@ -105,7 +105,7 @@ def export_hf(
     model: torch.nn.Module,
     out_dir: str | Path,
     tokenizer_path: str | None = None,
-    eos_token: str = "<|endoftext|>",
+    eos_token: str = EOS_TOKEN,
 ) -> Path:
     """Write `model` (a `LanguageModel`) as a Hugging Face directory `out_dir` (see the module docstring).
 
