@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import torch
-
 from memoryformer.config import (
     DTYPES,
     EOS_TOKEN,
@@ -76,6 +74,8 @@ class GenerateConfig:
         if int(self.num_samples) < 1:
             raise ConfigError(f"num_samples={self.num_samples} must be a positive integer.")
         check_choice("dtype", self.dtype, DTYPES)
+        import torch  # here, not at the top: entry points compose GenerateConfig without loading torch
+
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device={self.device} was requested but CUDA is unavailable; use device=cpu.")
 
@@ -118,6 +118,8 @@ class IncrementalDecoder:
 
 def load_for_generation(config: GenerateConfig) -> tuple[Any, Any]:
     """`(LanguageModel on config.device in config.dtype, tokenizers.Tokenizer)` for `config.checkpoint`."""
+    import torch
+
     from memoryformer.checkpoint import load_model
     from memoryformer.data.tokenizer import load_tokenizer
 
@@ -133,6 +135,8 @@ def load_for_generation(config: GenerateConfig) -> tuple[Any, Any]:
 
 def run_generation(config: GenerateConfig, out: TextIO = sys.stdout) -> list[list[int]]:
     """Stream `config.num_samples` continuations of `config.prompt` to `out`; returns the new ids of each."""
+    import torch
+
     model, tokenizer = load_for_generation(config)
     prompt_ids = tokenizer.encode(config.prompt, add_special_tokens=False).ids
     block = model.config.block_size

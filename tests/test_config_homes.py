@@ -4,6 +4,8 @@ and what differs, never a restated default (issue #15), and the entry points com
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,3 +144,10 @@ def test_every_value_a_file_states_changes_the_composed_config(group, path, conf
         target.write_text(original)
     redundant = [r for r in redundant if (path.stem, r) not in KEPT_ON_PURPOSE]
     assert not redundant, f"{group}/{path.name} restates values it would get anyway: {redundant}"
+
+
+def test_registering_the_configs_does_not_load_torch():
+    # train.py --cfg job, --help and a misspelt key answer before torch is imported (about 1.5 s here)
+    code = "import sys, memoryformer.conf_schema as s; s.register_configs(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
