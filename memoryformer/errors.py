@@ -67,18 +67,13 @@ class NonFiniteLossError(RuntimeError):
 
 #: Our exception classes whose message is already one sentence naming the value and the fix (subclasses
 #: such as `RunLockError` and `UnsafeCheckpointError` included).
-_USER_ERRORS: tuple[type[BaseException], ...] = (
+USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     DataError,
     CheckpointError,
     AtomicWriteError,
     AdapterError,
 )
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Our exception classes whose message is already one sentence naming the value and the fix."""
-    return _USER_ERRORS
 
 
 def first_line(err: BaseException, default: str | None = None) -> str:
@@ -138,7 +133,7 @@ def sentence_for(err: BaseException, task_code: Any = None) -> str | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if isinstance(err, _USER_ERRORS):
+    if isinstance(err, USER_ERRORS):
         return one_line(err)
     if isinstance(err, HydraException | OmegaConfBaseException):
         return hydra_error_sentence(err)
@@ -160,7 +155,7 @@ def exit_on_user_error() -> Iterator[None]:
     """
     try:
         yield
-    except _USER_ERRORS as err:
+    except USER_ERRORS as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 

@@ -254,4 +254,4 @@ def test_one_data_error_for_training_and_evaluation_data() -> None:
     from memoryformer.evaluation.data import DataError as eval_error
 
     assert data_pkg_error is indexed_error is eval_error is errors.DataError
-    assert errors.DataError in errors.user_error_types()
+    assert errors.DataError in errors.USER_ERRORS

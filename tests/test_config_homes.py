@@ -42,9 +42,10 @@ def test_field_defaults_reads_declarations_without_running_checks():
     assert field_defaults(_Outer) == {"name": "x", "limit": None, "inner": {"sizes": [1, 2]}}
 
 
-def _compose(config_name: str, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return OmegaConf.to_container(compose(config_name, overrides=list(overrides)), resolve=False)
+def _compose(config_name: str, *overrides: str, conf: Path = CONF, hydra: bool = False) -> dict:
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=hydra)
+    return OmegaConf.to_container(cfg, resolve=False)
 
 
 @pytest.mark.parametrize("config_name, cls", [("evaluate", EvaluateConfig), ("generate", GenerateConfig)])
@@ -106,9 +107,8 @@ def conf_copy(tmp_path_factory) -> Path:
 
 
 def _composed(conf: Path, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=["paths.output_dir=/tmp/x", *overrides], return_hydra_config=True)
-    out = OmegaConf.to_container(cfg, resolve=False)
+    """The train config in `conf` with `overrides`, and (as `sweep`) the multirun grid the file sets."""
+    out = _compose("config", "paths.output_dir=/tmp/x", *overrides, conf=conf, hydra=True)
     sweep = out["hydra"]["sweeper"].get("params")
     return {k: v for k, v in out.items() if k != "hydra"} | {"sweep": sweep}
 

@@ -31,7 +31,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from memoryformer.config import EOS_TOKEN
 from memoryformer.data.indexed import MMapIndexedDatasetBuilder, best_dtype
 
-EOS = EOS_TOKEN
 FORMAT_VERSION = 1
 
 
@@ -77,7 +76,7 @@ def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS],
+        special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -120,7 +119,7 @@ def build_sample_corpus(
         texts = [_read(p) for p in files]
         tok = train_bpe(texts, vocab_size)
         tok.save(os.path.join(tmp, "tokenizer.json"))
-        eos = tok.token_to_id(EOS)
+        eos = tok.token_to_id(EOS_TOKEN)
         dtype = best_dtype(tok.get_vocab_size())
         splits = _split(texts, val_every)
         for split, split_texts in splits.items():

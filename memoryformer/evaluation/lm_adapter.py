@@ -24,19 +24,16 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
-from memoryformer.config import DTYPES, EOS_TOKEN
+from memoryformer.config import DTYPES, EOS_TOKEN, ConfigError
 from memoryformer.errors import AdapterError  # the one AdapterError, also importable from here
 
 log = logging.getLogger(__name__)
-
-EOT_TOKEN = EOS_TOKEN
 
 
 def _tokenizer_from(source: Any):
     """A `tokenizers.Tokenizer` from a path (via `data.tokenizer.load_tokenizer`) or the tokenizer itself."""
     from tokenizers import Tokenizer
 
-    from memoryformer.config import ConfigError
     from memoryformer.data.tokenizer import load_tokenizer
 
     if isinstance(source, Tokenizer):
@@ -86,7 +83,7 @@ class MemoryFormerLM(TemplateLM):
         dtype: str = "float32",
         max_length: int | None = None,
         max_gen_toks: int = 256,
-        eot_token: str = EOT_TOKEN,
+        eot_token: str = EOS_TOKEN,
         max_batch_size: int | None = None,  # noqa: ARG002 - lm-eval's CLI always passes it; auto batching is off
         trust_checkpoint: bool = False,
     ) -> None:
