@@ -40,12 +40,31 @@ def collate_samples(samples: list) -> dict[str, torch.Tensor]:
     return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
 
 
-class _ResumingLoader(DataLoader):
-    """DataLoader over a `PackedStream` that tells the stream, at each `iter()`, how many batches to skip."""
+class _TrainLoader(DataLoader):
+    """The training DataLoader: resumable the way Lightning understands it (`state_dict` / `load_state_dict`).
+
+    The position itself is the data module's `consumed_samples`, which the sampler (or the stream) reads at
+    each `iter()`; these two methods report and restore it, so Lightning stores it with its loop state and
+    knows that a checkpoint saved in the middle of an epoch resumes at the right sample.
+    """
 
     def __init__(self, module: LMDataModule, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._module = module
+
+    def state_dict(self) -> dict[str, int]:
+        """Samples consumed by all ranks together, and where the current pass over a stream began."""
+        dm = self._module
+        return {"consumed_samples": dm.consumed_samples, "stream_origin": dm._stream_origin}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Restore the position saved by `state_dict` (before Lightning's first `iter()` of a resumed fit)."""
+        self._module.consumed_samples = int(state_dict["consumed_samples"])
+        self._module._stream_origin = int(state_dict.get("stream_origin", 0))
+
+
+class _ResumingLoader(_TrainLoader):
+    """DataLoader over a `PackedStream` that tells the stream, at each `iter()`, how many batches to skip."""
 
     def __iter__(self):
         self.dataset.skip_batches = self._module._stream_skip_batches()
@@ -74,7 +93,7 @@ class _IndexedSplit:
             wrap=True,
             start_fn=lambda: dm.consumed_samples,
         )
-        return self._loader(dm, sampler, persistent_workers=dm.cfg.num_workers > 0)
+        return self._loader(dm, sampler, persistent_workers=dm.cfg.num_workers > 0, loader=_TrainLoader)
 
     def val_loader(self, dm: LMDataModule) -> DataLoader:
         rank, world = dm._dist()
@@ -84,10 +103,13 @@ class _IndexedSplit:
         return self._loader(dm, sampler)
 
     def _loader(
-        self, dm: LMDataModule, sampler: MegatronSampler, persistent_workers: bool = False
+        self, dm: LMDataModule, sampler: MegatronSampler, persistent_workers: bool = False, loader=None
     ) -> DataLoader:
-        """Micro-batches of this split's samples in `sampler`'s order (incomplete last batch dropped)."""
-        return DataLoader(
+        """Micro-batches of this split's samples in `sampler`'s order (incomplete last batch dropped);
+        `loader=_TrainLoader` for the training split."""
+        extra = () if loader is None else (dm,)
+        return (loader or DataLoader)(
+            *extra,
             self.dataset,
             batch_size=dm.micro_batch_size,
             sampler=sampler,
@@ -431,6 +453,16 @@ class LMDataModule(L.LightningDataModule):
                     state_dict[key],
                     now,
                 )
+        _, world = self._dist()
+        saved_world = state_dict.get("world_size", world)
+        if self.cfg.source in ("files", "hf") and saved_world != world:
+            # index-backed sources assign whole global batches, so their order does not depend on the ranks
+            log.warning(
+                "the run had %s processes in the checkpoint and %s now: a stream's document shards follow "
+                "the ranks, so the resumed order is not exact (index-backed sources keep it).",
+                saved_world,
+                world,
+            )
         if self.cfg.source in ("files", "hf") and state_dict.get("num_workers") != self.cfg.num_workers:
             log.warning(
                 "data.num_workers changed from %s to %s: the stream's document shards differ, so the "
