@@ -89,9 +89,12 @@ class TrainConfig:
     validate_at_start: bool = False  # log val/loss of the untrained model at step 0 (fresh runs only)
     ckpt_every_n_steps: int | None = None  # optimizer steps between step checkpoints (None: only last.ckpt)
     keep_last_k: int = 3  # step checkpoints kept besides last.ckpt
-    # resume from: a .ckpt path, or "last"/"auto": the newest loadable checkpoint of this run folder and
-    # paths.runs_root ("last" warns when there is none, "auto" is silent); None: a fresh run
+    # resume from: a .ckpt path, or "last"/"auto": the newest checkpoint of this same run (same settings,
+    # docs/resume.md) in this run folder or under paths.runs_root ("last" warns when there is none, "auto"
+    # logs one line); None: a fresh run
     ckpt_path: str | None = None
+    # an explicit ckpt_path saved with other settings: "refuse" (stop, naming them) | "allow" (resume anyway)
+    resume_mismatch: str = "refuse"
     trust_checkpoint: bool = False  # unpickle checkpoint files fully (can run code): only for trusted files
     activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
     activation_checkpointing_every: int = 1  # with activation_checkpointing: every n-th block (1 = all)

@@ -163,7 +163,7 @@ def test_last_skips_torn_and_unsafe_checkpoints_and_takes_the_newest_that_loads(
     (runs / "b" / "checkpoints" / ".tmp-last.ckpt.abc").write_bytes(b"half")  # an interrupted save
 
     with caplog.at_level("INFO"):
-        assert resolve_ckpt_path("last", runs, runs / "b", model.config) == str(mid)
+        assert resolve_ckpt_path("last", runs, None, model.config) == str(mid)
     assert not marker.exists()
     skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     assert len(skipped) == 2, skipped
@@ -174,14 +174,16 @@ def test_last_skips_torn_and_unsafe_checkpoints_and_takes_the_newest_that_loads(
     assert resolve_ckpt_path("last", runs / "a", None, model.config) == str(old)
 
 
-def test_last_that_finds_nothing_warns_once_and_auto_is_silent(tmp_path, caplog, recwarn):
+def test_last_that_finds_nothing_warns_once_and_auto_logs_one_line(tmp_path, caplog, recwarn):
     model = tiny_model()
     with caplog.at_level("INFO"):
         assert resolve_ckpt_path("auto", tmp_path / "none", tmp_path / "run", model.config) is None
-    assert not caplog.records and not recwarn.list
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("ckpt_path=auto: no checkpoint of this run under") and "starting fresh" in line
+    assert not recwarn.list
     assert resolve_ckpt_path("last", tmp_path / "none", tmp_path / "run", model.config) is None
     (msg,) = [str(w.message) for w in recwarn.list]
-    assert msg.startswith("ckpt_path=last found no loadable checkpoint under") and msg.count("\n") == 0
+    assert msg.startswith("ckpt_path=last found no checkpoint of this run under") and msg.count("\n") == 0
 
 
 def test_checkpoint_of_another_shape_is_refused_before_training(tmp_path):

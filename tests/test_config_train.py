@@ -179,6 +179,7 @@ RUN_DEFAULTS = {
     "keep_last_k": 3,
     "ckpt_path": None,
     "trust_checkpoint": False,
+    "resume_mismatch": "refuse",
     "activation_checkpointing": False,
     "activation_checkpointing_every": 1,
     "compile": False,

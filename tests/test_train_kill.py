@@ -44,6 +44,10 @@ def _cfg(out: Path, max_steps: int = MAX_STEPS):
                 "model.num_tables=8",
                 "model.n_head=2",
                 f"trainer.max_steps={max_steps}",
+                # the last attempt stops earlier: the same run, since the lr horizon and sample mapping are
+                # pinned to the full budget (smoke: 4 sequences per step)
+                f"optim.decay_steps={MAX_STEPS}",
+                f"data.num_samples={MAX_STEPS * 4}",
                 "trainer.limit_val_batches=0",
                 "val_every_n_steps=null",
                 "ckpt_every_n_steps=1",

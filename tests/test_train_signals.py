@@ -61,10 +61,12 @@ def test_sigterm_saves_a_checkpoint_and_ckpt_path_last_resumes(tmp_path: Path) -
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     stopped = ckpt["global_step"]
     assert 2 <= stopped < 1000
-    # ckpt_path=last finds it (newest last.ckpt under runs_root) and continues from that step
+    # ckpt_path=last finds it (newest last.ckpt under runs_root) and continues from that step; a budget other
+    # than the interrupted run's 1000 steps is the same run only with its lr horizon and sample mapping pinned
     resumed = tmp_path / "resumed"
+    same_run = ("optim.decay_steps=1000", "data.num_samples=4000")  # 1000 steps x 4 sequences
     proc = subprocess.run(
-        _train_cmd(resumed, f"trainer.max_steps={stopped + 2}", "ckpt_path=last"),
+        _train_cmd(resumed, f"trainer.max_steps={stopped + 2}", *same_run, "ckpt_path=last"),
         cwd=ROOT,
         env=_env(),
         capture_output=True,

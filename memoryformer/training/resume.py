@@ -1,11 +1,18 @@
-"""Which checkpoint a run resumes from (`ckpt_path=`), and whether it fits the model being trained.
+"""Which checkpoint a run resumes from (`ckpt_path=`): only one saved by the same run (docs/resume.md).
 
-`ckpt_path=last` and `ckpt_path=auto` search the current run folder and every run under `paths.runs_root`
-for `*.ckpt` checkpoints (`last.ckpt`, `step-*.ckpt`, DeepSpeed checkpoint directories), newest first by
-modification time, and pick the first one that loads: a torn, truncated or unreadable file, a checkpoint of
-another model shape, or one that needs `trust_checkpoint=true`, is skipped with one logged line saying why.
-`last` that finds nothing warns in one line; `auto` then starts fresh silently. An explicit path must load
-and fit, or the run stops before training with one sentence (`ConfigError`).
+`ckpt_path=last` and `ckpt_path=auto` search this run's folder first, then every run under `paths.runs_root`
+(one folder or a list of folders), for `*.ckpt` checkpoints (`last.ckpt`, `step-*.ckpt`, DeepSpeed checkpoint
+directories), newest first by modification time. A candidate is taken when it loads, fits the model and
+carries this run's fingerprint (`memoryformer.training.fingerprint`: the settings that define what is
+trained). A torn or unreadable file, another model shape, or one that needs `trust_checkpoint=true` is
+skipped with one line; a run with other settings is skipped with one line per run folder naming the differing
+keys with both values. Inside a multirun the other jobs' folders of the same sweep are never taken. When
+nothing matches, `last` warns naming what it skipped and `auto` logs one line; both start fresh.
+
+An explicit path must load, fit and carry this run's fingerprint, or the run stops before training with one
+sentence (`ConfigError`); `resume_mismatch=allow` resumes a checkpoint of other settings anyway. A DeepSpeed
+ZeRO directory saved by another number of data-parallel ranks is refused (DeepSpeed cannot re-partition its
+optimizer state on load). `RunFingerprint` is the callback that writes the fingerprint into each checkpoint.
 """
 
 from __future__ import annotations
@@ -15,18 +22,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from omegaconf import DictConfig, OmegaConf
 
 from memoryformer.checkpoint import (
     CheckpointError,
     check_deepspeed_dir,
+    deepspeed_safe_globals,
     safe_torch_load,
     weights_mismatch,
 )
-from memoryformer.config import ConfigError, ModelConfig
+from memoryformer.config import ConfigError, ModelConfig, check_choice
+from memoryformer.training.fingerprint import (
+    CHECKPOINT_KEY,
+    HORIZON,
+    describe,
+    differences,
+    fingerprint_record,
+)
 
 SEARCH_VALUES = ("last", "auto")
+MISMATCH_CHOICES = ("refuse", "allow")  # resume_mismatch
 LIGHTNING_PREFIX = "model."
+DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+class RunFingerprint(L.Callback):
+    """Writes this run's fingerprint record (`fingerprint_record`) into every checkpoint it saves.
+
+    For a DeepSpeed strategy Lightning passes the checkpoint dict on as DeepSpeed's client state, so the
+    record lands in the directory's `mp_rank_00_model_states.pt`.
+    """
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.record
 
 
 @dataclass
@@ -37,8 +71,25 @@ class Candidate:
     mtime: float
 
 
-def find_checkpoints(roots: list[str | os.PathLike]) -> list[Candidate]:
-    """Every `*.ckpt` file or DeepSpeed `*.ckpt` directory under `roots`, newest first, each listed once.
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint says about itself: its optimizer step, its fingerprint record (None when it has
+    none) and, for a ZeRO directory, the number of data-parallel ranks its optimizer state is split over."""
+
+    step: int | None = None
+    record: dict[str, Any] | None = None
+    zero_world_size: int | None = None
+
+
+def _is_under(path: Path, folder: str | os.PathLike | None) -> bool:
+    return folder is not None and path.resolve().is_relative_to(Path(folder).resolve())
+
+
+def find_checkpoints(
+    roots: list[str | os.PathLike], first: str | os.PathLike | None = None
+) -> list[Candidate]:
+    """Every `*.ckpt` file or DeepSpeed `*.ckpt` directory under `roots`, each listed once: those under
+    `first` (the run's own folder) first, then the others, each group newest first.
 
     Temporary files of interrupted saves (`.tmp-*`) never end in `.ckpt` and are not listed.
     """
@@ -58,28 +109,21 @@ def find_checkpoints(roots: list[str | os.PathLike]) -> list[Candidate]:
                     seen[real] = Candidate(p, p.stat().st_mtime)
                 except OSError:  # removed while we looked (top-k pruning of a live run)
                     continue
-    return sorted(seen.values(), key=lambda c: c.mtime, reverse=True)
+    return sorted(seen.values(), key=lambda c: (not _is_under(c.path, first), -c.mtime))
 
 
-def check_checkpoint(path: str | os.PathLike, model: ModelConfig, trust_checkpoint: bool = False) -> None:
-    """Raise `CheckpointError` (one sentence) unless `path` loads and its weights fit `model`.
+def check_checkpoint(
+    path: str | os.PathLike, model: ModelConfig, trust_checkpoint: bool = False
+) -> CheckpointInfo:
+    """What `path` says about itself; raises `CheckpointError` (one sentence) unless it loads and its
+    weights fit `model`.
 
     A `.ckpt` file is memory-mapped, so the check reads little more than its index; a DeepSpeed directory
     is checked for its `latest` tag and code-free files (its weights are checked by DeepSpeed at load).
     """
     p = Path(path)
     if p.is_dir():
-        tag_file = p / "latest"
-        if not tag_file.is_file():
-            raise CheckpointError(f"{p} is a directory without a DeepSpeed 'latest' file; pass a checkpoint.")
-        tag = tag_file.read_text().strip()
-        if not (p / tag).is_dir():
-            raise CheckpointError(
-                f"{p}/latest names tag {tag!r}, which has no folder there; the checkpoint is incomplete."
-            )
-        if not trust_checkpoint:
-            check_deepspeed_dir(p)
-        return
+        return _check_deepspeed(p, trust_checkpoint)
     ckpt = safe_torch_load(p, "cpu", trust_checkpoint=trust_checkpoint, mmap=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise CheckpointError(f"{p} has no 'state_dict' and 'global_step'; it is not a training checkpoint.")
@@ -92,6 +136,33 @@ def check_checkpoint(path: str | os.PathLike, model: ModelConfig, trust_checkpoi
             f"{p} does not fit this run's model{_config_diff(ckpt, model)}: {problem}; resume with the "
             f"model and tokenizer (model.vocab_size) it was trained with, or start a fresh run."
         )
+    return CheckpointInfo(int(ckpt["global_step"]), ckpt.get(CHECKPOINT_KEY))
+
+
+def _check_deepspeed(p: Path, trust_checkpoint: bool) -> CheckpointInfo:
+    tag_file = p / "latest"
+    if not tag_file.is_file():
+        raise CheckpointError(f"{p} is a directory without a DeepSpeed 'latest' file; pass a checkpoint.")
+    tag = tag_file.read_text().strip()
+    if not (p / tag).is_dir():
+        raise CheckpointError(
+            f"{p}/latest names tag {tag!r}, which has no folder there; the checkpoint is incomplete."
+        )
+    if not trust_checkpoint:
+        check_deepspeed_dir(p)
+    states_file = p / tag / DEEPSPEED_MODEL_STATES
+    if not states_file.is_file():
+        raise CheckpointError(f"{p}/{tag} has no {DEEPSPEED_MODEL_STATES}; the checkpoint is incomplete.")
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        states = safe_torch_load(states_file, "cpu", trust_checkpoint=trust_checkpoint, mmap=True)
+    # ZeRO stages 1-3 write one optimizer-state file per data-parallel rank; DeepSpeed records their number
+    zero = any((p / tag).glob("*zero_pp_rank_*optim_states.pt"))
+    step = states.get("global_step")
+    return CheckpointInfo(
+        int(step) if step is not None else None,
+        states.get(CHECKPOINT_KEY),
+        int(states["dp_world_size"]) if zero and "dp_world_size" in states else None,
+    )
 
 
 def _config_diff(ckpt: dict[str, Any], model: ModelConfig) -> str:
@@ -105,42 +176,173 @@ def _config_diff(ckpt: dict[str, Any], model: ModelConfig) -> str:
     return " (" + ", ".join(f"model.{k}={stored[k]!r} there vs {ours[k]!r} here" for k in keys[:4]) + ")"
 
 
+def settings_mismatch(info: CheckpointInfo, record: dict[str, Any]) -> str | None:
+    """None when the checkpoint's fingerprint equals `record`'s, else the differences in words."""
+    if not info.record or "settings" not in info.record:
+        return "it records no run fingerprint: it was saved before memoryformer compared run settings"
+    diffs = differences(info.record["settings"], record["settings"])
+    return describe(diffs) if diffs else None
+
+
+def _check_zero_world_size(path: Path, info: CheckpointInfo, record: dict[str, Any] | None) -> None:
+    world = (record or {}).get("context", {}).get("world_size")
+    if info.zero_world_size is None or world is None or info.zero_world_size == world:
+        return
+    raise ConfigError(
+        f"ckpt_path: {path} holds ZeRO optimizer state split over {info.zero_world_size} data-parallel ranks "
+        f"and this run has {world}, which DeepSpeed cannot load without converting it to a universal "
+        f"checkpoint (python -m deepspeed.checkpoint.ds_to_universal), a format this project does not resume "
+        f"from yet; resume with trainer.devices x trainer.num_nodes = {info.zero_world_size}."
+    )
+
+
+def _run_folder(path: Path) -> Path:
+    """The run folder a checkpoint belongs to (the parent of its `checkpoints/` folder)."""
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def _resuming_line(path: str | os.PathLike, info: CheckpointInfo, record: dict[str, Any] | None) -> str:
+    """`Resuming from PATH (step N)`, plus what changes at the resume without changing the run."""
+    line = f"Resuming from {path}" + (f" (step {info.step})" if info.step is not None else "")
+    if not record or not info.record:
+        return line
+    there, here = info.record.get("context", {}), record.get("context", {})
+    notes = []
+    old, new, horizon = there.get("max_steps"), here.get("max_steps"), record["settings"].get(HORIZON)
+    if old is not None and new is not None and new != old:
+        verb = "extending" if new > old else "shortening"
+        after = " and stays at its minimum after it" if horizon is not None and new > horizon else ""
+        notes.append(
+            f"{verb} the run from trainer.max_steps={old} to {new}; the lr schedule keeps its horizon of "
+            f"{horizon} steps{after}"
+        )
+    for key, name in (("world_size", "processes"), ("precision", "trainer.precision")):
+        if there.get(key) is not None and there.get(key) != here.get(key):
+            notes.append(f"{name}: {there[key]} there, {here.get(key)} here")
+    return line + ("; " + "; ".join(notes) if notes else "")
+
+
 def resolve_ckpt_path(
     ckpt_path: str | None,
-    runs_root: str | os.PathLike,
+    runs_root: str | os.PathLike | list | None,
     current_dir: str | os.PathLike | None,
     model: ModelConfig,
     trust_checkpoint: bool = False,
+    *,
+    record: dict[str, Any] | None = None,
+    mismatch: str = "refuse",
+    sweep_dir: str | os.PathLike | None = None,
 ) -> str | None:
     """The checkpoint to resume from (None: start fresh); see the module docstring for the rules.
 
-    Raises `ConfigError` when an explicit `ckpt_path` does not exist, does not load or does not fit `model`.
+    `record` is this run's `fingerprint_record` (None: settings are not compared, only loading and fit);
+    `mismatch` is `resume_mismatch`; `sweep_dir` the multirun's folder (None outside a multirun).
+    Raises `ConfigError` when an explicit `ckpt_path` does not exist, does not load, does not fit `model` or
+    (unless `mismatch="allow"`) was saved with other settings, and for a ZeRO directory of another world size.
     """
     if ckpt_path is None:
         return None
     if ckpt_path not in SEARCH_VALUES:
-        if not os.path.exists(ckpt_path):
-            raise ConfigError(
-                f"ckpt_path={ckpt_path!r} does not exist; give a .ckpt file, ckpt_path=last, ckpt_path=auto "
-                f"or leave it null."
-            )
-        try:
-            check_checkpoint(ckpt_path, model, trust_checkpoint)
-        except CheckpointError as err:
-            raise ConfigError(f"ckpt_path: {err}") from err
-        return str(ckpt_path)
-    roots = [r for r in (current_dir, runs_root) if r is not None]
-    for cand in find_checkpoints(roots):
-        try:
-            check_checkpoint(cand.path, model, trust_checkpoint)
-        except CheckpointError as err:
-            rank_zero_info(f"ckpt_path={ckpt_path}: skipping {cand.path}: {err}")
-            continue
-        return str(cand.path)
-    if ckpt_path == "last":
-        where = " and ".join(str(r) for r in roots)
-        rank_zero_warn(
-            f"ckpt_path=last found no loadable checkpoint under {where}; starting from scratch "
-            f"(use ckpt_path=auto to make that silent)."
-        )
+        return _explicit(Path(ckpt_path), model, trust_checkpoint, record, mismatch)
+    if runs_root is None:
+        roots_below = []
+    elif isinstance(runs_root, str | os.PathLike):
+        roots_below = [runs_root]
+    else:
+        roots_below = list(runs_root)
+    roots = [r for r in (current_dir, *roots_below) if r is not None]
+    skipped: dict[Path, str] = {}
+    for cand in find_checkpoints(roots, first=current_dir):
+        folder = _run_folder(cand.path)
+        if _is_under(cand.path, sweep_dir) and not _is_under(cand.path, current_dir):
+            reason = "another job of this sweep"
+        else:
+            try:
+                info = check_checkpoint(cand.path, model, trust_checkpoint)
+            except CheckpointError as err:
+                rank_zero_info(f"ckpt_path={ckpt_path}: skipping {cand.path}: {err}")
+                continue
+            reason = settings_mismatch(info, record) if record is not None else None
+            if reason is None:
+                _check_zero_world_size(cand.path, info, record)  # this run's own state: refuse, not skip
+                rank_zero_info(_resuming_line(cand.path, info, record))
+                return str(cand.path)
+        if folder not in skipped:  # one line per run folder, not per checkpoint file
+            skipped[folder] = reason
+            rank_zero_info(f"ckpt_path={ckpt_path}: skipping {folder} ({reason})")
+    _nothing_found(ckpt_path, roots, skipped)
     return None
+
+
+def _explicit(
+    path: Path, model: ModelConfig, trust: bool, record: dict[str, Any] | None, mismatch: str
+) -> str:
+    if not path.exists():
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} does not exist; give a .ckpt file, ckpt_path=last, ckpt_path=auto "
+            f"or leave it null."
+        )
+    try:
+        info = check_checkpoint(path, model, trust)
+    except CheckpointError as err:
+        raise ConfigError(f"ckpt_path: {err}") from err
+    if record is not None:
+        _check_zero_world_size(path, info, record)
+        reason = settings_mismatch(info, record)
+        if reason and mismatch != "allow":
+            raise ConfigError(
+                f"ckpt_path={path} was saved by a run with other settings ({reason}), so resuming it would "
+                f"not continue that run; give it the same settings, start a fresh run, or pass "
+                f"resume_mismatch=allow to continue it with these."
+            )
+        if reason:
+            rank_zero_warn(f"resume_mismatch=allow: resuming {path} although its settings differ ({reason}).")
+    rank_zero_info(_resuming_line(path, info, record))
+    return str(path)
+
+
+def _nothing_found(ckpt_path: str, roots: list, skipped: dict[Path, str]) -> None:
+    where = " and ".join(str(r) for r in roots)
+    if ckpt_path == "auto":
+        other = f" (skipped {len(skipped)} other run folder(s), logged above)" if skipped else ""
+        rank_zero_info(f"ckpt_path=auto: no checkpoint of this run under {where}; starting fresh{other}.")
+        return
+    listed = "; ".join(f"{folder}: {reason}" for folder, reason in list(skipped.items())[:3])
+    if len(skipped) > 3:
+        listed += f"; and {len(skipped) - 3} more (logged above)"
+    rank_zero_warn(
+        f"ckpt_path=last found no checkpoint of this run under {where}; starting from scratch"
+        + (f" (skipped {listed})" if listed else "")
+        + " (use ckpt_path=auto to start fresh without a warning)."
+    )
+
+
+def current_sweep_dir() -> str | None:
+    """The folder of the Hydra multirun this process runs a job of (`hydra.sweep.dir`), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def resume_checkpoint(cfg: DictConfig, model: ModelConfig, max_steps: int, world_size: int) -> str | None:
+    """The checkpoint `cfg.ckpt_path` resolves to for the run `cfg` (None: start fresh), with this run's
+    fingerprint (step budget `max_steps`, `world_size` processes) and `cfg.resume_mismatch`."""
+    mismatch = str(cfg.get("resume_mismatch", "refuse"))
+    check_choice("resume_mismatch", mismatch, MISMATCH_CHOICES)
+    runs_root = cfg.paths.get("runs_root")
+    if OmegaConf.is_config(runs_root):
+        runs_root = OmegaConf.to_container(runs_root, resolve=True)
+    return resolve_ckpt_path(
+        cfg.ckpt_path,
+        runs_root,
+        str(cfg.paths.output_dir),
+        model,
+        bool(cfg.trust_checkpoint),
+        record=fingerprint_record(cfg, max_steps, world_size),
+        mismatch=mismatch,
+        sweep_dir=current_sweep_dir(),
+    )

@@ -28,8 +28,9 @@ from memoryformer.config import ConfigError, ModelConfig, to_plain
 from memoryformer.data.config import DataConfig
 from memoryformer.training.callbacks import TokenThroughputMonitor
 from memoryformer.training.checkpoint_io import SafeCheckpointIO
+from memoryformer.training.fingerprint import fingerprint_record
 from memoryformer.training.module import LMTrainingModule
-from memoryformer.training.resume import SEARCH_VALUES, resolve_ckpt_path
+from memoryformer.training.resume import SEARCH_VALUES, RunFingerprint, resume_checkpoint
 from memoryformer.training.run_lock import is_launching_process, run_lock
 from memoryformer.training.strategy import build_strategy, is_deepspeed
 
@@ -229,6 +230,8 @@ def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[L.Callback]:
 
             cb.flops_per_token = training_flops_per_token(plan.model, plan.data.seq_len)
         callbacks.append(cb)
+    # every checkpoint records the settings that define the run, so that only this run resumes it
+    callbacks.append(RunFingerprint(fingerprint_record(cfg, plan.max_steps, plan.world_size)))
     return callbacks
 
 
@@ -298,9 +301,7 @@ def _fit(cfg: DictConfig, plan: RunPlan, trainer: L.Trainer, module, datamodule,
     trust = bool(cfg.trust_checkpoint)
     if trainer.is_global_zero:
         atomic_write_text(ckpt_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.runs_root, str(output_dir), plan.model, trust)
-    if ckpt_path:
-        rank_zero_info(f"Resuming from {ckpt_path}")
+    ckpt_path = resume_checkpoint(cfg, plan.model, plan.max_steps, plan.world_size)
     try:
         if cfg.validate_at_start and ckpt_path is None:
             (initial,) = trainer.validate(module, datamodule=datamodule, verbose=False)
