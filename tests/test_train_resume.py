@@ -167,12 +167,26 @@ def test_own_folder_comes_first_and_other_jobs_of_the_sweep_are_never_taken(tmp_
     assert found == str(own) and newer.exists()
 
 
+def test_a_sweep_relaunched_into_a_new_time_folder_finds_each_jobs_earlier_checkpoint(tmp_path):
+    """The default layout multirun/<name>/<time>/<job>: the relaunch runs in a new time folder, and each job
+    takes the earlier sweep's checkpoint with its own settings, not the other job's newer one."""
+    model = tiny_model().config
+    old, new = tmp_path / "multirun" / "smoke" / "t1", tmp_path / "multirun" / "smoke" / "t2"
+    job0 = _write(old / "0" / "checkpoints" / "last.ckpt", _record("optim.lr=1e-3"), step=8, age_s=100)
+    job1 = _write(old / "1" / "checkpoints" / "last.ckpt", _record("optim.lr=3e-3"), step=3)
+    roots = [tmp_path / "outputs" / "smoke", tmp_path / "multirun" / "smoke"]
+    for job, lr, expected in ((0, "1e-3", job0), (1, "3e-3", job1)):
+        here = _record(f"optim.lr={lr}")
+        found = resolve_ckpt_path("auto", roots, new / str(job), model, record=here, sweep_dir=new)
+        assert found == str(expected)
+
+
 def test_last_without_a_match_warns_naming_what_it_skipped(tmp_path, recwarn):
     _write(tmp_path / "a" / "checkpoints" / "last.ckpt", _record("seed=1"))
     assert resolve_ckpt_path("last", tmp_path, None, tiny_model().config, record=_record()) is None
     (msg,) = [str(w.message) for w in recwarn.list]
     assert msg.startswith(f"ckpt_path=last found no checkpoint of this run under {tmp_path}; starting from")
-    assert f"(skipped {tmp_path / 'a'}: seed=1 there, 1234 here)" in msg and "\n" not in msg
+    assert msg.endswith(f"; skipped {tmp_path / 'a'}: seed=1 there, 1234 here.") and "\n" not in msg
 
 
 def test_an_explicit_checkpoint_of_other_settings_is_refused_unless_allowed(tmp_path, recwarn):

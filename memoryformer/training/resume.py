@@ -311,9 +311,8 @@ def _nothing_found(ckpt_path: str, roots: list, skipped: dict[Path, str]) -> Non
     if len(skipped) > 3:
         listed += f"; and {len(skipped) - 3} more (logged above)"
     rank_zero_warn(
-        f"ckpt_path=last found no checkpoint of this run under {where}; starting from scratch"
-        + (f" (skipped {listed})" if listed else "")
-        + " (use ckpt_path=auto to start fresh without a warning)."
+        f"ckpt_path=last found no checkpoint of this run under {where}; starting from scratch (use "
+        f"ckpt_path=auto to start fresh without a warning)" + (f"; skipped {listed}." if listed else ".")
     )
 
 
