@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> Runner:
 
     if "1" in tables and not args.no_heldout:
         t1_runs = {r.key: r for row in rows if row.table == "1" for r in row.runs}
-        data_dir = export_heldout_docs(out_dir, runner.run_dir(next(iter(t1_runs.values()))))
         todo = {k: r for k, r in t1_runs.items() if "heldout" not in results[k]}  # published ones have it
+        if todo:
+            data_dir = export_heldout_docs(out_dir, runner.run_dir(next(iter(todo.values()))))
         for key, run in todo.items():
             results[key]["heldout"] = heldout_scores(runner.run_dir(run), data_dir, args.in_process)
         print(f"reproduction: held-out bits/byte of {len(todo)} Table 1 runs through lm-eval", flush=True)

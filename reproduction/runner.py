@@ -252,7 +252,7 @@ class Runner:
         grown = p.grow(best, self.scale)
         if grown:
             n = self._enqueue(grown)
-            self.log(f"  {p.label}: best {best.key} is on the grid's edge: {n} more points")
+            self.log(f"  {p.label}: best {best.key} on the grid edge: {len(grown)} more points ({n} new)")
             return
         pending.remove(p)
         if p.seeds:

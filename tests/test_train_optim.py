@@ -171,3 +171,62 @@ def test_adamw_hyper_parameters_reach_torch() -> None:
     g = opt.param_groups[0]
     assert g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 and g["lr"] == 3e-3
     assert isinstance(build_optimizer(model, OptimConfig(name="adam")), torch.optim.Adam)
+
+
+@pytest.mark.slow
+def test_train_logs_each_groups_lr_every_step_and_scale_zero_freezes_the_blocks(tmp_path) -> None:
+    """The issue's check, on the smoke experiment (nano, logged every step): lr/blocks = 0.3 x
+    lr/embeddings in metrics.csv; with block_lr_scale=0 the block tables of the step-4 and step-8
+    checkpoints are equal while the embeddings moved."""
+    import csv
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from memoryformer.conf_schema import register_configs
+    from memoryformer.training.run import train
+
+    root = Path(__file__).resolve().parents[1]
+    register_configs()
+
+    def run(out: Path, scale: str) -> Path:
+        with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+            cfg = compose(
+                "config",
+                overrides=[
+                    "experiment=smoke",
+                    f"optim.block_lr_scale={scale}",
+                    "export_final=false",
+                    f"paths.output_dir={out}",
+                    f"paths.runs_root={out.parent}",
+                ],
+            )
+        train(cfg)
+        return out
+
+    out = run(tmp_path / "scaled", "0.3")
+    rows = [r for r in csv.DictReader((out / "csv" / "metrics.csv").open()) if r.get("lr/blocks")]
+    assert [int(r["step"]) for r in rows] == list(range(8))  # every optimizer step
+    for r in rows:
+        assert float(r["lr/blocks"]) == pytest.approx(0.3 * float(r["lr/embeddings"]), rel=1e-6)
+        assert float(r["lr/other"]) == pytest.approx(float(r["lr/embeddings"]), rel=1e-6)
+        assert float(r["train/lr"]) == pytest.approx(float(r["lr/other"]), rel=1e-6)
+
+    out = run(tmp_path / "frozen", "0")
+    ckpts = [torch.load(out / "checkpoints" / f"step-0000000{s}.ckpt", weights_only=False) for s in (4, 8)]
+    first, last = (c["state_dict"] for c in ckpts)
+    tables = [k for k in first if k.endswith(".tables")]
+    assert tables and all(torch.equal(first[k], last[k]) for k in tables)
+    assert not torch.equal(first["model.wte.weight"], last["model.wte.weight"])
+
+
+def test_table_init_std_sets_the_memory_block_tables_only() -> None:
+    torch.manual_seed(0)
+    model = build_model("nano", n_layer=1, block_size=32, table_init_std=0.05)
+    ffn = model.blocks[0].ffn
+    for layer in (ffn.layer1, ffn.layer2):  # 655k and 2.1M N(0, 0.05^2) entries: std within 1%
+        assert layer.tables.std().item() == pytest.approx(0.05, rel=0.01)
+    small = math.sqrt(2 / (5 * 128))  # GPT-NeoX small_init keeps the Q/K/V tables
+    assert model.blocks[0].attn.q_proj.tables.std().item() == pytest.approx(small, rel=0.01)
+    with pytest.raises(ConfigError, match="model.table_init_std=0"):
+        build_model("nano", table_init_std=0.0)
