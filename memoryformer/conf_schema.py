@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from memoryformer.config import PRESETS, ConfigError, ModelConfig, check_choice, field_defaults
 from memoryformer.data.config import DataConfig
+from memoryformer.errors import REMOVED_KEYS
 
 OPTIMIZERS = ("adamw", "adam")  # optim.name
 SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
@@ -37,7 +38,14 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
-    decay_tables: bool = True  # weight decay on Memory Layer tables (released code: yes)
+    # weight decay of the Memory Layer tables; None: weight_decay (the released code decays them), 0: none
+    # (product-key memory's setting). Replaces the removed `decay_tables` (false is table_weight_decay=0).
+    table_weight_decay: float | None = None
+    # Per-group learning rates (memoryformer.training.optim): the blocks' weight matrices and Memory Layer
+    # tables train at lr * block_lr_scale, the token embedding and LM head at lr * embedding_lr_scale, norms
+    # and biases at lr; all under the same warmup and decay. 1.0 and 1.0 is the released recipe.
+    block_lr_scale: float = 1.0
+    embedding_lr_scale: float = 1.0
     schedule: str = "cosine"  # "cosine" | "linear" | "constant"
     warmup_ratio: float = 0.01  # share of the decay horizon (decay_steps, else max_steps) spent in warmup
     warmup_steps: int | None = None  # overrides warmup_ratio when set
@@ -59,6 +67,30 @@ class OptimConfig:
             )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1).")
+        for key in ("block_lr_scale", "embedding_lr_scale"):
+            if getattr(self, key) < 0:
+                raise ConfigError(
+                    f"optim.{key}={getattr(self, key)} must be >= 0 (a multiple of optim.lr; 1 = the "
+                    f"same lr, 0 freezes the group)."
+                )
+        if self.table_weight_decay is not None and self.table_weight_decay < 0:
+            raise ConfigError(
+                f"optim.table_weight_decay={self.table_weight_decay} must be >= 0, or null for "
+                f"optim.weight_decay."
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], saved: bool = False) -> OptimConfig:
+        """An `OptimConfig` from a plain dict. The removed `decay_tables` is refused with the sentence naming
+        `table_weight_decay`, unless `saved` (a checkpoint's hyper-parameters, written before it was
+        removed), where it maps to `table_weight_decay` (false -> 0, true -> null)."""
+        values = dict(values)
+        if "decay_tables" in values:
+            if not saved:
+                raise ConfigError(REMOVED_KEYS["optim.decay_tables"])
+            decay = values.pop("decay_tables")
+            values.setdefault("table_weight_decay", None if decay else 0.0)
+        return cls(**values)
 
 
 @dataclass

@@ -76,6 +76,9 @@ class ModelConfig:
     # Table 3's d = 510 row: the Memory Layers hash the first hashed_width = K * tau dims of the n_embd-wide
     # normalised input; outputs and the residual stream stay n_embd wide. 0 means n_embd (every other row).
     hashed_width: int = 0
+    # std of the Memory Block tables' N(0, std^2) initialisation (the released code's 0.02); the Q/K/V
+    # Memory Layers keep GPT-NeoX's small_init (memoryformer.models.init)
+    table_init_std: float = 0.02
 
     # --- Pythia (GPT-NeoX) block ---
     intermediate_size: int = 0  # 0 means 4 * n_embd
@@ -174,6 +177,10 @@ class ModelConfig:
         check_choice("model.memory_impl", self.memory_impl, MEMORY_IMPLS)
         if self.num_tables <= 0:
             raise ConfigError(f"model.num_tables={self.num_tables} must be positive.")
+        if not self.table_init_std > 0:
+            raise ConfigError(
+                f"model.table_init_std={self.table_init_std} must be > 0 (the released code's is 0.02)."
+            )
         check_code_length("model.code_length", self.code_length)
         check_choice("model.memory_block_activation", self.memory_block_activation, MEMORY_BLOCK_ACTIVATIONS)
         if not 0 <= self.hashed_width <= self.n_embd:

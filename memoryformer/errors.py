@@ -96,8 +96,27 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+#: keys the config schema no longer has -> the sentence that names their replacement
+REMOVED_KEYS = {
+    "optim.decay_tables": "optim.decay_tables was removed; set optim.table_weight_decay=0 to train the "
+    "Memory Layer tables without weight decay (null, the default, decays them with optim.weight_decay).",
+}
+
+
+def _removed_key_sentence(err: BaseException) -> str | None:
+    """The `REMOVED_KEYS` sentence when `err` (or its cause) is about a removed key, else None."""
+    for e in (err, err.__cause__):
+        key = getattr(e, "full_key", None) if e is not None else None
+        if key in REMOVED_KEYS:
+            return REMOVED_KEYS[key]
+    return None
+
+
 def hydra_error_sentence(err: BaseException) -> str:
     """One sentence for a Hydra / OmegaConf composition error (unknown key, group option or bad value)."""
+    removed = _removed_key_sentence(err)
+    if removed:
+        return removed
     options = getattr(err, "options", None)
     missing = getattr(err, "missing_cfg_file", None)
     if options and missing and "/" in missing:

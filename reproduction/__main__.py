@@ -5,7 +5,9 @@
     python -m reproduction --scale smoke      # a 2-step protocol on a tiny model (the driver's own test)
 
 Runs live under --out-dir (default outputs/reproduction/); a rerun skips every finished run and retrains
-interrupted ones. The results go to --docs-dir: reproduction.json, reproduction.md and the figures.
+interrupted ones, and a run published in --docs-dir's reproduction.json with the same argv is not trained
+again (its stored numbers are reused). The results go to --docs-dir: reproduction.json, reproduction.md and
+the figures.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from reproduction.runner import (
     export_heldout_docs,
     heldout_scores,
     in_process_executor,
+    published_results,
     subprocess_executor,
 )
 
@@ -38,6 +41,9 @@ def main(argv: list[str] | None = None) -> Runner:
     parser.add_argument("--docs-dir", type=Path, default=ROOT / "docs")
     parser.add_argument("--in-process", action="store_true", help="train in this process (tests)")
     parser.add_argument("--no-heldout", action="store_true", help="skip Table 1's lm-eval bits/byte")
+    parser.add_argument(
+        "--retrain", action="store_true", help="ignore the published results: train every run not on disk"
+    )
     args = parser.parse_args(argv)
     try:
         tables = protocol.parse_tables(args.tables)
@@ -47,33 +53,42 @@ def main(argv: list[str] | None = None) -> Runner:
     out_dir = args.out_dir / args.scale
     start = time.perf_counter()
 
+    prefix = "reproduction" if args.scale == "cpu" else f"reproduction_{args.scale}"
     plan = protocol.build_plan(tables, scale)
     executor = in_process_executor() if args.in_process else subprocess_executor(threads=1)
-    runner = Runner(out_dir, scale, executor, workers=1 if args.in_process else args.workers)
+    published = {} if args.retrain else published_results(args.docs_dir / f"{prefix}.json")
+    runner = Runner(
+        out_dir, scale, executor, workers=1 if args.in_process else args.workers, published=published
+    )
     rows = runner.execute_plan(plan)
     results = runner.results
 
     if "1" in tables and not args.no_heldout:
         t1_runs = {r.key: r for row in rows if row.table == "1" for r in row.runs}
-        data_dir = export_heldout_docs(out_dir, runner.run_dir(next(iter(t1_runs.values()))))
-        for key, run in t1_runs.items():
+        todo = {k: r for k, r in t1_runs.items() if "heldout" not in results[k]}  # published ones have it
+        if todo:
+            data_dir = export_heldout_docs(out_dir, runner.run_dir(next(iter(todo.values()))))
+        for key, run in todo.items():
             results[key]["heldout"] = heldout_scores(runner.run_dir(run), data_dir, args.in_process)
-        print(f"reproduction: held-out bits/byte of {len(t1_runs)} Table 1 runs through lm-eval", flush=True)
+        print(f"reproduction: held-out bits/byte of {len(todo)} Table 1 runs through lm-eval", flush=True)
 
     args.docs_dir.mkdir(parents=True, exist_ok=True)
     sweeps = {m: runs for m, runs in plan.sweeps.items()}
     figures: dict[str, list[str]] = {}
-    prefix = "reproduction" if args.scale == "cpu" else f"reproduction_{args.scale}"
     if "1" in tables:
         t1 = [r for r in rows if r.table == "1"]
-        report.plot_table1(t1, results, args.docs_dir / f"{prefix}_table1_curves.png")
-        figures["1"] = [f"{prefix}_table1_curves.png", f"{prefix}_buckets.png"]
+        figures["1"] = [f"{prefix}_table1_curves.png", f"{prefix}_lr_grid.png", f"{prefix}_buckets.png"]
+        # runs taken from the published JSON have no curve or histograms: keep the committed figure then
+        if all("val_curve" in results[r.key] for row in t1 for r in row.runs):
+            report.plot_table1(t1, results, args.docs_dir / f"{prefix}_table1_curves.png")
+        report.plot_lr_grid(sweeps, results, args.docs_dir / f"{prefix}_lr_grid.png")
         mf = next(r for r in t1 if r.label.startswith("(a) MemoryFormer"))
-        report.plot_buckets(
-            results[mf.runs[0].key]["hash"],
-            args.docs_dir / f"{prefix}_buckets.png",
-            f"{mf.label}, seed {mf.runs[0].seed}",
-        )
+        if "histograms" in results[mf.runs[0].key].get("hash", {}):
+            report.plot_buckets(
+                results[mf.runs[0].key]["hash"],
+                args.docs_dir / f"{prefix}_buckets.png",
+                f"{mf.label}, seed {mf.runs[0].seed}",
+            )
     if {"3", "4", "5"} & set(tables):
         report.plot_sweeps(rows, results, args.docs_dir / f"{prefix}_sweeps.png")
         last = max({"3", "4", "5"} & set(tables))  # one figure for the three tables, after the last

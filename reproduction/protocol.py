@@ -5,7 +5,10 @@ that fill it, so a run shared by several tables (the MemoryFormer at lr 3e-3 is 
 3's tau = 8 row, Table 4's 3e-3 row and Table 5's 2-bit row) costs its steps once.
 
 Table 1 has rows whose learning rate is chosen from other runs (each model at the best lr of its sweep): those
-rows are `Pending` until their sweep has finished, then `resolve()` turns them into runs.
+rows are `Pending` until their sweep has finished, then `resolve()` turns them into runs. A `GridSearch` is a
+pending row whose sweep is a grid over `optim.lr` x `optim.block_lr_scale` (Table 1 (d)): while its best
+point sits on the grid's edge it `grow`s the grid one step beyond that edge, and once resolved it can start
+further pending rows from its best point (`follow`: the second width, the embedding-lr probes).
 """
 
 from __future__ import annotations
@@ -42,6 +45,21 @@ class Scale:
     lr_dense_protocol: float = 1e-3  # Pythia-70M's lr, the paper's Table 4 baseline
     lr_mf_ratio: float = 3.0  # the paper: MemoryFormer lr = 3 x the matching Pythia lr
     lrs_table4: tuple[float, ...] = (1e-3, 2e-3, 3e-3, 4e-3)  # the paper's Table 4 grid
+    # Table 1 (d): optim.lr x optim.block_lr_scale for both models, seed 0. Scale 1 is the (b) sweep (its
+    # runs are reused) plus these lrs; the other scales are tried at these lrs. The search grows the grid
+    # by one x3 step past any edge its best point sits on (`d_grow_limit` points at most per model).
+    lrs_grid: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+    block_scales: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
+    d_grow_limit: int = 6
+    # the best pair's embedding_lr_scale probes (seed 0), when affordable; empty: not searched
+    embedding_scales: tuple[float, ...] = (0.3, 3.0)
+    # Table 1 at a second width: the MemoryFormer and its twin, block scale from width 128's best, lr at
+    # the width-128 best times these factors (rounded to one digit), then `seeds_width2` at the best lr
+    width2_n_embd: int = 256
+    width2_n_layer: int = 4
+    width2_num_tables: int = 32  # K = 256 / tau with tau = 8
+    width2_lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)
+    seeds_width2: tuple[int, ...] = (0, 1)
     # The dense model with about the MemoryFormer's parameter count (Table 1's equal-parameter row)
     wide_n_embd: int = 384
     wide_n_layer: int = 4
@@ -76,6 +94,15 @@ SMOKE = Scale(
     lrs_dense=(1e-3,),
     lrs_dense_wide=(1e-3,),
     lrs_table4=(1e-3, 3e-3),
+    lrs_grid=(3e-3,),
+    block_scales=(0.3, 1.0),
+    d_grow_limit=1,
+    embedding_scales=(3.0,),
+    width2_n_embd=64,
+    width2_n_layer=1,
+    width2_num_tables=8,
+    width2_lr_factors=(1.0,),
+    seeds_width2=(0,),
     wide_n_embd=64,
     wide_n_layer=1,
     wide_n_head=2,
@@ -91,11 +118,16 @@ class Run:
     """One `train.py` command: `python train.py <argv>` trains it. `key` names its folder."""
 
     key: str
-    model: str  # mf | dense | dense_wide: the Table 1 model it is a variant of
+    model: str  # mf | dense | dense_wide | mf_w2 | dense_w2: the Table 1 model it is a variant of
     lr: float
     seed: int
     argv: tuple[str, ...]
     memoryformer: bool
+    variant: tuple[tuple[str, str], ...] = ()  # the overrides beyond the model's own, sorted
+
+    def setting(self, key: str, default: float = 1.0) -> float:
+        """The value of the override `key` (e.g. "optim.block_lr_scale"), or `default` when not set."""
+        return float(dict(self.variant).get(key, default))
 
 
 def _lr_tag(lr: float) -> str:
@@ -114,8 +146,13 @@ def _model_args(model: str, scale: Scale) -> list[str]:
             f"model.n_layer={scale.wide_n_layer}",
             f"model.n_head={scale.wide_n_head}",
         ]
+    elif model in ("mf_w2", "dense_w2"):  # Table 1 at the second width: same heads, wider and deeper
+        args += [f"model.n_embd={scale.width2_n_embd}", f"model.n_layer={scale.width2_n_layer}"]
+        args.append(
+            "model.block=pythia" if model == "dense_w2" else f"model.num_tables={scale.width2_num_tables}"
+        )
     elif model != "mf":
-        raise ValueError(f"unknown model {model!r}; use mf, dense or dense_wide.")
+        raise ValueError(f"unknown model {model!r}; use mf, dense, dense_wide, mf_w2 or dense_w2.")
     return args
 
 
@@ -143,7 +180,15 @@ def make_run(model: str, lr: float, seed: int, scale: Scale, variant: dict[str, 
         "trainer.enable_progress_bar=false",
         "print_config=false",
     )
-    return Run(key, model, lr, seed, tuple(argv), memoryformer=model == "mf")
+    return Run(
+        key,
+        model,
+        lr,
+        seed,
+        tuple(argv),
+        memoryformer=model.startswith("mf"),
+        variant=tuple(sorted(variant.items())),
+    )
 
 
 # --------------------------------------------------------------------------- table rows
@@ -167,14 +212,92 @@ class Pending:
     label: str
     model: str
     sweep: list[Run]
-    seeds: tuple[int, ...]
+    seeds: tuple[int, ...]  # empty: a probe that only reports its sweep, with no row
     note: str = ""
+    name: str = ""  # the sweep's name in the report (Plan.sweeps)
+
+    def best(self, val_loss: Callable[[Run], float]) -> Run:
+        """The sweep's run with the lowest final validation loss."""
+        return min(self.sweep, key=val_loss)
+
+    def grow(self, best: Run, scale: Scale) -> list[Run]:
+        """Runs to add to the sweep before resolving (none: the sweep is final)."""
+        return []
+
+    def follow(self, best: Run, scale: Scale) -> list[Pending]:
+        """Pending rows that start once this one resolved, from its best run."""
+        return []
 
     def resolve(self, val_loss: Callable[[Run], float], scale: Scale) -> Row:
-        """The row at the sweep's lowest mean final validation loss (seed 0 of every lr)."""
-        best = min(self.sweep, key=val_loss)
-        runs = [make_run(self.model, best.lr, s, scale) for s in self.seeds]
-        return Row(self.table, f"{self.label} (best lr {best.lr:g})", runs, best.lr, self.note, source=self)
+        """The row at the sweep's lowest final validation loss (seed 0 of every point), at `seeds`."""
+        best = self.best(val_loss)
+        variant = dict(best.variant)
+        runs = [make_run(self.model, best.lr, s, scale, variant) for s in self.seeds]
+        settings = "".join(f", {k.split('.')[-1].replace('_', ' ')} {v}" for k, v in sorted(variant.items()))
+        label = f"{self.label} (best lr {best.lr:g}{settings})"
+        return Row(self.table, label, runs, best.lr, self.note, source=self)
+
+
+def round_lr(lr: float) -> float:
+    """`lr` to one significant digit (1/3 of 1e-2 -> 3e-3), so grid points have distinct run keys."""
+    return float(f"{lr:.0e}")
+
+
+@dataclass
+class GridSearch(Pending):
+    """Table 1 (d): `model` over `optim.lr` x `optim.block_lr_scale` (seed 0), grown past its edges.
+
+    `grow`: while the best point is the largest (smallest) lr tried at its block scale, try lr x 3 (/ 3)
+    there; while it is the largest (smallest) block scale tried at its lr, try scale x 3 (/ 3) there; at most
+    `scale.d_grow_limit` added points. `follow`: the probes of `embedding_lr_scale` at the best pair, and
+    the second width's lr search with the best block scale (its own pending row, 3 lrs around the best).
+    """
+
+    width2: str | None = None  # the model at the second width (mf_w2 / dense_w2), or None
+    grown: int = 0
+
+    def grow(self, best: Run, scale: Scale) -> list[Run]:
+        if self.grown >= scale.d_grow_limit:
+            return []
+        b = best.setting("optim.block_lr_scale")
+        same_scale = [r.lr for r in self.sweep if r.setting("optim.block_lr_scale") == b]
+        same_lr = [r.setting("optim.block_lr_scale") for r in self.sweep if r.lr == best.lr]
+        points = []
+        if len(same_scale) > 1 and best.lr in (min(same_scale), max(same_scale)):
+            points.append((round_lr(best.lr * (3 if best.lr == max(same_scale) else 1 / 3)), b))
+        if len(same_lr) > 1 and b in (min(same_lr), max(same_lr)):
+            points.append((best.lr, round_lr(b * (3 if b == max(same_lr) else 1 / 3))))
+        keys = {r.key for r in self.sweep}
+        new = [_grid_run(self.model, lr, sc, 0, scale) for lr, sc in points]
+        new = [r for r in new if r.key not in keys][: scale.d_grow_limit - self.grown]
+        self.grown += len(new)
+        self.sweep += new
+        return new
+
+    def follow(self, best: Run, scale: Scale) -> list[Pending]:
+        variant = dict(best.variant)
+        out: list[Pending] = []
+        if self.width2:
+            lrs = sorted({round_lr(best.lr * f) for f in scale.width2_lr_factors})
+            sweep = [make_run(self.width2, lr, 0, scale, variant) for lr in lrs]
+            what = "MemoryFormer" if self.width2.startswith("mf") else "dense twin"
+            label = f"(d) width {scale.width2_n_embd}: {what}"
+            out.append(Pending(self.table, label, self.width2, sweep, scale.seeds_width2, name=self.width2))
+        if scale.embedding_scales:
+            probes = [
+                make_run(self.model, best.lr, 0, scale, {**variant, "optim.embedding_lr_scale": f"{e:g}"})
+                for e in scale.embedding_scales
+            ]
+            out.append(
+                Pending(self.table, "", self.model, [best, *probes], (), name=f"{self.name}-embedding")
+            )
+        return out
+
+
+def _grid_run(model: str, lr: float, block_scale: float, seed: int, scale: Scale) -> Run:
+    """`model` at `lr` with `optim.block_lr_scale`; scale 1 adds no override (the (b) sweep's own run)."""
+    variant = {} if block_scale == 1.0 else {"optim.block_lr_scale": f"{block_scale:g}"}
+    return make_run(model, lr, seed, scale, variant)
 
 
 @dataclass
@@ -227,6 +350,23 @@ def table1(scale: Scale, plan: Plan) -> None:
             "1", "(c) dense, about the MemoryFormer's parameters", "dense_wide", plan.sweeps["dense_wide"], s1
         ),
     ]
+    for model, what in (("mf", "MemoryFormer"), ("dense", "dense twin")):
+        grid = _block_scale_grid(model, plan.sweeps[model], scale)
+        plan.sweeps[f"{model}-grid"] = grid
+        label = f"(d) {what}"
+        plan.pending.append(
+            GridSearch("1", label, model, grid, s1, name=f"{model}-grid", width2=f"{model}_w2")
+        )
+
+
+def _block_scale_grid(model: str, lr_sweep: list[Run], scale: Scale) -> list[Run]:
+    """Table 1 (d)'s starting grid: the (b) lr sweep at block scale 1, and `lrs_grid` x `block_scales`."""
+    out = {r.key: r for r in lr_sweep}
+    for b in scale.block_scales:
+        for lr in scale.lrs_grid:
+            run = _grid_run(model, lr, b, 0, scale)
+            out.setdefault(run.key, run)
+    return list(out.values())
 
 
 def _seeds_lrs(model: str, lrs: Iterable[float], scale: Scale) -> list[Run]:

@@ -87,7 +87,12 @@ def verdicts(table: str, rows: list[Row], results: dict[str, dict]) -> list[str]
     s = {r.label: row_stat(r, results) for r in rows}
     out: list[str] = []
     if table == "1":
-        for tag, what in (("(a)", "paper's lr protocol"), ("(b)", "each at its best lr")):
+        for tag, what in (
+            ("(a)", "paper's lr protocol"),
+            ("(b)", "each at its best lr"),
+            ("(d)", "each at its best lr and block lr scale"),
+            ("(d) width 256:", "width 256, each at its best lr (block scale from width 128)"),
+        ):
             mf, dense = _by_label(rows, f"{tag} MemoryFormer"), _by_label(rows, f"{tag} dense")
             if mf and dense:
                 c = compare(s[mf.label], s[dense.label])
@@ -108,6 +113,9 @@ def verdicts(table: str, rows: list[Row], results: dict[str, dict]) -> list[str]
                 + _pair("MemoryFormer", s[mf.label], "the dense model of its size", s[wide.label])
                 + "."
             )
+        gaps = [_gap(rows, s, tag) for tag in ("(d)", "(d) width 256:")]
+        if all(gaps):
+            out.append(width_trend(*gaps))  # type: ignore[arg-type]
     elif table == "2":
         soft = _by_label(rows, "softmax")
         for r in rows:
@@ -152,6 +160,32 @@ def verdicts(table: str, rows: list[Row], results: dict[str, dict]) -> list[str]
     return out
 
 
+def _gap(rows: list[Row], s: dict[str, Stat], tag: str) -> tuple[float, float] | None:
+    """(MemoryFormer - dense twin mean loss, its standard error) of the rows labelled `tag`, if both ran."""
+    mf, dense = _by_label(rows, f"{tag} MemoryFormer"), _by_label(rows, f"{tag} dense")
+    if not (mf and dense):
+        return None
+    a, b = s[mf.label], s[dense.label]
+    return a.mean - b.mean, math.sqrt(a.se() ** 2 + b.se() ** 2)
+
+
+def width_trend(narrow: tuple[float, float], wide: tuple[float, float]) -> str:
+    """Whether the MemoryFormer - dense gap (mean, se) grows, shrinks or flips from width 128 to 256: a
+    change counts when it exceeds 2 standard errors of the difference, a flip when both gaps do."""
+    (g1, se1), (g2, se2) = narrow, wide
+    se = math.sqrt(se1**2 + se2**2)
+    if g1 * g2 < 0 and abs(g1) > 2 * se1 and abs(g2) > 2 * se2:
+        trend = "flips sign"
+    elif abs(g2 - g1) <= 2 * se:
+        trend = "stays the same within the seed spread"
+    else:
+        trend = "grows" if abs(g2) > abs(g1) else "shrinks"
+    return (
+        f"with width: the MemoryFormer - dense gap at each one's best pair is {g1:+.4f} ± {se1:.4f} (se) at "
+        f"width 128 and {g2:+.4f} ± {se2:.4f} at width 256: it {trend}."
+    )
+
+
 # --------------------------------------------------------------------------- JSON
 def json_rows(rows: list[Row], sweeps: dict[str, list], results: dict[str, dict]) -> list[dict[str, Any]]:
     """One entry per (table row, seed), then Table 1's lr sweep runs (row label `lr sweep: ...`)."""
@@ -185,12 +219,17 @@ def json_rows(rows: list[Row], sweeps: dict[str, list], results: dict[str, dict]
             out.append(
                 {
                     "table": "1",
-                    "row": f"lr sweep: {model} lr {run.lr:g}",
+                    "row": f"lr sweep: {model} lr {run.lr:g}{_settings(run)}",
                     "run": run.key,
                     **{k: res[k] for k in keep},
                 }
             )
     return out
+
+
+def _settings(run: Any) -> str:
+    """`, block_lr_scale 0.3` etc.: the run's optimizer overrides beyond the lr (empty for none)."""
+    return "".join(f", {k.split('.')[-1]} {v}" for k, v in run.variant if k.startswith("optim."))
 
 
 def machine() -> dict[str, Any]:
@@ -316,6 +355,10 @@ def markdown(
     return "\n".join(out) + "\n"
 
 
+def _scale(run: Any, group: str) -> float:
+    return float(dict(run.variant).get(f"optim.{group}_lr_scale", 1.0))
+
+
 def table_section(table: str, rows: list[Row], sweeps: dict, results: dict, figures: list[str]) -> list[str]:
     """One table's Markdown: the paper's rows and claim, ours, Table 1's lr sweeps, verdicts, figures."""
     extra = (["heldout"] if table == "1" else []) + ([] if table == "2" else ["hash"])
@@ -338,13 +381,19 @@ def table_section(table: str, rows: list[Row], sweeps: dict, results: dict, figu
     if sweeps:
         out += [
             "",
-            "Learning-rate sweeps (seed 0) that chose the (b) and (c) rows:",
+            "Learning-rate sweeps (seed 0) that chose the (b), (c) and (d) rows (`-grid`: lr x block lr "
+            "scale at width 128; `_w2`: width 256 at the width-128 best block scale; `-embedding`: "
+            "embedding lr scale at the best pair):",
             "",
-            "| model | " + " | ".join(["lr", "final val loss"]) + " |",
-            "|---|---|---|",
+            "| sweep | lr | block lr scale | embedding lr scale | final val loss |",
+            "|---|---|---|---|---|",
         ]
         for model, runs in sweeps.items():
-            out += [f"| {model} | {r.lr:g} | {results[r.key]['val_loss']:.4f} |" for r in runs]
+            for r in sorted(runs, key=lambda r: (_scale(r, "block"), _scale(r, "embedding"), r.lr)):
+                out.append(
+                    f"| {model} | {r.lr:g} | {_scale(r, 'block'):g} | {_scale(r, 'embedding'):g} | "
+                    f"{results[r.key]['val_loss']:.4f} |"
+                )
     out += ["", "**Verdict** (a difference counts when it exceeds 2 standard errors over seeds):", ""]
     out += [f"- {v}" for v in verdicts(table, rows, results)]
     for fig in figures:
@@ -417,6 +466,46 @@ def plot_sweeps(rows: list[Row], results: dict, path: Path) -> None:
         twin.set_ylabel("val PPL (paper, MF-tiny, 8000 steps)", fontsize=8)
         ax.set_title(TITLES[t].split(": ")[1], fontsize=9)
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lr_grid(sweeps: dict[str, list], results: dict, path: Path) -> None:
+    """Table 1 (d): final validation loss (seed 0) against lr, one line per block lr scale, for the
+    MemoryFormer and its dense twin at width 128 (`<model>-grid` sweeps) and at width 256 (`<model>_w2`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        (name, title)
+        for name, title in (
+            ("mf-grid", "MemoryFormer, width 128"),
+            ("dense-grid", "dense twin, width 128"),
+            ("mf_w2", "MemoryFormer, width 256"),
+            ("dense_w2", "dense twin, width 256"),
+        )
+        if sweeps.get(name)
+    ]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.6 * max(len(panels), 1), 3.6), squeeze=False)
+    losses = [results[r.key]["val_loss"] for name, _ in panels for r in sweeps[name]]
+    for ax, (name, title) in zip(axes[0], panels, strict=False):
+        runs = [r for r in sweeps[name] if _scale(r, "embedding") == 1.0]
+        for b in sorted({_scale(r, "block") for r in runs}):
+            pts = sorted((r.lr, results[r.key]["val_loss"]) for r in runs if _scale(r, "block") == b)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"block scale {b:g}")
+        best = min(runs, key=lambda r: results[r.key]["val_loss"])
+        ax.plot([best.lr], [results[best.key]["val_loss"]], "k*", markersize=12, label="best")
+        ax.set_xscale("log")
+        ax.set_xlabel("optim.lr (embeddings, norms)")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(min(losses) - 0.05, min(max(losses), min(losses) + 1.5) + 0.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("final val loss, seed 0 (nats/token)")
+    fig.suptitle("Table 1 (d): loss against lr and block lr scale (blocks train at lr x scale)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,6 +4,10 @@ Each run lives in `<out>/runs/<key>/`: `train.py` writes its Hydra run there (ch
 the exported `model/`), its output goes to `train.log`, and `result.json` is written last, atomically. A run
 with a `result.json` is finished and never rerun; a folder without one is an interrupted run and is trained
 again from scratch (runs are minutes long; restarting keeps every validation curve from one process).
+
+A run that has no folder here but is published in the committed `docs/reproduction.json` with the same
+`train.py` argv is taken from there (`published_results`): its final loss, cost and held-out bits/byte, not
+its validation curve or bucket histograms, so figures that need those keep their committed files.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from reproduction.protocol import Plan, Row, Run, Scale
+from reproduction.protocol import Pending, Plan, Row, Run, Scale
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = "result.json"
@@ -77,6 +81,25 @@ def in_process_executor() -> Executor:
 
 
 # --------------------------------------------------------------------------- measuring one run
+def published_results(path: Path) -> dict[str, dict[str, Any]]:
+    """`{run key: result}` of a `docs/reproduction.json` written by `report.write_json` (empty when absent):
+    the fields it keeps, marked `"published": True`; `Runner` adopts one only if its argv is the run's."""
+    if not path.is_file():
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for row in json.loads(path.read_text())["rows"]:
+        res = out.setdefault(row["run"], {"key": row["run"], "published": True})
+        for k, v in row.items():
+            if k == "heldout_bits_per_byte":
+                res["heldout"] = {"bits_per_byte": v}
+            elif k.startswith(("hash_", "buckets_")):
+                names = {"hash_weight_mean": "weight_mean", "buckets_used_mean": "used_mean"}
+                res.setdefault("hash", {})[names.get(k, "used_min")] = v
+            elif k not in ("table", "row", "run"):
+                res[k] = v
+    return out
+
+
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
     """`(optimizer steps done, val/loss)` pairs of the run's CSV log, in order (`val/at_step`: the logger's
     own `step` column is one less, Lightning's index of the last training batch)."""
@@ -140,6 +163,7 @@ class Runner:
         executor: Executor,
         workers: int = 2,
         log: Callable[[str], None] = print,
+        published: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.out_dir, self.scale, self.executor, self.workers, self.log = (
             out_dir,
@@ -148,6 +172,7 @@ class Runner:
             workers,
             log,
         )
+        self.published = published or {}
         self.results: dict[str, dict[str, Any]] = {}
         self.trained: list[str] = []  # keys trained by this call (not found finished on disk)
         self._lock = threading.Condition()
@@ -159,13 +184,20 @@ class Runner:
         return self.out_dir / "runs" / run.key
 
     def load_finished(self, run: Run) -> dict[str, Any] | None:
+        """The run's `result.json`; else its published result when the argv is identical; else None."""
         f = self.run_dir(run) / RESULT
-        return json.loads(f.read_text()) if f.is_file() else None
+        if f.is_file():
+            return json.loads(f.read_text())
+        if self.run_dir(run).exists():
+            return None  # interrupted here: train it again
+        pub = self.published.get(run.key)
+        return pub if pub is not None and pub.get("argv") == list(run.argv) else None
 
     def execute_plan(self, plan: Plan) -> list[Row]:
         """Every row of `plan` with every run finished (resolving pending rows); raises if a run failed."""
         runs = plan.runs()
         pending = list(plan.pending)
+        self._resolved: list[Pending] = []  # pending rows in the order they resolved
         rows = list(plan.rows)
         self._queue = [r for r in runs if not self._adopt(r)]
         self._total = len(self._queue) + len(self.results)
@@ -181,15 +213,7 @@ class Runner:
             with self._lock:
                 for p in list(pending):
                     if all(r.key in self.results for r in p.sweep):
-                        row = p.resolve(lambda r: self.results[r.key]["val_loss"], self.scale)
-                        rows.append(row)
-                        pending.remove(p)
-                        unseen = [r for r in row.runs if r.key not in self.results and r not in self._queue]
-                        new = [r for r in unseen if not self._adopt(r)]
-                        self._queue += new
-                        self._total += len(unseen)  # adopted ones count as done, as at the start
-                        self.log(f"  {row.label}: its {len(row.runs)} seeds ({len(new)} new runs)")
-                        self._lock.notify_all()
+                        self._settle(p, pending, rows, plan)
                 idle = not self._queue and self._running == 0
                 if idle and (not pending or self._failed):
                     break
@@ -202,7 +226,7 @@ class Runner:
             t.join()
         if self._failed:
             raise RuntimeError("reproduction: these runs failed: " + "; ".join(self._failed))
-        order = {id(p): i for i, p in enumerate(plan.pending)}
+        order = {id(p): i for i, p in enumerate(self._resolved)}
 
         def position(row: Row) -> tuple[str, int]:  # plan order; resolved rows after, in pending order
             if row in plan.rows:
@@ -210,6 +234,38 @@ class Runner:
             return row.table, len(plan.rows) + order[id(row.source)]
 
         return sorted(rows, key=position)
+
+    def _enqueue(self, runs: list[Run]) -> int:
+        """Queue the runs not finished or queued yet; returns how many were queued (lock held)."""
+        unseen = [r for r in runs if r.key not in self.results and r not in self._queue]
+        new = [r for r in unseen if not self._adopt(r)]
+        self._queue += new
+        self._total += len(unseen)  # adopted ones count as done, as at the start
+        self._lock.notify_all()
+        return len(new)
+
+    def _settle(self, p: Pending, pending: list[Pending], rows: list[Row], plan: Plan) -> None:
+        """`p`'s sweep has finished: grow it, or resolve it into its row and start what follows (lock
+        held)."""
+        val_loss = lambda r: self.results[r.key]["val_loss"]  # noqa: E731
+        best = p.best(val_loss)
+        grown = p.grow(best, self.scale)
+        if grown:
+            n = self._enqueue(grown)
+            self.log(f"  {p.label}: best {best.key} on the grid edge: {len(grown)} more points ({n} new)")
+            return
+        pending.remove(p)
+        if p.seeds:
+            row = p.resolve(val_loss, self.scale)
+            rows.append(row)
+            self._resolved.append(p)
+            n = self._enqueue(row.runs)
+            self.log(f"  {row.label}: its {len(row.runs)} seeds ({n} new runs)")
+        for q in p.follow(best, self.scale):
+            pending.append(q)
+            plan.sweeps[q.name] = q.sweep
+            n = self._enqueue(q.sweep)
+            self.log(f"  {q.label or q.name}: from {best.key}, {len(q.sweep)} points ({n} new runs)")
 
     def _adopt(self, run: Run) -> bool:
         """Take a finished run's result from disk; True when there was one."""

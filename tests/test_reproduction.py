@@ -3,6 +3,7 @@ committed `docs/reproduction.json` (every argv composes; the fastest row retrain
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -41,6 +42,66 @@ def test_plan_shares_runs_between_tables_and_keeps_table1_protocol() -> None:
     assert set(dense_a.runs[0].argv) - set(mf_a.runs[0].argv) >= {"model.block=pythia", "optim.lr=0.001"}
     assert {p.model for p in plan.pending} == {"mf", "dense", "dense_wide"}
     assert all(len(s) >= 3 for s in plan.sweeps.values())
+    # Table 1 (d): the grid reuses the (b) sweep at block scale 1, which adds no override to the argv
+    grid = plan.sweeps["mf-grid"]
+    assert {r.key for r in plan.sweeps["mf"]} <= {r.key for r in grid}
+    assert {r.setting("optim.block_lr_scale") for r in grid} == set(scale.block_scales)
+    assert all(("optim.block_lr_scale=1" in r.argv) is False for r in grid)
+
+
+def _fake_loss(run: protocol.Run) -> float:
+    """A bowl in (log lr, log block scale) with its minimum at lr 0.1, block scale 0.03: off the grid."""
+    import math
+
+    b = run.setting("optim.block_lr_scale")
+    return 4 + (math.log10(run.lr) + 1) ** 2 + (math.log10(b) - math.log10(0.03)) ** 2
+
+
+def test_grid_search_grows_past_its_edges_then_follows_with_width2_and_probes() -> None:
+    scale = protocol.Scale()
+    plan = protocol.build_plan(["1"], scale)
+    search = next(p for p in plan.pending if isinstance(p, protocol.GridSearch) and p.model == "mf")
+    start = len(search.sweep)
+    best = search.best(_fake_loss)
+    assert (best.lr, best.setting("optim.block_lr_scale")) == (3e-2, 0.1)  # on two edges of the grid
+    grown = search.grow(best, scale)
+    assert {(r.lr, r.setting("optim.block_lr_scale")) for r in grown} == {(9e-2, 0.1), (3e-2, 0.03)}
+    assert len(search.sweep) == start + 2
+    for _ in range(10):  # walks until the best point is inside, at most d_grow_limit points
+        if not search.grow(search.best(_fake_loss), scale):
+            break
+    assert len(search.sweep) - start <= scale.d_grow_limit
+    best = search.best(_fake_loss)
+    row = search.resolve(_fake_loss, scale)
+    assert [r.seed for r in row.runs] == list(scale.seeds_table1) and row.runs[0].key == best.key
+    width2, probes = search.follow(best, scale)
+    assert width2.model == "mf_w2" and [r.lr for r in width2.sweep] == sorted(
+        protocol.round_lr(best.lr * f) for f in scale.width2_lr_factors
+    )
+    assert all(dict(r.variant) == dict(best.variant) for r in width2.sweep)  # block scale carried over
+    assert "model.n_embd=256" in width2.sweep[0].argv and "model.num_tables=32" in width2.sweep[0].argv
+    assert probes.seeds == () and {r.setting("optim.embedding_lr_scale") for r in probes.sweep} == {
+        1.0,
+        *scale.embedding_scales,
+    }
+
+
+def test_published_results_are_reused_only_for_an_identical_argv(tmp_path: Path) -> None:
+    from reproduction.runner import Runner, published_results
+
+    scale = protocol.Scale()
+    run = protocol.make_run("mf", 3e-3, 0, scale)
+    doc = {"rows": [{"table": "1", "row": "x", "run": run.key, "argv": list(run.argv), "val_loss": 4.2,
+                     "heldout_bits_per_byte": 2.1, "hash_weight_mean": 0.5}]}
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    published = published_results(tmp_path / "r.json")
+    runner = Runner(tmp_path / "out", scale, executor=None, published=published)  # type: ignore[arg-type]
+    got = runner.load_finished(run)
+    assert got["val_loss"] == 4.2 and got["heldout"] == {"bits_per_byte": 2.1} and got["published"]
+    other = protocol.make_run("mf", 3e-3, 0, dataclasses.replace(scale, steps=100))  # same key, new argv
+    assert other.key == run.key and runner.load_finished(other) is None
+    (tmp_path / "out" / "runs" / run.key).mkdir(parents=True)  # interrupted here: retrain, not adopt
+    assert runner.load_finished(run) is None
 
 
 def test_table_selection_is_checked() -> None:
@@ -131,9 +192,7 @@ def test_committed_reproduction_argv_compose_and_fields_are_complete() -> None:
             assert cfg.global_batch_size * cfg.data.seq_len * r["steps"] == r["tokens"]
 
 
-@pytest.mark.slow
-def test_fastest_committed_row_retrains_to_its_stored_loss(tmp_path: Path) -> None:
-    row = min(_committed_rows(), key=lambda r: r["train_seconds"])
+def _retrain(row: dict, tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "train.py", *row["argv"], f"hydra.run.dir={tmp_path / 'run'}", "export_final=false"],
         cwd=ROOT, capture_output=True, text=True, timeout=1200,
@@ -144,3 +203,15 @@ def test_fastest_committed_row_retrains_to_its_stored_loss(tmp_path: Path) -> No
     got = float(losses[-1][1])
     # seeded, but not bit-reproducible on CPU across thread counts (the driver trains with 1 thread)
     assert abs(got - row["val_loss"]) <= 0.03 * row["val_loss"], (got, row["val_loss"])
+
+
+@pytest.mark.slow
+def test_fastest_committed_row_retrains_to_its_stored_loss(tmp_path: Path) -> None:
+    _retrain(min(_committed_rows(), key=lambda r: r["train_seconds"]), tmp_path)
+
+
+@pytest.mark.slow
+def test_cheapest_table1_d_row_retrains_to_its_stored_loss(tmp_path: Path) -> None:
+    rows = [r for r in _committed_rows() if r["row"].startswith("(d)")]
+    assert {"mf", "dense", "mf_w2", "dense_w2"} <= {r["run"].split("-")[0] for r in rows}
+    _retrain(min(rows, key=lambda r: r["flops_per_token"] * 1e3 + r["train_seconds"]), tmp_path)

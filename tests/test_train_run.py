@@ -173,6 +173,9 @@ def test_wandb_offline_writes_the_logged_keys(tmp_path: Path, monkeypatch) -> No
         "train/tokens_per_s",
         "val/loss",
         "buckets/used_min",
+        "lr/blocks",
+        "lr/embeddings",
+        "lr/other",
     ):
         assert key in keys, (key, sorted(keys)[:20])
 

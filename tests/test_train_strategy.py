@@ -112,8 +112,8 @@ DS_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     model = build_model("nano", n_layer=1, block_size=32)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimConfig(lr=1e-3)),
-                                      config=config)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, block_lr_scale=0.5))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     x = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(1))
     losses = []
     for _ in range(2):
@@ -122,8 +122,9 @@ DS_SCRIPT = textwrap.dedent(
         engine.step()
         losses.append(loss.item())
     changed = sum(not torch.equal(before[k], v) for k, v in engine.module.state_dict().items())
+    groups = {g["name"]: [g["lr_group"], g["lr"]] for g in engine.optimizer.param_groups}
     print(json.dumps({"losses": losses, "changed": changed, "optimizer": type(engine.optimizer).__name__,
-                      "stage": engine.zero_optimization_stage()}))
+                      "stage": engine.zero_optimization_stage(), "groups": groups}))
     """
 )
 
@@ -158,5 +159,9 @@ def test_deepspeed_zero2_trains_our_model_on_cpu(tmp_path: Path) -> None:
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["stage"] == 2 and out["optimizer"] == "DeepSpeedZeroOptimizer"
     assert out["changed"] > 0
+    # the per-group lrs survive ZeRO's wrapping (nano's blocks hold only Memory Layer tables)
+    groups = out["groups"]
+    assert set(groups) == {"tables", "embeddings", "other"} and groups["tables"][0] == "blocks"
+    assert groups["tables"][1] == pytest.approx(0.5 * groups["embeddings"][1])
     # same batch twice: a working optimizer step lowers the loss (nano starts near ln(4096) = 8.32)
     assert abs(out["losses"][0] - 8.32) < 0.3 and out["losses"][1] < out["losses"][0]

@@ -45,8 +45,9 @@ HF_FIELDS = {
     "layer_norm_eps": "layer_norm_eps",
 }
 #: Fields that do not change the function the model computes: kept as metadata or dropped.
-#: `memory_impl` picks a compute path of the same lookup; the modeling file has its own torch path.
-NON_ARCHITECTURAL = {"name": "memoryformer_name", "memory_impl": None}
+#: `memory_impl` picks a compute path of the same lookup; the modeling file has its own torch path;
+#: `table_init_std` only sets the initialisation, which the exported weights already hold.
+NON_ARCHITECTURAL = {"name": "memoryformer_name", "memory_impl": None, "table_init_std": None}
 
 
 def check_exportable(config: ModelConfig) -> None:

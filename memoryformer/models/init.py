@@ -4,7 +4,8 @@
   Pythia's fused QKV and every MLP input layer.
 - `wang_init`, N(0, 2 / (n_layer * sqrt(d))): layers that write into the residual stream through a dense
   output (Pythia's attention `dense`, every MLP's `fc_out`). MemoryFormer has no such layer by default.
-- Memory Block tables keep the Memory Layer's own N(0, 0.02); every Memory Layer bias is 0.001 * N(0, 1).
+- Memory Block tables: N(0, `model.table_init_std`^2) (default 0.02, the released code's); every Memory Layer
+  bias is 0.001 * N(0, 1).
 - Linear biases 0; norm scales 1 and norm biases 0.
 """
 
@@ -17,7 +18,7 @@ from torch import nn
 from memoryformer.config import ModelConfig
 from memoryformer.models.attention import MemoryFormerAttention, NeoXAttention
 from memoryformer.models.blocks import MLP, MemoryBlock
-from memoryformer.nn.memory_layer import TABLE_INIT_STD, MemoryLayer
+from memoryformer.nn.memory_layer import MemoryLayer
 from memoryformer.nn.norms import RMSNorm
 
 
@@ -59,8 +60,8 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
             _init_projection(module.query_key_value, small)
             _init_projection(module.dense, wang)
         elif isinstance(module, MemoryBlock):
-            _init_projection(module.layer1, TABLE_INIT_STD)
-            _init_projection(module.layer2, TABLE_INIT_STD)
+            _init_projection(module.layer1, config.table_init_std)
+            _init_projection(module.layer2, config.table_init_std)
         elif isinstance(module, MLP):
             _init_projection(module.fc_in, small)
             _init_projection(module.fc_out, wang)

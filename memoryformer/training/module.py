@@ -19,7 +19,7 @@ from memoryformer.conf_schema import OptimConfig
 from memoryformer.config import ModelConfig
 from memoryformer.errors import NonFiniteLossError  # the one NonFiniteLossError, also importable from here
 from memoryformer.models import LanguageModel
-from memoryformer.training.optim import build_optimizer, build_scheduler
+from memoryformer.training.optim import build_optimizer, build_scheduler, group_lrs
 from memoryformer.training.parallelize import apply_activation_checkpointing, apply_compile
 
 
@@ -69,7 +69,7 @@ class LMTrainingModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model_config = ModelConfig.from_dict(dict(model))
-        self.optim_config = OptimConfig(**dict(optim))
+        self.optim_config = OptimConfig.from_dict(dict(optim), saved=True)
         self.optim_config.validate()  # build_optimizer / build_scheduler rely on a known name and schedule
         self.model = LanguageModel(self.model_config)
         if activation_checkpointing:
@@ -141,7 +141,15 @@ class LMTrainingModule(L.LightningModule):
                     f"check the data."
                 )
             self.log("train/grad_norm", norm, on_step=True)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
+        self.log_learning_rates(optimizer)
+
+    def log_learning_rates(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log `lr/blocks`, `lr/embeddings`, `lr/other` (each lr group's lr for this optimizer step) and
+        `train/lr`, the schedule's lr (`optim.lr` times the warmup/decay multiplier: the `other` group's)."""
+        lrs = group_lrs(optimizer)
+        for name, lr in lrs.items():
+            self.log(f"lr/{name}", lr, on_step=True)
+        self.log("train/lr", lrs.get("other", optimizer.param_groups[0]["lr"]), on_step=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW + per-step LambdaLR schedule (`memoryformer.training.optim`)."""

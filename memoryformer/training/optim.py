@@ -1,11 +1,19 @@
 """Optimizer and learning-rate schedule of the paper's recipe (Pythia's; paper §3, docs/paper-notes.md §4).
 
 AdamW with betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on weight matrices only (never on biases or norm
-gains, i.e. parameters with fewer than 2 dims); the Memory Layer tables are decayed like weights unless
-`decay_tables` is false (the released code decays them). The schedule is GPT-NeoX's: linear warmup over
-`warmup_ratio` of the decay horizon, then cosine decay from `lr` to `lr * min_lr_ratio` at the horizon
-`decay_steps` (None: `max_steps`, GPT-NeoX's unset lr-decay-iters), then flat at the min lr. A horizon longer
-than the run (e.g. an 8000-step run with `decay_steps=106418`) trains the first steps of the longer schedule.
+gains, i.e. parameters with fewer than 2 dims); the Memory Layer tables are decayed with
+`table_weight_decay` (None: `weight_decay`, as the released code does). The schedule is GPT-NeoX's: linear
+warmup over `warmup_ratio` of the decay horizon, then cosine decay from `lr` to `lr * min_lr_ratio` at the
+horizon `decay_steps` (None: `max_steps`, GPT-NeoX's unset lr-decay-iters), then flat at the min lr. A
+horizon longer than the run (e.g. an 8000-step run with `decay_steps=106418`) trains the first steps of the
+longer schedule.
+
+Per-group learning rates (`OptimConfig.block_lr_scale`, `embedding_lr_scale`): every parameter belongs to
+one of three lr groups named by what it is, `blocks` (weight matrices and Memory Layer tables of the
+transformer blocks), `embeddings` (token embedding and LM head) and `other` (norms and biases). A group's lr
+is `optim.lr` times its scale (`block_lr_scale`, `embedding_lr_scale`, 1 for `other`), set as the torch
+group's own `lr`; the one `LambdaLR` multiplier then scales every group's initial lr, so all follow the same
+warmup and decay and keep their ratios at every step.
 """
 
 from __future__ import annotations
@@ -20,18 +28,47 @@ from torch import nn
 from memoryformer.config import ConfigError
 from memoryformer.nn.memory_layer import MemoryLayer
 
+#: the lr groups, logged as `lr/<name>` every optimizer step
+LR_GROUPS = ("blocks", "embeddings", "other")
+
+
+def _embedding_ids(model: nn.Module) -> set[int]:
+    """ids of the token-embedding and LM-head weights: every `nn.Embedding`'s weight and `model.lm_head`'s
+    parameters (one id when the two are tied)."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Module):
+        ids |= {id(p) for p in head.parameters() if p.ndim >= 2}
+    return ids
+
 
 def parameter_groups(
-    model: nn.Module, weight_decay: float, decay_tables: bool = True
+    model: nn.Module,
+    weight_decay: float,
+    table_weight_decay: float | None = None,
+    lr: float = 1.0,
+    block_lr_scale: float = 1.0,
+    embedding_lr_scale: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """Split trainable parameters into `decay` (2-D+ weights), `tables` and `no_decay` (biases, norms).
+    """Split trainable parameters into torch optimizer groups by what they are.
 
-    Returns torch optimizer groups `{"params", "weight_decay", "name"}`; empty groups are dropped.
+    - `blocks`: weight matrices (2-D+) of the transformer blocks and of anything else that is not an
+      embedding, decay `weight_decay`, lr `lr * block_lr_scale`;
+    - `tables`: Memory Layer tables (found as `MemoryLayer.tables` of every `MemoryLayer` submodule), decay
+      `table_weight_decay` (None: `weight_decay`), lr `lr * block_lr_scale` (they are the blocks' weights);
+    - `embeddings`: token embedding and LM head (`nn.Embedding` weights and `model.lm_head`), decay
+      `weight_decay`, lr `lr * embedding_lr_scale`;
+    - `other`: biases and norm gains (fewer than 2 dims), decay 0, lr `lr`.
+
+    Returns dicts `{"params", "weight_decay", "lr", "name", "lr_group"}` (`lr_group` is one of `LR_GROUPS`:
+    `tables` belong to `blocks`); empty groups are dropped, a parameter shared by two modules (tied
+    weights) is listed once. The dicts are plain torch param groups, so any optimizer accepts them.
     """
     table_ids = {
         id(m.tables) for m in model.modules() if isinstance(m, MemoryLayer) and m.tables.requires_grad
     }
-    groups: dict[str, list[nn.Parameter]] = {"decay": [], "tables": [], "no_decay": []}
+    embedding_ids = _embedding_ids(model)
+    groups: dict[str, list[nn.Parameter]] = {"blocks": [], "tables": [], "embeddings": [], "other": []}
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -39,22 +76,52 @@ def parameter_groups(
         seen.add(id(p))
         if id(p) in table_ids:
             groups["tables"].append(p)
+        elif id(p) in embedding_ids:
+            groups["embeddings"].append(p)
         elif p.ndim >= 2:
-            groups["decay"].append(p)
+            groups["blocks"].append(p)
         else:
-            groups["no_decay"].append(p)
-    decays = {"decay": weight_decay, "tables": weight_decay if decay_tables else 0.0, "no_decay": 0.0}
+            groups["other"].append(p)
+    table_decay = weight_decay if table_weight_decay is None else table_weight_decay
+    settings = {  # name: (weight decay, lr, lr group)
+        "blocks": (weight_decay, lr * block_lr_scale, "blocks"),
+        "tables": (table_decay, lr * block_lr_scale, "blocks"),
+        "embeddings": (weight_decay, lr * embedding_lr_scale, "embeddings"),
+        "other": (0.0, lr, "other"),
+    }
     return [
-        {"params": params, "weight_decay": decays[name], "name": name}
+        {
+            "params": params,
+            "weight_decay": settings[name][0],
+            "lr": settings[name][1],
+            "name": name,
+            "lr_group": settings[name][2],
+        }
         for name, params in groups.items()
         if params
     ]
 
 
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """`{"blocks": lr, "embeddings": lr, "other": lr}`: the current lr of each lr group present in
+    `optimizer` (groups built by `parameter_groups`; a group without `lr_group` counts as `other`)."""
+    out: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        out.setdefault(group.get("lr_group", "other"), float(group["lr"]))
+    return out
+
+
 def build_optimizer(model: nn.Module, optim: Any) -> torch.optim.Optimizer:
-    """The optimizer `optim.name` over `parameter_groups(model, ...)` with lr, betas and eps from `optim`
-    (an `OptimConfig` that passed `validate`, which checks the name)."""
-    groups = parameter_groups(model, optim.weight_decay, optim.decay_tables)
+    """The optimizer `optim.name` over `parameter_groups(model, ...)` with per-group lr, betas and eps from
+    `optim` (an `OptimConfig` that passed `validate`, which checks the name)."""
+    groups = parameter_groups(
+        model,
+        optim.weight_decay,
+        optim.table_weight_decay,
+        lr=optim.lr,
+        block_lr_scale=optim.block_lr_scale,
+        embedding_lr_scale=optim.embedding_lr_scale,
+    )
     # The fused step matters for MemoryFormer: its hundreds of millions of table entries make the
     # optimizer step about half of a training step with the per-tensor loop (docs/benchmarks.md).
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=bool(optim.fused))

@@ -102,7 +102,7 @@ def check_config(cfg: DictConfig) -> RunPlan:
     """Validate the composed config and derive the batch arithmetic and step budget (see `RunPlan`)."""
     model = ModelConfig.from_dict(to_plain(cfg.model))
     data = DataConfig(**to_plain(cfg.data))
-    optim = OptimConfig(**to_plain(cfg.optim))
+    optim = OptimConfig.from_dict(to_plain(cfg.optim))
     trainer_cfg = to_plain(cfg.trainer)
     if data.seq_len > model.block_size:
         raise ConfigError(
