@@ -97,8 +97,9 @@ class OptimConfig:
 class TrainConfig:
     """The root of `train.py`'s config: groups plus the run-level keys that tie them together.
 
-    Batch arithmetic: `global_batch_size` sequences per optimizer step =
-    micro batch x `trainer.accumulate_grad_batches` x devices x `trainer.num_nodes`.
+    Batch arithmetic (docs/memory-plan.md): `global_batch_size` sequences per optimizer step =
+    `micro_batch_size` x accumulation x devices x `trainer.num_nodes`. The micro-batch is the knob and the
+    accumulation is derived; a stated `trainer.accumulate_grad_batches` must agree with it.
 
     The run-level defaults below are the only ones: `conf/config.yaml` picks the groups and states no
     values, and `conf/experiment/*.yaml` state only what they change (tests/test_config_train.py checks
@@ -116,6 +117,10 @@ class TrainConfig:
     name: str = "run"  # run name: outputs/<name>/<time>/ and the logger run name
     seed: int = 1234
     global_batch_size: int = 16  # sequences per optimizer step = micro x accumulate x devices x nodes
+    # sequences per device per forward: an int >= 1; "auto": the largest that the memory plan fits into the
+    # device (10% headroom); None: the device's whole share of the global batch (accumulate 1, or
+    # global_batch_size / (devices x nodes x trainer.accumulate_grad_batches) when that is stated)
+    micro_batch_size: Any = None
     max_tokens: int | None = None  # token budget; when set it decides trainer.max_steps
     val_every_n_steps: int | None = None  # optimizer steps between validations (None: Lightning's per-epoch)
     validate_at_start: bool = False  # log val/loss of the untrained model at step 0 (fresh runs only)
@@ -137,6 +142,8 @@ class TrainConfig:
     export_final: bool = True  # export the final model to <output_dir>/model for evaluate.py
     print_config: bool = True  # print the composed config at start
     validate_only: bool = False  # build and check everything, then exit without training (tests, dry runs)
+    dry_run: bool = False  # check the config, print the memory plan, write plan.json; no data, no device
+    device_memory_gb: float | None = None  # plan for a device of this many GB (1e9 bytes); None: this one's
 
 
 def register_configs() -> None:

@@ -126,6 +126,42 @@ def case_output_dir_not_writable(tmp: Path):
     return [f"paths.output_dir={blocker / 'out'}"], [str(blocker / "out"), "paths.output_dir"], [blocker]
 
 
+def case_micro_batch_zero(tmp: Path):
+    return ["micro_batch_size=0"], ["micro_batch_size=0", "micro_batch_size=1 or more"], []
+
+
+def case_global_batch_not_divisible(tmp: Path):
+    # smoke: 4 sequences per step on one device
+    return ["micro_batch_size=3"], ["global_batch_size=4", "micro_batch_size", "divides 4"], []
+
+
+def case_stated_accumulation_disagrees(tmp: Path):
+    overrides = ["micro_batch_size=2", "trainer.accumulate_grad_batches=1"]
+    return overrides, ["trainer.accumulate_grad_batches=1", "= 2", "micro_batch_size=4"], []
+
+
+def case_plan_larger_than_the_device(tmp: Path):
+    from memoryformer.training.memory_plan import Layout, plan_memory
+
+    # smoke's model (conf/experiment/smoke.yaml) at 64 sequences of 64 tokens: the logits dominate
+    smoke = ModelConfig.from_name("nano", n_layer=1, block_size=64)
+    layout = Layout(device="cpu")
+    whole = plan_memory(smoke, 64, 64, layout, accumulate=1).peak_bytes
+    half = plan_memory(smoke, 64, 32, layout, accumulate=2).peak_bytes
+    device_gb = (whole + half) / 2 / 1e9  # micro-batch 32 fits, 64 does not
+    overrides = ["data.seq_len=64", "global_batch_size=64", f"device_memory_gb={device_gb:.9f}"]
+    return overrides, ["micro_batch_size=64", "micro_batch_size=32 (the largest that fits)",
+                       "activation_checkpointing=true"], []
+
+
+def case_negative_device_memory(tmp: Path):
+    return ["device_memory_gb=-1"], ["device_memory_gb=-1", "device_memory_gb=80"], []
+
+
+def case_fp16_on_cpu(tmp: Path):
+    return ["trainer.precision=16-mixed"], ["trainer.precision=16-mixed", "bf16-mixed"], []
+
+
 SLOW = pytest.mark.slow
 AS_ROOT = pytest.mark.skipif(
     hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads a chmod 000 file anyway"
@@ -145,6 +181,12 @@ CASES = [
     pytest.param(case_unknown_experiment, id="unknown-experiment"),
     pytest.param(case_run_dir_not_writable, id="run-dir-not-writable"),
     pytest.param(case_output_dir_not_writable, marks=SLOW, id="output-dir-not-writable"),
+    pytest.param(case_micro_batch_zero, id="micro-batch-zero"),
+    pytest.param(case_global_batch_not_divisible, id="global-batch-not-divisible"),
+    pytest.param(case_stated_accumulation_disagrees, id="stated-accumulation-disagrees"),
+    pytest.param(case_plan_larger_than_the_device, id="plan-larger-than-the-device"),
+    pytest.param(case_negative_device_memory, id="negative-device-memory"),
+    pytest.param(case_fp16_on_cpu, id="fp16-on-cpu"),
 ]
 
 
@@ -179,6 +221,7 @@ def test_bad_input_fails_with_one_sentence(make_case: Callable, tmp_path: Path) 
         assert needle in message, (needle, message)
     for path, digest in before.items():
         assert path.is_file() and _digest(path) == digest, f"{path} changed or vanished"
+    assert not list(tmp_path.rglob("plan.json")), "a refused run wrote its plan"
 
 
 def test_worker_wrapped_error_is_reported_as_its_own_sentence() -> None:

@@ -12,8 +12,11 @@ Every field is a primitive, list or Optional, so OmegaConf can use the class as 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from memoryformer.config import EOS_TOKEN, ConfigError, check_choice
@@ -21,6 +24,19 @@ from memoryformer.config import EOS_TOKEN, ConfigError, check_choice
 SOURCES = ("sample", "indexed", "files", "hf")
 INDEX_MAPPINGS = ("gpt_neox", "preshuffled")
 BAD_LINE_POLICIES = ("skip", "fail")
+#: False inside `files_unchecked()`: configs are checked without looking for their files (a dry run).
+_CHECK_FILES: ContextVar[bool] = ContextVar("check_data_files", default=True)
+
+
+@contextlib.contextmanager
+def files_unchecked() -> Iterator[None]:
+    """Build `DataConfig`s whose values are checked but whose files are not looked for (`dry_run=true`
+    plans a run for a cluster whose data this machine does not have)."""
+    token = _CHECK_FILES.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_FILES.reset(token)
 
 
 @dataclass
@@ -73,10 +89,11 @@ class DataConfig:
     val_samples: int = 256  # validation samples per evaluation (all ranks together)
 
     def __post_init__(self) -> None:
-        self.validate()
+        self.validate(check_files=_CHECK_FILES.get())
 
-    def validate(self) -> None:
-        """Raise `ConfigError` naming the key and the fix for any value that cannot work."""
+    def validate(self, check_files: bool = True) -> None:
+        """Raise `ConfigError` naming the key and the fix for any value that cannot work; `check_files`
+        also requires the data files and the tokenizer to exist."""
         check_choice("data.source", self.source, SOURCES)
         check_choice("data.index_mapping", self.index_mapping, INDEX_MAPPINGS)
         check_choice("data.on_bad_line", self.on_bad_line, BAD_LINE_POLICIES)
@@ -96,11 +113,11 @@ class DataConfig:
                 f"(byte-level BPE starts from 256 bytes)."
             )
         if self.source == "indexed":
-            self._validate_indexed()
+            self._validate_indexed(check_files)
         if self.source == "files":
             if not self.files:
                 raise ConfigError("data.files is empty; give at least one glob of jsonl/parquet/txt files.")
-            for key in ("files", "val_files"):
+            for key in ("files", "val_files") if check_files else ():
                 for i, pattern in enumerate(getattr(self, key)):
                     if not glob.glob(os.path.expanduser(pattern)):
                         raise ConfigError(
@@ -115,17 +132,17 @@ class DataConfig:
             raise ConfigError(
                 "data.hf_name is required for data.source=hf; give a hub name or a local folder."
             )
-        if self.tokenizer and not os.path.exists(os.path.expanduser(self.tokenizer)):
+        if check_files and self.tokenizer and not os.path.exists(os.path.expanduser(self.tokenizer)):
             raise ConfigError(
                 f"data.tokenizer={self.tokenizer!r} does not exist; give a tokenizer.json path."
             )
 
-    def _validate_indexed(self) -> None:
+    def _validate_indexed(self, check_files: bool) -> None:
         if not self.paths:
             raise ConfigError(
                 "data.paths is empty; give at least one .bin/.idx prefix for data.source=indexed."
             )
-        for key in ("paths", "val_paths"):
+        for key in ("paths", "val_paths") if check_files else ():
             for i, prefix in enumerate(getattr(self, key)):
                 prefix = strip_extension(os.path.expanduser(prefix))
                 for ext in (".idx", ".bin"):

@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from memoryformer.atomic_io import atomic_write_text
 from memoryformer.conf_schema import OptimConfig
 from memoryformer.config import ConfigError, ModelConfig, to_plain
-from memoryformer.data.config import DataConfig
+from memoryformer.data.config import DataConfig, files_unchecked
+from memoryformer.training import memory_plan
+from memoryformer.training.batch_plan import check_micro_batch_spec, device_memory, resolve_batch
 from memoryformer.training.callbacks import TokenThroughputMonitor
 from memoryformer.training.checkpoint_io import SafeCheckpointIO
 from memoryformer.training.fingerprint import fingerprint_record
@@ -51,6 +53,7 @@ class RunPlan:
     micro_batch_size: int
     max_steps: int
     tokens_per_step: int
+    memory: dict[str, Any] | None = None  # the memory plan as plan.json stores it (`plan_run_memory`)
 
 
 def world_size(trainer_cfg: dict[str, Any]) -> int:
@@ -101,7 +104,11 @@ def check_loggers(logger_cfg: dict[str, Any] | None) -> None:
 def check_config(cfg: DictConfig) -> RunPlan:
     """Validate the composed config and derive the batch arithmetic and step budget (see `RunPlan`)."""
     model = ModelConfig.from_dict(to_plain(cfg.model))
-    data = DataConfig(**to_plain(cfg.data))
+    if cfg.get("dry_run"):
+        with files_unchecked():  # a dry run plans for data this machine may not have
+            data = DataConfig(**to_plain(cfg.data))
+    else:
+        data = DataConfig(**to_plain(cfg.data))
     optim = OptimConfig.from_dict(to_plain(cfg.optim))
     trainer_cfg = to_plain(cfg.trainer)
     if data.seq_len > model.block_size:
@@ -111,15 +118,7 @@ def check_config(cfg: DictConfig) -> RunPlan:
         )
     optim.validate()
     world = world_size(trainer_cfg)
-    accumulate = int(trainer_cfg.get("accumulate_grad_batches", 1) or 1)
-    per_step = world * accumulate
     gbs = int(cfg.global_batch_size)
-    if gbs <= 0 or gbs % per_step:
-        raise ConfigError(
-            f"global_batch_size={gbs} is not divisible by devices x num_nodes x "
-            f"trainer.accumulate_grad_batches = {world} x {accumulate} = {per_step}; "
-            f"pick a global_batch_size that is a multiple of {per_step}."
-        )
     tokens_per_step = gbs * data.seq_len
     max_steps = trainer_cfg.get("max_steps", -1)
     max_steps = -1 if max_steps is None else int(max_steps)
@@ -143,7 +142,38 @@ def check_config(cfg: DictConfig) -> RunPlan:
             f"ckpt_path={ckpt!r} does not exist; give a .ckpt file, ckpt_path=last, ckpt_path=auto or "
             f"leave it null."
         )
-    return RunPlan(model, data, optim, world, accumulate, gbs // per_step, max_steps, tokens_per_step)
+    micro, accumulate, memory = plan_run_memory(cfg, model, data, optim, trainer_cfg, world)
+    return RunPlan(model, data, optim, world, accumulate, micro, max_steps, tokens_per_step, memory)
+
+
+def plan_run_memory(
+    cfg: DictConfig,
+    model: ModelConfig,
+    data: DataConfig,
+    optim: OptimConfig,
+    trainer_cfg: dict[str, Any],
+    world: int,
+) -> tuple[int, int, dict[str, Any]]:
+    """(micro_batch_size, accumulate, plan.json's dict): the batch arithmetic checked against the memory
+    plan of the device (`memoryformer.training.batch_plan`, `memoryformer.training.memory_plan`)."""
+    spec = check_micro_batch_spec(cfg.get("micro_batch_size"))
+    nodes = int(trainer_cfg.get("num_nodes", 1) or 1)
+    stated = trainer_cfg.get("accumulate_grad_batches")
+    stated = None if stated is None else int(stated)
+    memory = device_memory(cfg.get("device_memory_gb"), trainer_cfg, world // nodes)
+    layout = memory_plan.layout_from_trainer(trainer_cfg, world, fused_optimizer=bool(optim.fused))
+    checkpointing = bool(cfg.activation_checkpointing)
+    every = max(1, int(cfg.activation_checkpointing_every))
+
+    def plan_for(micro: int, accumulate: int) -> memory_plan.MemoryPlan:
+        return memory_plan.plan_memory(
+            model, data.seq_len, micro, layout, checkpointing, every, accumulate=accumulate
+        )
+
+    micro, accumulate = resolve_batch(spec, int(cfg.global_batch_size), world, stated, memory, plan_for)
+    summary = memory_plan.plan_summary(plan_for(micro, accumulate), accumulate, memory.bytes, memory.source)
+    summary.update(devices=world // nodes, num_nodes=nodes)
+    return micro, accumulate, summary
 
 
 def check_writable_dir(path: Path, key: str) -> None:
@@ -196,6 +226,7 @@ def trainer_kwargs(cfg: DictConfig, plan: RunPlan) -> dict[str, Any]:
     """Keyword arguments of `L.Trainer` from `cfg.trainer` plus what the run-level keys imply."""
     kwargs = dict(to_plain(cfg.trainer))
     kwargs["max_steps"] = plan.max_steps
+    kwargs["accumulate_grad_batches"] = plan.accumulate  # derived (batch_plan); a stated value agreed
     kwargs["strategy"] = build_strategy(kwargs.get("strategy"), kwargs.get("precision"))
     kwargs.setdefault("gradient_clip_val", plan.optim.grad_clip or None)
     if cfg.val_every_n_steps:
@@ -266,6 +297,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_writable_dir(output_dir, "paths.output_dir")
     if cfg.print_config:
         rank_zero_info(OmegaConf.to_yaml(cfg, resolve=True))
+    report_plan(plan, output_dir)
+    if cfg.get("dry_run"):
+        return {"output_dir": str(output_dir), "plan": plan.memory, "dry_run": True}
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     from memoryformer.data.datamodule import LMDataModule
@@ -293,6 +327,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with run_lock(output_dir, enabled=is_launching_process()):
         _fit(cfg, plan, trainer, module, datamodule, summary)
     return summary
+
+
+def report_plan(plan: RunPlan, output_dir: Path) -> None:
+    """Print the memory plan and write it to `<output_dir>/plan.json` (launching process only)."""
+    if plan.memory is None:
+        return
+    rank_zero_info(memory_plan.format_plan(plan.memory))
+    if is_launching_process():
+        atomic_write_text(output_dir / "plan.json", memory_plan.dumps(plan.memory))
 
 
 def _fit(cfg: DictConfig, plan: RunPlan, trainer: L.Trainer, module, datamodule, summary: dict) -> None:
