@@ -35,6 +35,17 @@ GIGA = 1e9
 MEGA = 1e6
 FP16_BYTES = 2
 
+#: Dense bf16/fp16 peak per device in TFLOP/s (two FLOPs per multiply-add, no sparsity) from the vendors'
+#: datasheets, keyed by a part of the name `torch.cuda.get_device_name` reports; for MFU and estimates.
+PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H200": 989.0, "H100 PCIe": 756.0,
+                    "A100": 312.0}
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """Datasheet dense bf16 peak of the device whose name contains a key of `PEAK_BF16_TFLOPS` (None: not
+    listed)."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
+
 @dataclass
 class BlockCost:
     """Multiply-adds of one block at sequence length `seq_len` (one multiply-add = one FLOP).
