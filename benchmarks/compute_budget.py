@@ -39,7 +39,7 @@ for _p in (str(HERE), str(ROOT)):  # run as `python benchmarks/compute_budget.py
         sys.path.insert(0, _p)
 
 from memoryformer.config import PAPER_MODELS, PAPER_ROWS, ConfigError  # noqa: E402
-from memoryformer.flops import FLOPS_PER_MAC  # noqa: E402
+from memoryformer.flops import FLOPS_PER_MAC, PEAK_BF16_TFLOPS  # noqa: E402
 
 CONF_DIR = ROOT / "conf"
 MEASUREMENTS = ROOT / "docs" / "throughput.json"
@@ -68,10 +68,6 @@ ADAMW_BYTES_PER_PARAM = 28
 TABLE_BYTES = 2
 
 
-#: Dense bf16/fp16 peak per device in TFLOP/s (two FLOPs per multiply-add, no sparsity) from the vendors'
-#: datasheets, keyed by a part of the name `torch.cuda.get_device_name` reports; for MFU and estimates.
-PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H200": 989.0, "H100 PCIe": 756.0,
-                    "A100": 312.0}
 
 
 @dataclass(frozen=True)

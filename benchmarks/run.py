@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import platform
+import re
 import sys
 import time
 import traceback
@@ -63,6 +64,12 @@ NOTES = """## How to read these numbers
 - **Noise.** On a shared machine, OpenMP parallel regions wait for descheduled threads; when the load
   average exceeds the core count, run with `--threads 1` for stable ratios.
 """
+
+
+def kept_sections(text: str) -> list[str]:
+    """The `<!-- keep:NAME -->` ... `<!-- /keep:NAME -->` blocks of an earlier report: sections written by
+    other scripts (e.g. `compare_train_step.py`), which a rewrite of the file carries over unchanged."""
+    return [m.group(0) for m in re.finditer(r"<!-- keep:([\w-]+) -->.*?<!-- /keep:\1 -->\n?", text, re.S)]
 
 
 def discover() -> list[str]:
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"[bench] {name} done in {time.perf_counter() - start:.1f} s", flush=True)
         sections.append(text.rstrip() + "\n")
+    if args.out.exists():
+        sections += kept_sections(args.out.read_text())
     sections.append(NOTES)
     report = "\n".join(sections)
     args.out.parent.mkdir(parents=True, exist_ok=True)

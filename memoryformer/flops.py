@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from memoryformer.config import ModelConfig
+from memoryformer.models.attention import QKV_PARTS
 from memoryformer.nn.memory_layer import MemoryLayer
 
 #: FLOPs per multiply-add in the usual MFU convention (TFLOP/s, MFU, GPU datasheet peaks); this module's own
@@ -33,6 +34,17 @@ FLOPS_PER_MAC = 2
 GIGA = 1e9
 MEGA = 1e6
 FP16_BYTES = 2
+
+#: Dense bf16/fp16 peak per device in TFLOP/s (two FLOPs per multiply-add, no sparsity) from the vendors'
+#: datasheets, keyed by a part of the name `torch.cuda.get_device_name` reports; for MFU and estimates.
+PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H200": 989.0, "H100 PCIe": 756.0,
+                    "A100": 312.0}
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """Datasheet dense bf16 peak of the device whose name contains a key of `PEAK_BF16_TFLOPS` (None: not
+    listed)."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
 
 @dataclass
 class BlockCost:
@@ -161,9 +173,12 @@ def model_cost(config: ModelConfig | str, seq_len: int = 2048) -> ModelCost:
     ) + _lm_head_params(model)
     first = model.blocks[0]
     attn = getattr(first, "attn", first)
-    qkv_layers = [m for m in attn.modules() if isinstance(m, MemoryLayer)]
-    qkv_mb = qkv_layers[0].storage_bytes_fp16 / MEGA if qkv_layers else 0.0
-    qkv_flops = seq_len * qkv_layers[0].num_tables * qkv_layers[0].out_features if qkv_layers else 0
+    qkv = getattr(attn, "qkv", None)
+    if isinstance(qkv, MemoryLayer):  # Q, K and V side by side in one layer: Memory Layer Q is a third
+        qkv_mb = qkv.storage_bytes_fp16 / QKV_PARTS / MEGA
+        qkv_flops = seq_len * qkv.num_tables * (qkv.out_features // QKV_PARTS)
+    else:
+        qkv_mb, qkv_flops = 0.0, 0
     ffn_layers = _memory_block_layers(first)
     return ModelCost(
         name=config.name,

@@ -5,10 +5,16 @@
    and the gradients of tables, bias and input. Pass: max |got - ref| <= rtol * max |ref| (TOLERANCES).
 2. fit: MF-tiny, 50 steps, `trainer=deepspeed_zero2`, bf16-mixed, on the bundled sample corpus; pass when
    the mean train loss of the last 5 steps is at least LOSS_DROP_NATS below that of the first 5.
-3. throughput: lookup bandwidth (GB/s of table rows read by the forward) and MF-tiny's training
-   tokens/s and MFU (multiply-adds from `memoryformer.flops.training_flops_per_token`, x2 FLOPs, over the
-   datasheet peak in `benchmarks/compute_budget.py`'s `PEAK_BF16_TFLOPS`).
-4. Everything goes to docs/gpu_check.json (device, torch / CUDA versions, timestamps, pass/fail per check).
+3. lookup_bandwidth: GB/s of table rows read by the lookup forward; pass when the bf16 `auto` path reaches
+   at least BANDWIDTH_SHARE (50%) of the same device's bf16 copy bandwidth (bytes read per second).
+4. plan_peak_memory: `torch.cuda.max_memory_allocated` of two MF-tiny training steps (bf16 autocast, fused
+   AdamW) at PLAN_MICRO_BATCH x PLAN_SEQ_LEN against the memory plan's estimate for the same micro-batch
+   (`plan_peak_bytes`, the one call into `memoryformer.training.memory_plan`); pass within PLAN_TOLERANCE
+   (15%); a missing plan module fails.
+5. throughput_mf_tiny: the fit's tokens/s and MFU (multiply-adds from
+   `memoryformer.flops.training_flops_per_token`, x2 FLOPs, over `memoryformer.flops.PEAK_BF16_TFLOPS`),
+   recorded beside docs/benchmarks.md's MFU estimate for MF-tiny; pass when all three are there.
+6. Everything goes to docs/gpu_check.json (device, torch / CUDA versions, timestamps, pass/fail per check).
 
 Without CUDA it prints one sentence and exits 2. The parts are functions so that tests can run the
 comparison and report logic on CPU tensors (tests/test_gpu_check.py).
@@ -34,10 +40,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python scripts/gpu_check.py` from a checkout
-sys.path.insert(1, str(ROOT / "benchmarks"))
 
-from compute_budget import PEAK_BF16_TFLOPS  # noqa: E402
-
+from memoryformer.flops import peak_bf16_tflops  # noqa: E402
 from memoryformer.nn import MemoryLayer  # noqa: E402
 from memoryformer.nn.memory_ops import resolve_impl, weighted_lookup  # noqa: E402
 
@@ -53,6 +57,11 @@ FIT_STEPS = 50
 #: seconds per part on one H200; the whole run must stay under TOTAL_BUDGET_S (8 minutes)
 BUDGET_S = {"memory_layer": 60, "fit": 300, "bandwidth": 60}
 TOTAL_BUDGET_S = 480
+#: pass criteria: lookup reads >= this share of the copy bandwidth; plan within this of the measured peak
+BANDWIDTH_SHARE = 0.5
+PLAN_TOLERANCE = 0.15
+#: the micro-batch of the plan-against-measurement check (MF-tiny, bf16 autocast, fused AdamW)
+PLAN_MICRO_BATCH, PLAN_SEQ_LEN = 4, 2048
 #: MF-tiny's Memory Layer shape (K = 64 tables of 2**8 rows, 512 wide) and one micro-batch of tokens
 BANDWIDTH_SHAPE = {"tokens": 16384, "num_tables": 64, "code_length": 8, "width": 512}
 
@@ -174,16 +183,130 @@ def _sync(device: str) -> None:
 
 
 def peak_tflops(device_name: str) -> float | None:
-    """Datasheet dense bf16 peak of the device whose name contains a key of PEAK_BF16_TFLOPS."""
-    for key, peak in PEAK_BF16_TFLOPS.items():
-        if key in device_name:
-            return peak
-    return None
+    """Datasheet dense bf16 peak of the device (`memoryformer.flops.PEAK_BF16_TFLOPS`), None if unlisted."""
+    return peak_bf16_tflops(device_name)
+
+
+def copy_bandwidth(device: str, dtype: torch.dtype = torch.bfloat16, megabytes: int = 512,
+                   iters: int = 20) -> float:
+    """The device's copy bandwidth in GB/s, counting the bytes read (as `lookup_bandwidth` does): one
+    `dst.copy_(src)` of `megabytes` in `dtype`, the mean over `iters` copies after a warm-up."""
+    src = torch.randn(megabytes * (1 << 20) // torch.finfo(dtype).bits * 8, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    _sync(device)
+    return src.numel() * src.element_size() / ((time.perf_counter() - start) / iters) / 1e9
+
+
+def bandwidth_verdict(lookups: list[dict], copy_gb_per_s: float, share: float = BANDWIDTH_SHARE) -> dict:
+    """Pass when the bf16 lookup of the `auto` path reads table rows at >= `share` of the copy bandwidth
+    (both in GB/s of bytes read). The other records (fp32, the torch path) are kept for the reader."""
+    judged = [r for r in lookups if r["dtype"] == "bfloat16" and r["impl"] == "auto"]
+    best = max((r["gb_per_s"] for r in judged), default=0.0)
+    return {
+        "criterion": f"bf16 auto lookup >= {share:.0%} of the device's bf16 copy bandwidth",
+        "copy_gb_per_s": copy_gb_per_s,
+        "lookup_gb_per_s": best,
+        "share": best / copy_gb_per_s if copy_gb_per_s > 0 else None,
+        "passed": bool(judged) and copy_gb_per_s > 0 and best >= share * copy_gb_per_s,
+        "results": lookups,
+    }
 
 
 def mfu(macs_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
     """Model FLOPs utilisation: 2 FLOPs per multiply-add x tokens/s over the peak FLOP/s (None: no peak)."""
     return None if not peak else 2.0 * macs_per_token * tokens_per_s / (peak * 1e12)
+
+
+# ----------------------------------------------------------------------------- plan against measurement
+class PlanMissingError(RuntimeError):
+    """The memory plan module (`memoryformer.training.memory_plan`) is not there or lacks what we call."""
+
+
+def plan_peak_bytes(micro_batch: int, seq_len: int) -> int:
+    """THE ONE CALL INTO THE MEMORY PLAN: its estimated peak bytes on one device for MF-tiny at
+    `micro_batch` x `seq_len`, bf16-mixed, one device, no ZeRO, fused AdamW (what `measure_step_peak` runs).
+
+    Raises `PlanMissingError` while the plan module is absent or lacks `estimate_peak_bytes`.
+    """
+    try:
+        from memoryformer.training import memory_plan
+    except ImportError as err:
+        raise PlanMissingError(f"plan module missing: {err}") from err
+    estimate = getattr(memory_plan, "estimate_peak_bytes", None)
+    if estimate is None:
+        raise PlanMissingError("plan module missing: memoryformer.training.memory_plan has no "
+                               "estimate_peak_bytes(model, micro_batch, seq_len, precision, strategy)")
+    return int(estimate(model="mf_tiny", micro_batch=micro_batch, seq_len=seq_len, precision="bf16-mixed",
+                        strategy="single_device"))
+
+
+def measure_step_peak(device: str, micro_batch: int, seq_len: int) -> int:
+    """`torch.cuda.max_memory_allocated` over two MF-tiny training steps (bf16 autocast, fused AdamW: the
+    second step holds the optimizer states), from a fresh allocator peak."""
+    from memoryformer.models import build_model
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = build_model("mf_tiny").to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    idx = torch.randint(0, model.config.vocab_size, (micro_batch, seq_len + 1), device=device)
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(idx[:, :-1], idx[:, 1:])[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated()
+    del model, opt
+    torch.cuda.empty_cache()
+    return peak
+
+
+def plan_verdict(planned: int | None, measured: int, tolerance: float = PLAN_TOLERANCE,
+                 error: str | None = None) -> dict:
+    """Pass when the plan's peak lies within `tolerance` of the measured one: |plan - measured| <=
+    tolerance * measured. A missing plan (`error`) fails."""
+    record = {"criterion": f"|plan - measured| <= {tolerance:.0%} of measured", "planned_bytes": planned,
+              "measured_bytes": measured, "error": error}
+    if planned is None or measured <= 0:
+        return {**record, "relative_error": None, "passed": False}
+    rel = abs(planned - measured) / measured
+    return {**record, "relative_error": rel, "passed": rel <= tolerance}
+
+
+def documented_mfu_estimate(path: Path = ROOT / "docs" / "benchmarks.md", row: str = "mf_tiny"
+                            ) -> float | None:
+    """The MFU docs/benchmarks.md estimates for `row` (its cost table's MFU column), as a fraction."""
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0].startswith(f"`{row}`"):  # the first such row with a percentage
+            share = next((float(c[:-1]) / 100 for c in cells if c.endswith("%") and c[:-1].isdigit()), None)
+            if share is not None:
+                return share
+    return None
+
+
+def throughput_verdict(tokens_per_s: float | None, measured_mfu: float | None,
+                       estimate: float | None) -> dict:
+    """Tokens/s and MFU recorded beside the documented estimate; passes when both were measured (finite,
+    positive) and the estimate was found, so that the record can be compared."""
+    ok = all(v is not None and math.isfinite(v) and v > 0 for v in (tokens_per_s, measured_mfu, estimate))
+    return {
+        "criterion": "tokens/s and MFU measured and recorded against docs/benchmarks.md's estimate",
+        "tokens_per_s": tokens_per_s,
+        "mfu": measured_mfu,
+        "mfu_estimate_docs": estimate,
+        "mfu_over_estimate": measured_mfu / estimate if ok else None,
+        "passed": ok,
+    }
 
 
 # ----------------------------------------------------------------------------- the 50-step fit
@@ -354,17 +477,27 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = [
         lookup_bandwidth("cuda", dtype, impl) for dtype in (torch.bfloat16, torch.float32) for impl in IMPLS
     ]
-    report["checks"]["lookup_bandwidth"] = {
-        "passed": True,
-        "results": bandwidth,
-        "seconds": time.time() - part,
-    }
+    verdict = bandwidth_verdict(bandwidth, copy_bandwidth("cuda", torch.bfloat16))
+    report["checks"]["lookup_bandwidth"] = {**verdict, "seconds": time.time() - part}
     write_report(report, args.out)  # keep the first figures even if the fit is killed
+
+    part = time.time()
+    measured = measure_step_peak("cuda", PLAN_MICRO_BATCH, PLAN_SEQ_LEN)
+    try:
+        plan = plan_verdict(plan_peak_bytes(PLAN_MICRO_BATCH, PLAN_SEQ_LEN), measured)
+    except PlanMissingError as err:
+        plan = plan_verdict(None, measured, error=str(err))
+    report["checks"]["plan_peak_memory"] = {**plan, "micro_batch": PLAN_MICRO_BATCH,
+                                            "seq_len": PLAN_SEQ_LEN, "seconds": time.time() - part}
+    write_report(report, args.out)
 
     if not args.skip_fit:
         left = TOTAL_BUDGET_S - (time.time() - t0) - 15
         fit = run_fit(args.run_dir, min(BUDGET_S["fit"], left), peak_tflops(name))
-        report["checks"]["fit_mf_tiny_deepspeed_zero2_bf16"] = fit
+        report["checks"]["fit_mf_tiny_deepspeed_zero2_bf16"] = {
+            **fit, "criterion": f"mean of the last 5 losses >= {LOSS_DROP_NATS} nats below the first 5"}
+        report["checks"]["throughput_mf_tiny"] = throughput_verdict(
+            fit["tokens_per_s"], fit["mfu"], documented_mfu_estimate())
 
     report["finished"] = _now()
     report["seconds"] = time.time() - t0

@@ -127,3 +127,10 @@ def test_attention_crossover_interpolates_log_log():
     assert bench_attention.crossover([512, 2048], [1.0, 4.0], [4.0, 1.0]) == "wins above ~1024"
     assert bench_attention.crossover([512, 2048], [2.0, 4.0], [1.0, 1.0]).startswith("wins at every")
     assert bench_attention.crossover([512, 2048], [1.0, 1.0], [2.0, 4.0]).startswith("slower at every")
+
+
+def test_rewrite_keeps_sections_other_scripts_wrote(run_module):
+    block = "<!-- keep:train-step-compare -->\n## Before and after\n<!-- /keep:train-step-compare -->\n"
+    old = "# Benchmarks\n\n## 1. old case\n\n" + block + "\n## How to read these numbers\n"
+    assert run_module.kept_sections(old) == [block]
+    assert run_module.kept_sections("<!-- keep:a -->\nunterminated") == []

@@ -125,3 +125,18 @@ def test_exact_resume_through_lightning_checkpoint(cache, tmp_path):
     rest, _ = fit(cache, 7, ckpt_in=str(tmp_path / "a.ckpt"))
     assert torch.equal(first, full[:6])
     assert torch.equal(rest, full[6:])  # the resumed run sees exactly steps 3..6 of the uninterrupted one
+
+
+def test_loaders_pin_memory_only_when_the_trainer_runs_on_cuda(cache):
+    from types import SimpleNamespace
+
+    dm = LMDataModule(cfg(cache), micro_batch_size=4, model_vocab_size=512, model_block_size=64)
+    dm.prepare_data()
+    dm.setup()
+    assert not dm.train_dataloader().pin_memory  # no trainer: nothing to copy to
+    for device, pinned in (("cpu", False), ("cuda", True)):
+        # a stand-in trainer: the loaders read only its rank, world size and strategy's root device
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1, max_steps=-1, accumulate_grad_batches=1,
+                                     strategy=SimpleNamespace(root_device=torch.device(device)))
+        assert dm.train_dataloader().pin_memory is pinned
+        assert dm.val_dataloader().pin_memory is pinned

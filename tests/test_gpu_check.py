@@ -126,3 +126,56 @@ def test_cuda_memory_layer_matches_float64(impl: str, dtype: torch.dtype) -> Non
 def test_cuda_lookup_bandwidth_is_measured() -> None:
     record = gpu_check.lookup_bandwidth("cuda", torch.bfloat16, "auto", iters=3)
     assert record["gb_per_s"] > 0 and record["path"] == "embedding_bag"
+
+
+# ----------------------------------------------------------------------------- pass criteria, fabricated
+def _lookup(dtype: str, impl: str, gb: float) -> dict:
+    return {"dtype": dtype, "impl": impl, "gb_per_s": gb}
+
+
+def test_bandwidth_passes_at_half_the_copy_bandwidth_and_fails_below() -> None:
+    fp32_fast = _lookup("float32", "auto", 5000.0)  # only the bf16 auto path is judged
+    assert gpu_check.bandwidth_verdict([_lookup("bfloat16", "auto", 1500.0), fp32_fast], 3000.0)["passed"]
+    low = gpu_check.bandwidth_verdict([_lookup("bfloat16", "auto", 1499.0), fp32_fast], 3000.0)
+    assert not low["passed"] and low["share"] == pytest.approx(1499 / 3000)
+    assert not gpu_check.bandwidth_verdict([fp32_fast], 3000.0)["passed"]  # nothing judged is a failure
+    assert not gpu_check.bandwidth_verdict([_lookup("bfloat16", "auto", 1.0)], 0.0)["passed"]
+
+
+def test_copy_bandwidth_measures_something_on_cpu() -> None:
+    assert gpu_check.copy_bandwidth("cpu", torch.bfloat16, megabytes=4, iters=2) > 0
+
+
+def test_plan_within_15_percent_passes_and_a_missing_plan_fails() -> None:
+    gib = 1 << 30
+    assert gpu_check.plan_verdict(int(11.5 * gib), 10 * gib)["passed"]
+    assert gpu_check.plan_verdict(int(8.5 * gib), 10 * gib)["passed"]
+    assert not gpu_check.plan_verdict(int(11.6 * gib), 10 * gib)["passed"]
+    assert not gpu_check.plan_verdict(int(8.4 * gib), 10 * gib)["passed"]
+    missing = gpu_check.plan_verdict(None, 10 * gib, error="plan module missing: x")
+    assert not missing["passed"] and missing["error"].startswith("plan module missing")
+
+
+def test_plan_call_reports_a_missing_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "memoryformer.training.memory_plan", None)  # import raises ImportError
+    with pytest.raises(gpu_check.PlanMissingError, match="^plan module missing"):
+        gpu_check.plan_peak_bytes(4, 2048)
+
+
+def test_throughput_is_recorded_against_the_documented_estimate(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("| Row | MFU | Basis |\n|---|---|---|\n| `mf_tiny` (MF-tiny) | 9% | **estimate** |\n")
+    estimate = gpu_check.documented_mfu_estimate(doc)
+    assert estimate == pytest.approx(0.09)
+    ok = gpu_check.throughput_verdict(1e5, 0.045, estimate)
+    assert ok["passed"] and ok["mfu_over_estimate"] == pytest.approx(0.5)
+    assert not gpu_check.throughput_verdict(None, None, estimate)["passed"]  # the fit logged no speed
+    assert not gpu_check.throughput_verdict(1e5, 0.045, None)["passed"]  # no estimate to compare with
+    assert gpu_check.documented_mfu_estimate() is not None  # the real docs/benchmarks.md has the row
+
+
+def test_no_check_passes_unconditionally() -> None:
+    source = (ROOT / "scripts" / "gpu_check.py").read_text()
+    assert '"passed": True' not in source

@@ -81,7 +81,7 @@ def test_forward_shapes_and_loss_against_float64_cross_entropy(block):
     idx = torch.randint(0, config.vocab_size, (3, 10))
     targets = torch.randint(0, config.vocab_size, (3, 10))
     targets[0, :4] = -100
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx)[0], model(idx, targets)[1]
     assert logits.shape == (3, 10, config.vocab_size)
     logp = torch.log_softmax(logits.double(), dim=-1)
     keep = targets != -100
@@ -183,43 +183,53 @@ def test_kv_cache_refuses_overflow():
 
 
 # --------------------------------------------------------------------------- MemoryFormer block
-def test_qkv_share_one_hash(monkeypatch):
+def test_one_qkv_lookup_equals_three_layers_sharing_one_hash_in_float64():
+    # The previous path: three d -> d Memory Layers Q, K, V; Q hashes x once, all three look up with it.
+    config = tiny()
+    attn = seeded(config).double().blocks[0].attn
+    d = config.n_embd
+    assert isinstance(attn.qkv, MemoryLayer) and attn.qkv.tables.shape[1] == 3 * d
+    parts = []
+    for i in range(3):
+        layer = MemoryLayer(d, d, code_length=config.code_length, dtype=torch.float64)
+        with torch.no_grad():
+            layer.tables.copy_(attn.qkv.tables[:, i * d:(i + 1) * d])
+            layer.bias.copy_(attn.qkv.bias[i * d:(i + 1) * d])
+        parts.append(layer)
+    x = torch.randn(2, 5, d, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_(True)
+    hashed = parts[0].hash(x_ref)
+    reference = [layer(x_ref, hashed=hashed) for layer in parts]
+    x.requires_grad_(True)
+    merged = attn.qkv(x).split(d, dim=-1)
+    for got, want in zip(merged, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    upstream = [torch.randn_like(y) for y in reference]
+    torch.autograd.backward(reference, upstream)
+    torch.autograd.backward(merged, upstream)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    ref_tables = torch.cat([layer.tables.grad for layer in parts], dim=1)
+    ref_bias = torch.cat([layer.bias.grad for layer in parts])
+    torch.testing.assert_close(attn.qkv.tables.grad, ref_tables, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(attn.qkv.bias.grad, ref_bias, rtol=1e-12, atol=1e-12)
+
+
+def test_qkv_hashes_once_per_block(monkeypatch):
     config = tiny()
     model = seeded(config)
-    hash_calls: list[MemoryLayer] = []
-    lookups: dict[str, list[int]] = {"q": [], "k": [], "v": []}
-    original_hash, original_lookup = MemoryLayer.hash, MemoryLayer.lookup
+    qkv_layers = {id(block.attn.qkv) for block in model.blocks}
+    hashed: list[int] = []
+    original_hash = MemoryLayer.hash
 
     def counting_hash(self, x):
-        hash_calls.append(self)
+        hashed.append(id(self))
         return original_hash(self, x)
 
-    names = {}
-    for name, proj in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
-        for block in model.blocks:
-            names[id(getattr(block.attn, proj))] = name
-
-    def recording_lookup(self, hashed):
-        if id(self) in names:
-            lookups[names[id(self)]].append(id(hashed))
-        return original_lookup(self, hashed)
-
     monkeypatch.setattr(MemoryLayer, "hash", counting_hash)
-    monkeypatch.setattr(MemoryLayer, "lookup", recording_lookup)
-    # With gradients every layer goes through hash() + lookup(); without them the Memory Block layers take
-    # the one-call inference path, but Q/K/V must still share one hash.
-    for grad in (True, False):
-        hash_calls.clear()
-        for v in lookups.values():
-            v.clear()
-        with torch.set_grad_enabled(grad):
-            model(torch.randint(0, config.vocab_size, (1, 6)))
-        qkv_hashes = [layer for layer in hash_calls if id(layer) in names]
-        assert len(qkv_hashes) == config.n_layer  # 3 per block would mean Q, K and V hash separately
-        if grad:  # plus one for each Memory Block layer
-            assert len(hash_calls) == 3 * config.n_layer
-    assert lookups["q"] == lookups["k"] == lookups["v"]
-    assert len(lookups["q"]) == config.n_layer
+    with torch.enable_grad():
+        model(torch.randint(0, config.vocab_size, (1, 6)))
+    assert sorted(h for h in hashed if h in qkv_layers) == sorted(qkv_layers)  # one hash per block
+    assert len(hashed) == 3 * config.n_layer  # plus one for each Memory Block layer
 
 
 @pytest.mark.parametrize(
@@ -240,8 +250,8 @@ def test_expand_bits_gives_table5_memory_block_shapes(expand_bits, mb_mb):
     assert round(memory_mb, 1) == mb_mb
     # Q/K/V: d -> d Memory Layers of 16.8 MB each (Table 3, tau = 8 row); no output projection.
     attn = model.blocks[0].attn
-    assert all(isinstance(p, MemoryLayer) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    assert round(attn.q_proj.storage_bytes_fp16 / 1e6, 1) == 16.8
+    assert isinstance(attn.qkv, MemoryLayer) and attn.qkv.tables.shape == (64 * 256, 3 * 512)
+    assert round(attn.qkv.storage_bytes_fp16 / 3 / 1e6, 1) == 16.8
     assert not any(isinstance(m, nn.Linear) for m in model.blocks[0].modules())
 
 
@@ -259,7 +269,7 @@ def test_memoryformer_variants_build_and_train(overrides, attn_type, ffn_type):
     model = seeded(config).train()
     block = model.blocks[0]
     assert isinstance(block, MemoryFormerBlock)
-    assert isinstance(block.attn.q_proj, attn_type) and isinstance(block.ffn, ffn_type)
+    assert isinstance(block.attn.qkv, attn_type) and isinstance(block.ffn, ffn_type)
     if config.norm == "layernorm":
         assert isinstance(block.norm1, nn.LayerNorm) and isinstance(model.norm_f, nn.LayerNorm)
     else:
@@ -268,7 +278,7 @@ def test_memoryformer_variants_build_and_train(overrides, attn_type, ffn_type):
     _, loss = model(idx, idx)
     loss.backward()
     assert torch.isfinite(loss)
-    grad = block.attn.q_proj.tables.grad if attn_type is MemoryLayer else block.attn.q_proj.weight.grad
+    grad = block.attn.qkv.tables.grad if attn_type is MemoryLayer else block.attn.qkv.weight.grad
     assert grad is not None and grad.abs().sum() > 0
 
 
@@ -291,11 +301,12 @@ def test_init_follows_released_code():
     block = model.blocks[0]
     # docs/paper-notes.md §4: small_init std 0.0280 at d = 512 for embeddings, LM head and Q/K/V tables.
     attn = block.attn
-    for tensor in (model.wte.weight, model.lm_head.weight, attn.q_proj.tables, attn.v_proj.tables):
+    q_tables, v_tables = attn.qkv.tables[:, :512], attn.qkv.tables[:, 1024:]
+    for tensor in (model.wte.weight, model.lm_head.weight, q_tables, v_tables):
         assert round(tensor.std().item(), 4) == pytest.approx(0.0280, abs=2e-4)
     for tensor in (block.ffn.layer1.tables, block.ffn.layer2.tables):  # Memory Block keeps N(0, 0.02)
         assert tensor.std().item() == pytest.approx(0.02, rel=0.01)
-    assert block.attn.k_proj.bias.std().item() == pytest.approx(0.001, rel=0.2)  # 0.001 * N(0, 1)
+    assert block.attn.qkv.bias[512:1024].std().item() == pytest.approx(0.001, rel=0.2)  # 0.001 * N(0, 1)
     assert torch.equal(block.norm1.scale, torch.ones(512))
     assert torch.equal(block.ffn.norm.weight, torch.ones(640))
     assert torch.equal(block.ffn.norm.bias, torch.zeros(640))
@@ -329,7 +340,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(every):
         assert list(model.state_dict()) == keys
         _, loss = model(idx, idx)
         loss.backward()
-        tables = model.blocks[0].attn.q_proj.tables
+        tables = model.blocks[0].attn.qkv.tables
         grads.append((loss.item(), tables.grad.clone(), model.wte.weight.grad.clone()))
         copied = copy.deepcopy(model)
         assert checkpointed_blocks(copied) == checkpointed_blocks(model)
@@ -395,7 +406,8 @@ def test_num_parameters_excludes_embedding_and_head():
 
 def test_bf16_forward_runs():
     model = seeded(tiny()).to(torch.bfloat16)
-    logits, loss = model(torch.randint(0, 97, (1, 8)), torch.randint(0, 97, (1, 8)))
+    idx = torch.randint(0, 97, (1, 8))
+    logits, loss = model(idx)[0], model(idx, torch.randint(0, 97, (1, 8)))[1]
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert torch.isfinite(loss)
     assert F.softmax(logits.float(), -1).sum(-1).sub(1).abs().max() < 1e-3

@@ -191,8 +191,8 @@ def test_d510_row_hashes_510_dims_and_outputs_512():
     cfg = ModelConfig.from_name("mf_tiny", code_length=10, num_tables=51, hashed_width=510)
     with torch.device("meta"):
         model = LanguageModel(cfg)
-    q = model.blocks[0].attn.q_proj
-    assert (q.in_features, q.num_tables, q.out_features) == (510, 51, 512)
+    q = model.blocks[0].attn.qkv
+    assert (q.in_features, q.num_tables, q.out_features) == (510, 51, 3 * 512)
     assert model.blocks[0].ffn.layer1.in_features == 510
     with pytest.raises(ConfigError, match="set model.hashed_width=510"):
         ModelConfig.from_name("mf_tiny", code_length=10, num_tables=51)
@@ -209,7 +209,7 @@ def test_hashed_width_model_runs_and_ignores_unhashed_dims_in_its_codes():
     x = torch.randn(4, 128)
     y = x.clone()
     y[:, 120:] += 5.0  # dims past K * tau are carried by the residual, not hashed
-    rows = [attn.q_proj.hash(t[:, :120]).rows for t in (x, y)]
+    rows = [attn.qkv.hash(t[:, :120]).rows for t in (x, y)]
     assert torch.equal(*rows)
 
 

@@ -68,7 +68,7 @@ def test_smoke_run_trains_logs_and_checkpoints(smoke_run: tuple[Path, dict]) -> 
         "val/loss",
         "buckets/used_min",
         "hash/weight_mean",
-        "buckets/blocks.0.attn.q_proj/used_min",
+        "buckets/blocks.0.attn.qkv/used_min",
         "buckets/blocks.0.ffn.layer2/used_mean",
     ):
         assert key in header, key

@@ -117,6 +117,7 @@ class _IndexedSplit:
             num_workers=dm.cfg.num_workers,
             collate_fn=collate_samples,
             persistent_workers=persistent_workers,
+            pin_memory=dm._pin_memory(),
         )
 
 
@@ -149,12 +150,14 @@ class _StreamSplit:
             num_workers=dm.cfg.num_workers,
             collate_fn=collate_samples,
             drop_last=True,
+            pin_memory=dm._pin_memory(),
         )
 
     def val_loader(self, dm: LMDataModule) -> DataLoader:
         _, world = dm._dist()
         stream = self.stream(dm, limit=max(1, dm.cfg.val_samples // world))
-        return DataLoader(stream, batch_size=dm.micro_batch_size, collate_fn=collate_samples)
+        return DataLoader(stream, batch_size=dm.micro_batch_size, collate_fn=collate_samples,
+                          pin_memory=dm._pin_memory())
 
 
 class LMDataModule(L.LightningDataModule):
@@ -196,6 +199,13 @@ class LMDataModule(L.LightningDataModule):
         self._val: _IndexedSplit | _StreamSplit | None = None
 
     # ------------------------------------------------------------------ environment
+    def _pin_memory(self) -> bool:
+        """Page-locked batches when training on CUDA, so the host-to-device copy can run asynchronously
+        (`non_blocking`); off elsewhere, where pinning costs time and buys nothing."""
+        trainer = getattr(self, "trainer", None)
+        root = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        return root is not None and root.type == "cuda"
+
     def _dist(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         if trainer is not None:

@@ -7,7 +7,8 @@ It re-implements, in plain torch, the package's `LanguageModel` with MemoryForme
 are the package's with a `model.` prefix (the LM head stays `lm_head`). tests/test_hf_export.py holds the
 logits of the two equal on random configs, so a change to one that the other lacks fails there.
 
-    x1  = x + Attn(Norm1(x))            Q, K, V: three Memory Layers sharing one hash (or Linear), no W_O
+    x1  = x + Attn(Norm1(x))            [Q | K | V]: one Memory Layer (one hash, three tables side by side)
+                                        or one Linear, no W_O
     out = x1 + FFN(Norm2(x1))           FFN: Memory Block (MemoryLayer -> LayerNorm -> MemoryLayer) or MLP
 
 Memory Layer (paper Eq. 10-11): split x `[..., K * tau]` into K chunks z_k of tau values; the sign bits of
@@ -176,8 +177,11 @@ class MLP(nn.Module):
 
 
 class MemoryFormerAttention(nn.Module):
-    """Causal multi-head attention with Q, K, V from Memory Layers (one shared hash) or Linear layers and no
-    output projection: `[B, T, d]` -> `[B, T, d]`."""
+    """Causal multi-head attention with no output projection: `[B, T, d]` -> `[B, T, d]`.
+
+    `qkv` gives `[q | k | v]` `[B, T, 3d]`: one Memory Layer whose tables hold Q's, K's and V's side by side
+    (the three share one hash of the input, so one lookup reads all three), or one Linear(d, 3d).
+    """
 
     def __init__(self, config: MemoryFormerConfig, layer_idx: int) -> None:
         super().__init__()
@@ -185,10 +189,9 @@ class MemoryFormerAttention(nn.Module):
         self.layer_idx = layer_idx
         d = config.hidden_size
         if config.qkv == "memory":
-            tau = config.code_length
-            self.q_proj, self.k_proj, self.v_proj = (memory_layer(config, d, d, tau) for _ in "qkv")
+            self.qkv: nn.Module = memory_layer(config, d, 3 * d, config.code_length)
         else:
-            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d) for _ in "qkv")
+            self.qkv = nn.Linear(d, 3 * d)
 
     def forward(
         self,
@@ -200,11 +203,7 @@ class MemoryFormerAttention(nn.Module):
     ) -> torch.Tensor:
         """x `[B, T, d]`, cos/sin `[B, 1, T, r]`, mask bool `[B, 1, T, S]` (True = attend) or None for plain
         causal attention over the cache plus the new tokens -> `[B, T, d]`."""
-        if isinstance(self.q_proj, MemoryLayer):
-            hashed = self.q_proj.hash(x)
-            q, k, v = (proj(x, hashed=hashed) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
         b, t, d = x.shape
         q, k, v = (y.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for y in (q, k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -1,7 +1,8 @@
 """Causal multi-head attention for both block types, and the KV cache used by generation/evaluation.
 
-`MemoryFormerAttention` computes Q, K, V with three Memory Layers that share one hash of the input and has
-no output projection (paper section 2.4 and 3.1; released code `del_dense: true`). `NeoXAttention` is
+`MemoryFormerAttention` computes Q, K, V with one Memory Layer whose tables hold the paper's three side by
+side (they share one hash of the input) and has no output projection (paper section 2.4 and 3.1; released
+code `del_dense: true`). `NeoXAttention` is
 GPT-NeoX's: one fused `query_key_value` linear whose output is laid out per head as [q | k | v], and a
 `dense` output projection. Both hand Q, K, V to an attention core chosen by `config.attention`: the
 default `softmax` core applies rotary and calls `attend`; the efficient ones of the paper's Table 2 live in
@@ -116,50 +117,51 @@ def attend(
     return y.transpose(1, 2).reshape(b, t, h * hs)
 
 
+#: Q, K and V: the parts of `MemoryFormerAttention.qkv`'s output, each `n_embd` wide.
+QKV_PARTS = 3
+
+
 def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """`[B, T, H * hs]` -> `[B, H, T, hs]`."""
+    """`[B, T, H * hs]` -> `[B, H, T, hs]` (a view; `x` may be a column slice of a wider tensor)."""
     b, t, d = x.shape
     return x.view(b, t, n_head, d // n_head).transpose(1, 2)
 
 
 class MemoryFormerAttention(nn.Module):
-    """MemoryFormer attention: Q, K, V from three d -> d layers, causal MHA, no output projection.
+    """MemoryFormer attention: Q, K, V from the input, causal MHA, no output projection.
 
-    With `config.qkv == "memory"` the three layers are `MemoryLayer`s (tau = `config.code_length`) that read
-    ONE shared hash of the input; with "linear" they are `nn.Linear(d, d)` (the authors' ablation).
-    Forward: `[B, T, d]` -> `[B, T, d]`.
+    `qkv` computes `[q | k | v]`, `[B, T, 3d]`, in one layer. With `config.qkv == "memory"` it is one
+    `MemoryLayer(hash_width, 3d)` (tau = `config.code_length`): the paper's three Memory Layers Q, K and V
+    hash the same input, so they share every code and weight (released code `_forward_memory_qkv`) and differ
+    only in their tables and biases; storing the three tables side by side, `tables[:, :d]` = Q's,
+    `[:, d:2d]` = K's, `[:, 2d:]` = V's (and the bias alike), turns three lookups and three table-gradient
+    scatters into one of rows three times as wide. With "linear" it is `nn.Linear(d, 3d)` (the authors'
+    ablation), rows laid out the same way. Forward: `[B, T, d]` -> `[B, T, d]`.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.layer_idx = layer_idx
-        d = config.n_embd
+        self.n_embd = d = config.n_embd
         # Table 3's d = 510 row: hash the first K * tau dims, output the full d (see ModelConfig.hashed_width)
         self.hash_width = config.hash_width if config.qkv == "memory" else d
         if config.qkv == "memory":
-            def make() -> nn.Module:
-                return MemoryLayer(
-                    self.hash_width, d, code_length=config.code_length, weighting=config.weighting,
-                    temperature=config.temperature, bias=config.memory_bias, impl=config.memory_impl,
-                )
+            self.qkv: nn.Module = MemoryLayer(
+                self.hash_width, QKV_PARTS * d, code_length=config.code_length, weighting=config.weighting,
+                temperature=config.temperature, bias=config.memory_bias, impl=config.memory_impl,
+            )
         else:
-            def make() -> nn.Module:
-                return nn.Linear(d, d)
-        self.q_proj, self.k_proj, self.v_proj = make(), make(), make()
+            self.qkv = nn.Linear(d, QKV_PARTS * d)
         self.core = build_attention_core(config, layer_idx)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
         """`x` `[B, T, d]` (already normalised) -> `[B, T, d]`."""
-        if isinstance(self.q_proj, MemoryLayer):
+        if isinstance(self.qkv, MemoryLayer):
             x = hashed_part(x, self.hash_width)
-            hashed = self.q_proj.hash(x)
-            q, k, v = (proj(x, hashed=hashed) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))
+        q, k, v = (split_heads(t, self.n_head) for t in self.qkv(x).split(self.n_embd, dim=-1))
         return self.core(q, k, v, cos, sin, kv_cache)
 
 

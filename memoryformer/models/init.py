@@ -54,8 +54,7 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
         elif isinstance(module, (nn.LayerNorm, RMSNorm)):
             module.reset_parameters()
         elif isinstance(module, MemoryFormerAttention):
-            for proj in (module.q_proj, module.k_proj, module.v_proj):
-                _init_projection(proj, small)
+            _init_projection(module.qkv, small)  # Q, K and V side by side, each small_init
         elif isinstance(module, NeoXAttention):
             _init_projection(module.query_key_value, small)
             _init_projection(module.dense, wang)

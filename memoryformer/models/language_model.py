@@ -19,6 +19,7 @@ from memoryformer.config import ModelConfig
 from memoryformer.models.attention import KVCache
 from memoryformer.models.blocks import build_block
 from memoryformer.models.init import init_weights
+from memoryformer.nn.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
 from memoryformer.nn.norms import build_norm
 from memoryformer.nn.rotary import rotary_cos_sin
 
@@ -47,6 +48,8 @@ class LanguageModel(nn.Module):
         else:
             self.norm_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        #: tokens per chunk of the training loss (see `forward`); a plain attribute, not a config value
+        self.loss_chunk_tokens = DEFAULT_CHUNK_TOKENS
         init_weights(self, config)
 
     # ------------------------------------------------------------------ forward
@@ -56,10 +59,13 @@ class LanguageModel(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits `[B, T, vocab]` for ids `idx` `[B, T]`, and the loss when `targets` `[B, T]` are given.
+        """`(logits, loss)` for ids `idx` `[B, T]`.
 
-        loss = mean cross-entropy over targets != -100 (computed in float32), else None. With `kv_cache`,
-        `idx` continues the sequence at position `kv_cache.length` and the cache advances by T.
+        Without `targets`: logits `[B, T, vocab]` and None. With `targets` `[B, T]`: None and the mean
+        cross-entropy over targets != -100 (float32), computed `loss_chunk_tokens` tokens at a time
+        (`memoryformer.nn.chunked_loss`), so the `[B, T, vocab]` fp32 logits of a training micro-batch are
+        never held at once; call `logits(...)` without targets for those. With `kv_cache`, `idx` continues
+        the sequence at position `kv_cache.length` and the cache advances by T.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be [batch, seq] token ids, got shape {tuple(idx.shape)}.")
@@ -77,13 +83,17 @@ class LanguageModel(nn.Module):
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(t)
-        logits = self.lm_head(self.norm_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-            )
-        return logits, loss
+        hidden = self.norm_f(x)
+        if targets is None:
+            return self.lm_head(hidden), None
+        if hasattr(self.lm_head.weight, "ds_id"):
+            # DeepSpeed ZeRO-3 gathers a partitioned weight only around the module's own forward
+            logits = self.lm_head(hidden).float().flatten(0, -2)
+            return None, F.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        loss = chunked_cross_entropy(
+            hidden, self.lm_head.weight, targets, IGNORE_INDEX, chunk_tokens=self.loss_chunk_tokens
+        )
+        return None, loss
 
     # ------------------------------------------------------------------ utilities
     def new_kv_cache(self, max_len: int | None = None) -> KVCache:

@@ -1,0 +1,103 @@
+"""Next-token cross-entropy through the LM head, a chunk of tokens at a time.
+
+    loss = mean over tokens n with target[n] != ignore of  logsumexp(h[n] W^T) - (h[n] W^T)[target[n]]
+
+`F.cross_entropy(lm_head(h).float(), ...)` holds the fp32 logits of the whole micro-batch, `[N, V]`, and
+autograd keeps them (and their softmax) until the backward: at N = 8 x 2048 tokens and V = 50304 that is
+3.3 GB per copy. Here the logits exist for `chunk_tokens` tokens at a time only. When a gradient is needed
+the forward also computes it, chunk by chunk (softmax minus one-hot, divided by the number of counted
+tokens), so the backward only scales the stored gradients by the incoming scalar and no chunk is ever
+recomputed:
+
+    d loss / d logits[n] = (softmax(logits[n]) - onehot(target[n])) / n_counted
+    d loss / d h[n]      = d loss / d logits[n] @ W                 (h's dtype)
+    d loss / d W         = sum_n (d loss / d logits[n])^T h[n]       (accumulated in fp32, W's dtype)
+
+Peak extra memory (`peak_bytes`): the fp32 logits and their fp32 gradient for one chunk (2 x 4 x C x V
+bytes) plus the chunk's logits in the matmul's dtype, the fp32 accumulator of W's gradient (4 x V x d) and
+h's gradient (N x d in h's dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Tokens per chunk: at V = 50304 one chunk's fp32 logits are 206 MB; the matmuls stay large.
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def peak_bytes(tokens: int, vocab: int, width: int, compute_bytes: int = 4, weight_bytes: int = 4,
+               chunk_tokens: int = DEFAULT_CHUNK_TOKENS, with_grad: bool = True) -> int:
+    """Bytes `chunked_cross_entropy` holds at its peak beyond its inputs, for `tokens` x `width` hidden
+    states and a `vocab` x `width` head (`compute_bytes`: bytes per element of the matmul's dtype, 2 under
+    bf16 autocast; `weight_bytes`: of the head and hidden states)."""
+    c = min(tokens, chunk_tokens)
+    logits = c * vocab * (compute_bytes + 4 + (4 if with_grad else 0))  # matmul out, fp32 copy, fp32 grad
+    if not with_grad:
+        return logits
+    return logits + 4 * vocab * width + tokens * width * weight_bytes
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Loss and, when needed, its gradients w.r.t. `hidden` `[N, d]` and `weight` `[V, d]`, by chunks."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_tokens):
+        n = hidden.shape[0]
+        keep = targets != ignore_index
+        # clamp(min=1): an all-ignored batch gives 0 / 1 = 0 here instead of F.cross_entropy's 0 / 0 = nan,
+        # and no device-to-host sync is needed to tell the two apart.
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        counted = keep.sum().clamp(min=1).to(acc)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        safe_targets = targets.masked_fill(~keep, 0)
+        for start in range(0, n, chunk_tokens):
+            h = hidden[start:start + chunk_tokens]
+            logits_mm = F.linear(h, weight)  # the matmul's dtype (bf16 under autocast)
+            logits_dtype = logits_mm.dtype  # the backward matmuls use it too
+            logits = logits_mm.to(acc)
+            del logits_mm
+            t, k = safe_targets[start:start + chunk_tokens], keep[start:start + chunk_tokens]
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, t[:, None]).squeeze(-1)
+            total = total + torch.where(k, lse - picked, 0.0).sum()
+            if not want_grad:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad.scatter_add_(-1, t[:, None], torch.full_like(t[:, None], -1, dtype=grad.dtype))
+            grad.mul_((k.to(grad.dtype) / counted)[:, None])
+            g = grad.to(logits_dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_tokens] = (g @ weight.to(logits_dtype)).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (g.t() @ h.to(logits_dtype)).to(acc)
+            del grad, g
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / counted
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+        gw = grad_weight * grad_loss.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          ignore_index: int = -100, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Mean cross-entropy of `F.linear(hidden, weight)` against `targets`, a scalar in fp32 (fp64 for fp64
+    inputs), without the
+    whole `[N, V]` logits: `hidden` `[..., d]`, `weight` `[V, d]`, `targets` `[...]` (`ignore_index` skipped).
+    Equal to `F.cross_entropy(F.linear(hidden, weight).float(), targets)` up to summation order, except that
+    a batch with no counted token gives 0 rather than nan."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be a positive number of tokens.")
+    return _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                      ignore_index, chunk_tokens)
