@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import math
 import os
@@ -229,20 +230,21 @@ class PlanMissingError(RuntimeError):
 
 def plan_peak_bytes(micro_batch: int, seq_len: int) -> int:
     """THE ONE CALL INTO THE MEMORY PLAN: its estimated peak bytes on one device for MF-tiny at
-    `micro_batch` x `seq_len`, bf16-mixed, one device, no ZeRO, fused AdamW (what `measure_step_peak` runs).
+    `micro_batch` x `seq_len`, bf16-mixed, one device, no ZeRO, fused AdamW (what `measure_step_peak` runs),
+    less the CUDA context and the allocator's slack, which `torch.cuda.max_memory_allocated` does not see.
 
-    Raises `PlanMissingError` while the plan module is absent or lacks `estimate_peak_bytes`.
+    Raises `PlanMissingError` when the plan module cannot be imported.
     """
     try:
-        from memoryformer.training import memory_plan
+        from memoryformer.config import ModelConfig
+
+        memory_plan = importlib.import_module("memoryformer.training.memory_plan")
     except ImportError as err:
         raise PlanMissingError(f"plan module missing: {err}") from err
-    estimate = getattr(memory_plan, "estimate_peak_bytes", None)
-    if estimate is None:
-        raise PlanMissingError("plan module missing: memoryformer.training.memory_plan has no "
-                               "estimate_peak_bytes(model, micro_batch, seq_len, precision, strategy)")
-    return int(estimate(model="mf_tiny", micro_batch=micro_batch, seq_len=seq_len, precision="bf16-mixed",
-                        strategy="single_device"))
+    layout = memory_plan.Layout(precision="bf16-mixed", device="cuda", fused_optimizer=True)
+    plan = memory_plan.plan_memory(ModelConfig.from_name("mf_tiny"), seq_len, micro_batch, layout)
+    unseen = plan.breakdown.get("cuda_context", 0) + plan.breakdown.get("allocator_slack", 0)
+    return int(plan.peak_bytes - unseen)
 
 
 def measure_step_peak(device: str, micro_batch: int, seq_len: int) -> int:
@@ -321,6 +323,7 @@ def fit_command(run_dir: Path, steps: int = FIT_STEPS, peak: float | None = None
         "trainer.devices=1",
         "trainer.precision=bf16-mixed",
         f"trainer.max_steps={steps}",
+        "micro_batch_size=16",
         "trainer.accumulate_grad_batches=1",
         "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false",

@@ -164,6 +164,16 @@ def test_plan_call_reports_a_missing_module(monkeypatch: pytest.MonkeyPatch) -> 
         gpu_check.plan_peak_bytes(4, 2048)
 
 
+def test_plan_call_is_the_plan_without_what_the_allocator_does_not_count() -> None:
+    from memoryformer.config import ModelConfig
+    from memoryformer.training import memory_plan as mp
+
+    plan = mp.plan_memory(ModelConfig.from_name("mf_tiny"), 2048, 4, mp.Layout(precision="bf16-mixed"))
+    unseen = plan.breakdown["cuda_context"] + plan.breakdown["allocator_slack"]
+    assert gpu_check.plan_peak_bytes(4, 2048) == plan.peak_bytes - unseen
+    assert 2 * 2**30 < gpu_check.plan_peak_bytes(4, 2048) < plan.peak_bytes  # weights + AdamW alone: 5 GiB
+
+
 def test_throughput_is_recorded_against_the_documented_estimate(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
     doc.write_text("| Row | MFU | Basis |\n|---|---|---|\n| `mf_tiny` (MF-tiny) | 9% | **estimate** |\n")

@@ -192,8 +192,8 @@ def test_auto_takes_the_largest_micro_batch_that_fits_with_headroom() -> None:
 
 
 def test_a_plan_larger_than_the_device_names_the_micro_batch_that_fits() -> None:
-    fits = max(m for m in (1, 2, 4, 8, 16, 32, 64) if _plan(m).peak_bytes <= 40 * GB)
-    cfg = _compose("experiment=mf_tiny", "trainer=gpu", "device_memory_gb=40", "dry_run=true",
+    fits = max(m for m in (1, 2, 4, 8, 16, 32, 64) if _plan(m).peak_bytes <= 24 * GB)
+    cfg = _compose("experiment=mf_tiny", "trainer=gpu", "device_memory_gb=24", "dry_run=true",
                    "micro_batch_size=64")
     with pytest.raises(ConfigError) as err:
         check_config(cfg)

@@ -227,6 +227,6 @@ def test_table_init_std_sets_the_memory_block_tables_only() -> None:
     for layer in (ffn.layer1, ffn.layer2):  # 655k and 2.1M N(0, 0.05^2) entries: std within 1%
         assert layer.tables.std().item() == pytest.approx(0.05, rel=0.01)
     small = math.sqrt(2 / (5 * 128))  # GPT-NeoX small_init keeps the Q/K/V tables
-    assert model.blocks[0].attn.q_proj.tables.std().item() == pytest.approx(small, rel=0.01)
+    assert model.blocks[0].attn.qkv.tables.std().item() == pytest.approx(small, rel=0.01)
     with pytest.raises(ConfigError, match="model.table_init_std=0"):
         build_model("nano", table_init_std=0.0)

@@ -9,8 +9,8 @@ sizes, world size). It counts, per device:
 - activations kept for backward, tensor by tensor for each block (`block_activation_bytes`), with
   activation checkpointing counted (a checkpointed block keeps its input and recomputes one block at a
   time in backward);
-- the logits and the loss (`logits_and_loss_bytes`, one function so that a chunked cross-entropy changes
-  one line);
+- the logits and the loss (`logits_and_loss_bytes`: the chunked cross-entropy's peak, or the whole fp32
+  logits under ZeRO-3);
 - bytes no tensor shows: the CUDA context, the caching allocator's slack, DeepSpeed's communication
   buckets (from the trainer YAML), NCCL's buffers.
 
@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from memoryformer.config import ModelConfig
+from memoryformer.nn import chunked_loss
 
 GIB = 2**30
 GB = 10**9
@@ -245,7 +246,11 @@ def block_activation_bytes(model: ModelConfig, a: ActivationBytes) -> int:
     hashed, k = model.hash_width, model.num_tables
     kept = _rmsnorm_bytes(d, a) if model.norm == "rmsnorm" else a.stream * d + 8
     if model.qkv == "memory":
-        kept += _hash_bytes(hashed, k, 3, a) + attention
+        # one Memory Layer gives q, k and v ([N, 3d]); with no dtype cast before the attention, v is a view
+        # of that output and keeps all of it alive (q and k are new tensors after rotary)
+        kept += _hash_bytes(hashed, k, 1, a) + attention
+        if a.stream == a.matmul:
+            kept += 2 * a.stream * d
     else:
         kept += a.matmul * d + attention
     kept += _rmsnorm_bytes(d, a) if model.norm == "rmsnorm" else a.stream * d + 8
@@ -268,15 +273,19 @@ def head_activation_bytes(model: ModelConfig, a: ActivationBytes) -> int:
     return norm + a.matmul * d + 16
 
 
-def logits_and_loss_bytes(tokens: int, vocab_size: int, a: ActivationBytes) -> int:
-    """Peak bytes of the logits and the cross-entropy for `tokens` tokens (the whole micro-batch at once).
+def logits_and_loss_bytes(tokens: int, model: ModelConfig, a: ActivationBytes, chunked: bool = True) -> int:
+    """Peak bytes of the logits and the cross-entropy for `tokens` tokens.
 
-    The loss takes fp32 logits `[N, V]`: log-softmax keeps its fp32 output, and at the start of backward
-    the gradient of that output and the gradient of the logits (both fp32) are alive with it: 3 x 4 bytes
-    per logit (16-bit logits from the LM head come and go before). A chunked cross-entropy changes this
-    function alone.
+    Chunked (the training loss, `memoryformer.nn.chunked_loss`): one chunk's logits in the matmul's dtype,
+    their fp32 copy and fp32 gradient, the fp32 accumulator of the head's gradient and the hidden states'
+    gradient (`chunked_loss.peak_bytes`). Whole (`chunked=False`, ZeRO-3, whose partitioned head is
+    gathered only around its own forward): fp32 logits `[N, V]`, whose log-softmax output and the two
+    gradients at the start of backward are alive together, 3 x 4 bytes per logit.
     """
-    return 3 * 4 * tokens * vocab_size
+    if not chunked:
+        return 3 * 4 * tokens * model.vocab_size
+    return chunked_loss.peak_bytes(tokens, model.vocab_size, model.n_embd, compute_bytes=a.matmul,
+                                   weight_bytes=a.stream)
 
 
 def activation_total(
@@ -339,7 +348,7 @@ def plan_memory(
     stored, recompute = activation_total(
         model, tokens, a, activation_checkpointing, activation_checkpointing_every
     )
-    logits = logits_and_loss_bytes(tokens, model.vocab_size, a)
+    logits = logits_and_loss_bytes(tokens, model, a, chunked=layout.zero_stage != 3)
     # 16-bit copies of the matmul weights that autocast makes and backward keeps (not under DeepSpeed,
     # whose module is 16-bit already)
     casts = 2 * params.matmul if (layout.mixed and not layout.deepspeed) else 0
