@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 from torch import nn
 
@@ -44,24 +46,43 @@ def _init_projection(module: nn.Module, std: float) -> None:
         raise TypeError(f"cannot initialise a projection of type {type(module).__name__}.")
 
 
-def init_weights(model: nn.Module, config: ModelConfig) -> None:
-    """Initialise every parameter of a `LanguageModel` in place by the rules in this module's docstring."""
+def init_weights(
+    model: nn.Module,
+    config: ModelConfig,
+    gathered: Callable[[nn.Module], AbstractContextManager] | None = None,
+) -> None:
+    """Initialise every parameter of a `LanguageModel` in place by the rules in this module's docstring.
+
+    `gathered(module)`: a context in which `module`'s parameters are whole, entered around each module's
+    init (DeepSpeed ZeRO-3 holds them as shards and gathers one module at a time); by default none.
+    """
     small = small_init_std(config.n_embd)
     wang = wang_init_std(config.n_embd, config.n_layer)
+    gathered = gathered or (lambda module: nullcontext())
     for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=small)
-        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-            module.reset_parameters()
-        elif isinstance(module, MemoryFormerAttention):
-            _init_projection(module.qkv, small)  # Q, K and V side by side, each small_init
-        elif isinstance(module, NeoXAttention):
-            _init_projection(module.query_key_value, small)
-            _init_projection(module.dense, wang)
-        elif isinstance(module, MemoryBlock):
-            _init_projection(module.layer1, config.table_init_std)
-            _init_projection(module.layer2, config.table_init_std)
-        elif isinstance(module, MLP):
-            _init_projection(module.fc_in, small)
-            _init_projection(module.fc_out, wang)
-    _init_projection(model.lm_head, small)
+        step = _module_init(module, small, wang, config.table_init_std)
+        if step is not None:
+            with gathered(module):
+                step()
+    with gathered(model.lm_head):
+        _init_projection(model.lm_head, small)
+
+
+def _module_init(module: nn.Module, small: float, wang: float, table_std: float) -> Callable[[], None] | None:
+    """What initialises `module`'s own parameters (or those of its projections), or None."""
+    if isinstance(module, nn.Embedding):
+        return lambda: nn.init.normal_(module.weight, mean=0.0, std=small)
+    if isinstance(module, (nn.LayerNorm, RMSNorm)):
+        return module.reset_parameters
+    if isinstance(module, MemoryFormerAttention):
+        return lambda: _init_projection(module.qkv, small)  # Q, K and V side by side, each small_init
+    if isinstance(module, NeoXAttention):
+        return lambda: (_init_projection(module.query_key_value, small), _init_projection(module.dense, wang))
+    if isinstance(module, MemoryBlock):
+        return lambda: (
+            _init_projection(module.layer1, table_std),
+            _init_projection(module.layer2, table_std),
+        )
+    if isinstance(module, MLP):
+        return lambda: (_init_projection(module.fc_in, small), _init_projection(module.fc_out, wang))
+    return None

@@ -19,8 +19,10 @@ from memoryformer.conf_schema import OptimConfig
 from memoryformer.config import ModelConfig
 from memoryformer.errors import NonFiniteLossError  # the one NonFiniteLossError, also importable from here
 from memoryformer.models import LanguageModel
+from memoryformer.models.init import init_weights
 from memoryformer.training.optim import build_optimizer, build_scheduler, group_lrs
 from memoryformer.training.parallelize import apply_activation_checkpointing, apply_compile
+from memoryformer.training.strategy import gathered_zero3, is_deepspeed, is_zero3, offloads_optimizer
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,15 +73,39 @@ class LMTrainingModule(L.LightningModule):
         self.model_config = ModelConfig.from_dict(dict(model))
         self.optim_config = OptimConfig.from_dict(dict(optim), saved=True)
         self.optim_config.validate()  # build_optimizer / build_scheduler rely on a known name and schedule
-        self.model = LanguageModel(self.model_config)
-        if activation_checkpointing:
-            apply_activation_checkpointing(self.model, every=activation_checkpointing_every)
         self._compiled: Any = None
+        # Health of the optimizer steps not yet checked, as device tensors: (step, loss summed over the step's
+        # micro-batches, gradient norm). Checked and logged together (`_check_steps`), so that a step costs
+        # no device-to-host sync of its own.
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+        self._step_loss: torch.Tensor | None = None
+        self._clip_norm: torch.Tensor | None = None
 
-    def setup(self, stage: str) -> None:
-        """Compile the model for training when asked; the compiled wrapper is kept out of `state_dict`."""
-        if self.hparams.compile and self._compiled is None:
-            object.__setattr__(self, "_compiled", apply_compile(self.model))
+    @property
+    def model(self) -> LanguageModel:
+        """The `LanguageModel`; built by `configure_model` (here on first use outside a Trainer)."""
+        if "model" not in self._modules:
+            self.configure_model()
+        return self._modules["model"]
+
+    def configure_model(self) -> None:
+        """Build the model (once): Lightning calls this inside the strategy's sharded-init context, so that
+        under DeepSpeed ZeRO-3 (`deepspeed.zero.Init`) each rank only ever holds its shard of the weights.
+
+        Then activation checkpointing and, when asked, a compiled wrapper (kept out of `state_dict`).
+        """
+        if "model" in self._modules:
+            return
+        model = LanguageModel(self.model_config)
+        if is_zero3(self._trainer.strategy if self._trainer is not None else None):
+            # zero.Init partitioned each layer's parameters as it was built, so the model-wide init of
+            # LanguageModel.__init__ saw empty tensors: run it again layer by layer on gathered weights
+            init_weights(model, self.model_config, gathered=gathered_zero3)
+        if self.hparams.activation_checkpointing:
+            apply_activation_checkpointing(model, every=self.hparams.activation_checkpointing_every)
+        self._modules["model"] = model  # add_module would call the `model` property (hasattr) and recurse
+        if self.hparams.compile:
+            object.__setattr__(self, "_compiled", apply_compile(model))
 
     def on_fit_start(self) -> None:
         """Record the data's tokenizer in the hyper-parameters, so checkpoints name it for the eval loader."""
@@ -97,17 +123,12 @@ class LMTrainingModule(L.LightningModule):
         self.model.begin_training_step(self.global_step)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Mean next-token cross-entropy of one micro-batch; stops the run on a non-finite loss."""
+        """Mean next-token cross-entropy of one micro-batch; its finiteness is checked with the step's."""
         input_ids, labels = split_batch(batch)
         _, loss = self(input_ids, labels)
-        if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}); the run "
-                f"stops "
-                f"here and the last checkpoint written before this step is the newest good one. Lower "
-                f"optim.lr, keep optim.grad_clip > 0, or try trainer.precision=bf16-mixed / 32-true."
-            )
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
+        detached = loss.detach().float()
+        self._step_loss = detached if self._step_loss is None else self._step_loss + detached
+        self.log("train/loss", detached, on_step=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -128,19 +149,8 @@ class LMTrainingModule(L.LightningModule):
             self.log("val/at_step", float(self.global_step), sync_dist=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the pre-clipping global gradient norm and lr; stop on NaN/inf gradients (not under fp16)."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            # fp16 loss scaling skips steps with inf gradients by design: only check other precisions.
-            fp16 = str(self.trainer.precision).startswith("16")
-            if not fp16 and not torch.isfinite(norm):
-                raise NonFiniteLossError(
-                    f"gradient norm is {norm.item()} at step {self.global_step}; the run stops before this "
-                    f"update, so the newest checkpoint holds the last good weights. Lower optim.lr or "
-                    f"check the data."
-                )
-            self.log("train/grad_norm", norm, on_step=True)
+        """Log the learning rates of the step about to be taken (the gradient norm is logged by
+        `_check_steps`, from the norm that clipping computed)."""
         self.log_learning_rates(optimizer)
 
     def log_learning_rates(self, optimizer: torch.optim.Optimizer) -> None:
@@ -151,15 +161,98 @@ class LMTrainingModule(L.LightningModule):
             self.log(f"lr/{name}", lr, on_step=True)
         self.log("train/lr", lrs.get("other", optimizer.param_groups[0]["lr"]), on_step=True)
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by the global norm as Lightning does, keeping the norm it computes (the logged `grad_norm`).
+
+        Under DeepSpeed the engine clips and reports the norm itself (`_step_grad_norm`), so nothing happens
+        here; clipping by value is left to Lightning.
+        """
+        if is_deepspeed(self.trainer.strategy):
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if gradient_clip_val:
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+        self._clip_norm = norm
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        """Take the step, then queue its loss and gradient norm for `_check_steps` (run every
+        `trainer.log_every_n_steps` steps and before every checkpoint)."""
+        step = self.global_step
+        engine = self.trainer.strategy.model if is_deepspeed(self.trainer.strategy) else None
+        # Lightning calls this once per micro-batch under DeepSpeed, whose engine steps at the boundary
+        boundary = engine is None or engine.is_gradient_accumulation_boundary()
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if not boundary or self._step_loss is None:
+            return
+        norm = self._clip_norm if engine is None else engine.get_global_grad_norm()
+        if norm is not None:
+            norm = torch.as_tensor(norm, dtype=torch.float32).to(self._step_loss.device, non_blocking=True)
+        self._pending.append((step, self._step_loss, norm))
+        self._step_loss, self._clip_norm = None, None
+        if len(self._pending) >= max(1, int(self.trainer.log_every_n_steps or 1)):
+            self._check_steps()
+
+    def _check_steps(self) -> None:
+        """Log `train/grad_norm` of every queued optimizer step and stop at the first non-finite one.
+
+        One device-to-host copy for all queued steps. fp16 loss scaling skips steps whose gradients
+        overflow by design, so a non-finite gradient norm only stops other precisions.
+        """
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        nan = torch.tensor(float("nan"), device=pending[0][1].device)
+        values = torch.stack(
+            [torch.stack([loss, nan if norm is None else norm]) for _, loss, norm in pending]
+        )
+        fp16 = str(self.trainer.precision).startswith("16")
+        for (step, _, norm), (loss_value, norm_value) in zip(pending, values.tolist(), strict=True):
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"training loss is {loss_value} at step {step}; the run stops here and the newest "
+                    f"checkpoint holds the last good weights. Lower optim.lr, keep optim.grad_clip > 0, or "
+                    f"try trainer.precision=bf16-mixed / 32-true."
+                )
+            if norm is None:
+                continue
+            if not fp16 and not math.isfinite(norm_value):
+                raise NonFiniteLossError(
+                    f"gradient norm is {norm_value} at step {step}; the run stops here and the newest "
+                    f"checkpoint holds the last good weights. Lower optim.lr or check the data."
+                )
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"train/grad_norm": norm_value}, step=step)
+
+    def on_train_end(self) -> None:
+        """Check and log the steps queued since the last check."""
+        self._check_steps()
+
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW + per-step LambdaLR schedule (`memoryformer.training.optim`)."""
-        optimizer = build_optimizer(self.model, self.optim_config)
+        """AdamW + per-step LambdaLR schedule (`memoryformer.training.optim`); DeepSpeed's CPU Adam when
+        DeepSpeed offloads the optimizer step."""
+        offload = offloads_optimizer(self.trainer.strategy)
+        optimizer = build_optimizer(self.model, self.optim_config, offload=offload)
         scheduler = build_scheduler(optimizer, self.optim_config, int(self.hparams.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the RNG states so that a resumed run draws the same random numbers."""
+        """Check the queued steps first (a checkpoint is never written after a non-finite step), then store
+        the RNG states so that a resumed run draws the same random numbers."""
+        self._check_steps()
         checkpoint["rng_states"] = {
             "python": random.getstate(),
             "numpy": _numpy_state_to_tensors(np.random.get_state()),

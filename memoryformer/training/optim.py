@@ -111,9 +111,13 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return out
 
 
-def build_optimizer(model: nn.Module, optim: Any) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optim: Any, offload: bool = False) -> torch.optim.Optimizer:
     """The optimizer `optim.name` over `parameter_groups(model, ...)` with per-group lr, betas and eps from
-    `optim` (an `OptimConfig` that passed `validate`, which checks the name)."""
+    `optim` (an `OptimConfig` that passed `validate`, which checks the name).
+
+    `offload`: DeepSpeed runs the step on the CPU (`offload_optimizer`), where it needs its own CPU Adam; the
+    same groups and hyper-parameters then go to `deepspeed_cpu_adam`.
+    """
     groups = parameter_groups(
         model,
         optim.weight_decay,
@@ -122,6 +126,8 @@ def build_optimizer(model: nn.Module, optim: Any) -> torch.optim.Optimizer:
         block_lr_scale=optim.block_lr_scale,
         embedding_lr_scale=optim.embedding_lr_scale,
     )
+    if offload:
+        return deepspeed_cpu_adam(groups, optim)
     # The fused step matters for MemoryFormer: its hundreds of millions of table entries make the
     # optimizer step about half of a training step with the per-tensor loop (docs/benchmarks.md).
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=bool(optim.fused))
@@ -129,6 +135,26 @@ def build_optimizer(model: nn.Module, optim: Any) -> torch.optim.Optimizer:
     # as the released code's FusedAdam (adam_w_mode) did.
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
     return cls(groups, **kwargs)
+
+
+def deepspeed_cpu_adam(groups: list[dict[str, Any]], optim: Any) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU Adam over `groups`: decoupled decay (`adamw_mode`) for `adamw`, L2 for `adam`.
+
+    Its C++ op is compiled on first use (ninja and a C++ compiler; cached under ~/.cache/torch_extensions);
+    a machine that cannot build it gets one sentence saying so instead of DeepSpeed's traceback.
+    """
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(
+            groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, adamw_mode=optim.name == "adamw"
+        )
+    except (ImportError, RuntimeError, OSError) as err:  # a failed JIT build raises one of these
+        raise ConfigError(
+            f"trainer.strategy.config.zero_optimization.offload_optimizer needs DeepSpeed's CPU Adam, whose "
+            f"op could not be built here ({err}); install ninja and a C++ compiler (or prebuild it with "
+            f"DS_BUILD_CPU_ADAM=1 pip install deepspeed), or pick trainer=deepspeed_zero2."
+        ) from err
 
 
 def decay_steps_for(optim: Any, max_steps: int) -> int:

@@ -227,7 +227,9 @@ def trainer_kwargs(cfg: DictConfig, plan: RunPlan) -> dict[str, Any]:
     kwargs = dict(to_plain(cfg.trainer))
     kwargs["max_steps"] = plan.max_steps
     kwargs["accumulate_grad_batches"] = plan.accumulate  # derived (batch_plan); a stated value agreed
-    kwargs["strategy"] = build_strategy(kwargs.get("strategy"), kwargs.get("precision"))
+    kwargs["strategy"] = build_strategy(
+        kwargs.get("strategy"), kwargs.get("precision"), accelerator=kwargs.get("accelerator")
+    )
     kwargs.setdefault("gradient_clip_val", plan.optim.grad_clip or None)
     if cfg.val_every_n_steps:
         # Lightning counts val_check_interval in micro-batches; ours is in optimizer steps.

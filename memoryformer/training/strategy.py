@@ -5,15 +5,25 @@
 DeepSpeed config dict itself (ZeRO stage, bucket sizes, offload) and `fp16_loss_scaling` holds the dynamic
 loss-scale settings, copied into `config["fp16"]` only when `trainer.precision` is 16-bit (DeepSpeed's
 fp16 engine); with bf16 Lightning adds `{"bf16": {"enabled": true}}` itself.
+
+DeepSpeed is built as `DeepSpeedAnyAcceleratorStrategy`: Lightning's `DeepSpeedStrategy`, which also runs with
+`trainer.accelerator=cpu` on DeepSpeed's own CPU accelerator (gloo), for debugging a ZeRO config on a laptop
+and for CI (docs/deepspeed.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import os
+import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
 from memoryformer.config import ConfigError
 
@@ -43,6 +53,103 @@ def deepspeed_config(spec: Mapping[str, Any], precision: str | int | None) -> di
     return config
 
 
+#: Lightning's warning when the LightningModule overrides `configure_gradient_clipping` under DeepSpeed.
+#: `LMTrainingModule` overrides it only to read the norm outside DeepSpeed, and steps aside under DeepSpeed,
+#: whose engine clips with `gradient_clip_val` itself.
+_CLIPPING_HOOK_WARNING = "Since DeepSpeed handles gradient clipping internally"
+
+
+def use_deepspeed_cpu_accelerator() -> None:
+    """Make DeepSpeed run on its CPU accelerator (gloo) in this process and in the ranks it launches.
+
+    DeepSpeed picks its accelerator once, at `import deepspeed`, from `DS_ACCELERATOR` (else CUDA when
+    present). So the variable is set before the import (`build_strategy` calls this before constructing
+    the strategy, whose constructor imports deepspeed), which the launched ranks inherit; a deepspeed
+    already imported with another accelerator (e.g. on a GPU machine) is switched to the CPU one.
+    """
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    real = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    current = getattr(real, "ds_accelerator", None)
+    if current is not None and current.device_name() != "cpu":
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        real.set_accelerator(CPU_Accelerator())
+
+
+class DeepSpeedAnyAcceleratorStrategy(DeepSpeedStrategy):
+    """Lightning's `DeepSpeedStrategy`, which also accepts `trainer.accelerator=cpu`.
+
+    Lightning refuses every accelerator but CUDA in `setup_environment` (and checks CUDA device indices in
+    `setup_distributed`); DeepSpeed itself runs on CPU with its
+    CPU accelerator and the gloo process group (Lightning picks gloo for CPU devices). On CUDA nothing
+    changes. Under DeepSpeed the engine clips gradients (`gradient_clip_val`), so Lightning's warning about
+    an overridden `configure_gradient_clipping` hook is silenced (see `LMTrainingModule`).
+    """
+
+    def setup_environment(self) -> None:
+        """Lightning's set-up, without its CUDA-only check when the accelerator is the CPU."""
+        if isinstance(self.accelerator, CPUAccelerator):
+            use_deepspeed_cpu_accelerator()
+            # what DeepSpeedStrategy.setup_environment does after its check
+            DDPStrategy.setup_environment(self)
+            return
+        super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        """Lightning's, without its check that device indices match local ranks (CPU devices have none)."""
+        if not isinstance(self.accelerator, CPUAccelerator):
+            super().setup_distributed()
+            return
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
+        """`deepspeed.initialize` as Lightning calls it, but on CPU with the local rank as DeepSpeed's device
+        rank: Lightning passes the device index, which a CPU device lacks (DeepSpeed would see one rank)."""
+        if not isinstance(self.accelerator, CPUAccelerator):
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import deepspeed
+
+        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, deepspeed_optimizer
+
+    def init_deepspeed(self) -> None:
+        """Lightning's engine set-up without its clipping-hook warning (see the class docstring)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_CLIPPING_HOOK_WARNING)
+            super().init_deepspeed()
+
+
+def offloads_optimizer(strategy: Any) -> bool:
+    """True when `strategy` is DeepSpeed with `zero_optimization.offload_optimizer` on the CPU or NVMe, where
+    the optimizer step must be DeepSpeed's CPU Adam (it refuses a torch optimizer there)."""
+    config = getattr(strategy, "config", None) if isinstance(strategy, DeepSpeedStrategy) else None
+    offload = ((config or {}).get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def is_zero3(strategy: Any) -> bool:
+    """True when `strategy` is DeepSpeed at ZeRO stage 3 (parameters sharded across ranks)."""
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+
+
+def gathered_zero3(module: Any) -> Any:
+    """A context in which `module`'s ZeRO-3 parameter shards are gathered whole on every rank; rank 0's
+    changes are scattered back to the shards on exit (DeepSpeed's `GatheredParameters`)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
+
+
 def is_deepspeed(strategy: Any) -> bool:
     """True for DeepSpeed in each form a strategy takes: a `trainer.strategy` mapping (`name: deepspeed`), a
     Lightning strategy name (`deepspeed`, `deepspeed_stage_2`, ...) or a built strategy (`DeepSpeedStrategy`,
@@ -57,9 +164,13 @@ def is_deepspeed(strategy: Any) -> bool:
 
 
 def build_strategy(
-    spec: str | Mapping[str, Any] | None, precision: str | int | None = None
+    spec: str | Mapping[str, Any] | None, precision: str | int | None = None, accelerator: str | None = None
 ) -> str | Strategy:
-    """A Lightning strategy (or strategy name) from `trainer.strategy`; see the module docstring."""
+    """A Lightning strategy (or strategy name) from `trainer.strategy`; see the module docstring.
+
+    `accelerator` is `trainer.accelerator`: with `cpu`, DeepSpeed is set to its CPU accelerator before
+    it is imported (`use_deepspeed_cpu_accelerator`).
+    """
     if spec is None or isinstance(spec, str):
         return spec or "auto"
     spec = dict(spec)
@@ -78,10 +189,10 @@ def build_strategy(
     config = deepspeed_config(spec, precision)
     spec.pop("config", None)
     spec.pop("fp16_loss_scaling", None)
+    if str(accelerator) == "cpu":
+        use_deepspeed_cpu_accelerator()
     try:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(config=config, **spec)
+        return DeepSpeedAnyAcceleratorStrategy(config=config, **spec)
     except ImportError as err:  # deepspeed missing
         raise ConfigError(
             f"trainer.strategy.name=deepspeed needs the deepspeed package ({err}); "
