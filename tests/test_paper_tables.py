@@ -314,7 +314,7 @@ def _section(md: str, n: int) -> list[str]:
 
 
 def test_report_renders_all_six_tables_from_runs(tmp_path):
-    from memoryformer.report import render  # the entry point `python -m memoryformer.report`
+    from memoryformer.evaluation.report import render  # python -m memoryformer.evaluation.report
 
     runs = tmp_path / "runs"
     _train_run(runs / "multirun/table4_lr/t/1", "table4_lr", {}, lr=2e-3, ppl=19.5)
@@ -375,7 +375,7 @@ def test_table3_multirun_trains_every_row_and_the_report_reads_it(tmp_path):
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    from memoryformer.report import render
+    from memoryformer.evaluation.report import render
 
     t3 = _section(render([tmp_path / "sweep"]), 3)
     assert len(t3) == 1 + 3 and not any("not run" in r for r in t3)  # header + the 3 rows

@@ -101,7 +101,7 @@ def test_token_count_is_saved_under_the_key_older_checkpoints_use(smoke_run: tup
     # so the state keeps the old key and runs saved before the rename resume their token count.
     out, _ = smoke_run
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["callbacks"]["ThroughputMonitor"] == {"tokens_seen": 8 * 4 * 32}
+    assert ckpt["callbacks"]["TokenThroughputMonitor"] == {"tokens_seen": 8 * 4 * 32}
 
 
 @pytest.mark.slow
