@@ -53,9 +53,9 @@ bench: $(STAMP) ## benchmarks -> docs/benchmarks.md
 reproduce-cpu: $(STAMP) ## the paper's six tables at CPU scale (about an hour; TABLES=1,4 for a subset) -> docs/reproduction.*
 	$(PY) -m reproduction $(if $(TABLES),--tables $(TABLES))
 
-throughput: $(STAMP) ## training tokens/s of the paper rows on this device -> docs/throughput.json + README
+throughput: $(STAMP) ## training tokens/s of the paper rows on this device -> docs/throughput.json + docs/costs.md
 	$(PY) benchmarks/bench_throughput.py --record
-	$(PY) scripts/update_readme.py
+	$(PY) scripts/update_docs.py
 
 gpu-check: $(STAMP) ## CUDA checks (Memory Layer vs float64, MF-tiny ZeRO-2 bf16 fit, GB/s, MFU) -> docs/gpu_check.json
 	$(PY) scripts/gpu_check.py

@@ -8,7 +8,7 @@
         # corpus; DIR from `python -m memoryformer.data.sample --export-eval DIR` (what `make train` runs)
 
 Writes results.json (lm-eval's output), results.md and run_info.json into the Hydra run directory; render
-several runs as the paper's Tables 1-6 with `python -m memoryformer.report RUN_DIR...`.
+several runs as the paper's Tables 1-6 with `python -m memoryformer.evaluation.report RUN_DIR...`.
 """
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     for r in results if r.tokens_per_s]
         print("\n" + method_check_text(measured, name, copy_bandwidth()))
     if args.record:
-        print(f"\nrecorded in {args.record}; `python scripts/update_readme.py` refreshes the README's table.")
+        print(f"\nrecorded in {args.record}; `python scripts/update_docs.py` refreshes docs/costs.md.")
     return 0
 
 

@@ -1,7 +1,7 @@
 """What a paper row costs to train: tokens from its experiment config, FLOPs from the FLOPs tool, and
 device-hours from a throughput that is measured, published, or (where neither exists yet) estimated.
 
-    python benchmarks/compute_budget.py                          # the cost table (README "What a row costs")
+    python benchmarks/compute_budget.py                          # the cost table (docs/costs.md)
     python benchmarks/compute_budget.py --all                    # ... with CPU measurements too
     python benchmarks/compute_budget.py record --experiment mf_tiny --device "NVIDIA H100 80GB HBM3" \\
         --tokens-per-s 123456 --devices 8 --dtype bf16 --micro-batch 16   # a number read off your own run
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             save_measurement(m, args.measurements)
             print(f"recorded {m.model} on {m.device}: {m.tokens_per_s:,.0f} tokens/s per device "
-                  f"-> {args.measurements}; run `python scripts/update_readme.py` to refresh the README.")
+                  f"-> {args.measurements}; run `python scripts/update_docs.py` to refresh docs/costs.md.")
         print(format_cost_table(load_measurements(args.measurements), include_cpu=args.all))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

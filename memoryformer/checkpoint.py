@@ -5,8 +5,9 @@ Three formats are recognised by `load_model(path)`:
 1. An exported model directory (`export_model`), a Hugging Face model directory (`memoryformer.hf.export`):
    `config.json` with `model_type` "memoryformer" (our remote-code `MemoryFormerForCausalLM`) or "gpt_neox"
    (Pythia rows, plain `GPTNeoXForCausalLM`), `model.safetensors` and optionally `tokenizer.json`.
-   The earlier format, `config.json` = `{"model": ModelConfig.to_dict(), "tokenizer": "tokenizer.json" |
-   null}` with our state dict in `model.safetensors`, is still read.
+   The package's own format, written for a model Hugging Face cannot run (`export_model`): `config.json` =
+   `{"model": ModelConfig.to_dict(), "tokenizer": "tokenizer.json" | null}`, our state dict in
+   `model.safetensors`.
 2. A Lightning `.ckpt` file: `state_dict` keys are `model.<our key>`; `hyper_parameters["model"]` holds
    the model config (a dict, or a preset name); `hyper_parameters["tokenizer_path"]` optionally the tokenizer.
 3. A DeepSpeed checkpoint directory written by Lightning's `DeepSpeedStrategy` (a `latest` file and one

@@ -21,9 +21,6 @@ from typing import Any
 from memoryformer.errors import ConfigError  # the one ConfigError, also importable from here
 
 BLOCK_TYPES = ("memoryformer", "pythia")
-#: Keys that earlier versions saved with the model config and that no longer exist: `from_dict` drops them,
-#: so checkpoints written before their removal still load.
-RETIRED_KEYS = ("extra",)
 NORM_TYPES = ("rmsnorm", "layernorm")
 QKV_TYPES = ("memory", "linear")
 FFN_TYPES = ("memory_block", "mlp")
@@ -238,7 +235,6 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build from a plain mapping (a checkpoint's saved config, a resolved Hydra node)."""
-        values = {k: v for k, v in values.items() if k not in RETIRED_KEYS}
         reject_unknown_keys("model.", values, cls)
         return cls(**values)
 

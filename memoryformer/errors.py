@@ -117,6 +117,13 @@ def hydra_error_sentence(err: BaseException) -> str:
     removed = _removed_key_sentence(err)
     if removed:
         return removed
+    from hydra.errors import OverrideParseException
+
+    key, is_assignment, value = getattr(err, "override", "").partition("=")
+    if isinstance(err, OverrideParseException) and is_assignment:
+        # Hydra's grammar reads ( [ { , : and quotes in a value; quoting the value makes it a plain string.
+        quoted = f'{key}="\\"{value}\\""' if "'" in value else f"{key}=\"'{value}'\""
+        return f"Hydra cannot parse the value of {key}={value}; quote it, e.g. {quoted}."
     options = getattr(err, "options", None)
     missing = getattr(err, "missing_cfg_file", None)
     if options and missing and "/" in missing:

@@ -200,26 +200,6 @@ def test_checkpoint_of_another_shape_is_refused_before_training(tmp_path):
     assert resolve_ckpt_path("auto", tmp_path, None, ModelConfig.from_dict(other)) is None
 
 
-def test_checkpoints_saved_before_the_retired_keys_were_removed_still_load(tmp_path):
-    """Older runs saved `model.extra` in the model config and `check_finite_grads` in the hyper-parameters."""
-    from memoryformer.training.module import LMTrainingModule
-
-    model = tiny_model()
-    ckpt = training_ckpt(model)
-    ckpt["hyper_parameters"] = {
-        "model": {**model.config.to_dict(), "extra": {"row": "pythia_410m"}},
-        "optim": {},
-        "max_steps": 10,
-        "check_finite_grads": True,
-    }
-    ckpt["pytorch-lightning_version"] = "2.6.0"
-    path = write_ckpt(tmp_path / "last.ckpt", ckpt)
-    assert load_model(path)[0].config == model.config
-    assert resolve_ckpt_path(str(path), tmp_path, None, model.config) == str(path)
-    module = LMTrainingModule.load_from_checkpoint(path, weights_only=True)
-    assert module.model_config == model.config and "check_finite_grads" not in module.hparams
-
-
 # ----------------------------------------------------------------------------------------------------- lock
 def test_live_lock_is_refused_and_released_at_exit(tmp_path):
     with run_lock(tmp_path) as path:

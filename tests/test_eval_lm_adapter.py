@@ -121,21 +121,28 @@ def _manual_greedy(model, ids: list[int], steps: int, block: int, eot: int) -> l
 def test_generate_until_matches_uncached_greedy_and_stops_at_until(lm):
     tok = byte_tokenizer()
     eot = tok.token_to_id(EOT)
-    ctx = "Once upon a time"
-    # 40 new tokens after a 16-token prompt overflow the 48-token context: the cache must be rebuilt.
-    ref_ids = _manual_greedy(lm.model, tok.encode(ctx).ids, 40, 48, eot)
+    ctx, other = "Once upon a time", "Hi"  # 16 and 2 tokens: one left-padded batch of two rows
+    # lm-eval's HFLM keeps the last max_length - max_gen_toks = 48 - 30 = 18 context tokens: all 16 here.
+    ref_ids = _manual_greedy(lm.model, tok.encode(ctx).ids, 30, 48, eot)
     ref_text = tok.decode(ref_ids)
-    (free,) = lm.generate_until(
+    kwargs = {"until": [], "max_gen_toks": 30}
+    batch = [_req("generate_until", (c, kwargs), i) for i, c in enumerate((ctx, other))]
+    free, short_ctx = lm.generate_until(batch, disable_tqdm=True)
+    assert free == ref_text
+    assert len(ref_ids) == 30  # no early end-of-text: the whole budget was decoded
+    assert short_ctx == tok.decode(_manual_greedy(lm.model, tok.encode(other).ids, 30, 48, eot))
+
+    # 40 new tokens leave room for 8 context tokens: the prompt is cut from the left.
+    (cut_left,) = lm.generate_until(
         [_req("generate_until", (ctx, {"until": [], "max_gen_toks": 40}))], disable_tqdm=True
     )
-    assert free == ref_text
-    assert len(ref_ids) == 40  # no early end-of-text: the window really overflowed
+    assert cut_left == tok.decode(_manual_greedy(lm.model, tok.encode(ctx).ids[-8:], 40, 48, eot))
 
-    # Stop at a string the model does produce: the first 3 generated characters form the stop sequence.
+    # Stop at a string the model does produce: 3 generated characters form the stop sequence.
     stop = ref_text[5:8]
     assert stop and stop in ref_text
     (cut,) = lm.generate_until(
-        [_req("generate_until", (ctx, {"until": [stop], "max_gen_toks": 40}))], disable_tqdm=True
+        [_req("generate_until", (ctx, {"until": [stop], "max_gen_toks": 30}))], disable_tqdm=True
     )
     assert cut == ref_text.split(stop)[0]
     assert stop not in cut
@@ -149,7 +156,8 @@ def test_generate_until_matches_uncached_greedy_and_stops_at_until(lm):
 def test_generate_until_rejects_sampling(lm):
     with pytest.raises(AdapterError, match="greedily"):
         lm.generate_until(
-            [_req("generate_until", ("x", {"do_sample": True, "temperature": 0.7}))], disable_tqdm=True
+            [_req("generate_until", ("x", {"do_sample": True, "temperature": 0.7, "max_gen_toks": 5}))],
+            disable_tqdm=True,
         )
 
 

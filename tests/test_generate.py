@@ -130,6 +130,22 @@ def test_misspelt_option_is_one_sentence_and_exit_2(capsys, monkeypatch):
     assert err.startswith("error: Could not override 'topp'") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize(
+    ("prompt", "fix"), [("def main(", "prompt=\"'def main('\""), ("it's [1", 'prompt="\\"it\'s [1\\""')]
+)
+def test_unparsable_prompt_says_to_quote_it(prompt, fix, capsys, monkeypatch):
+    # Hydra's grammar cannot read `(` or an open `[` in a bare value: the sentence shows the quoted form.
+    import runpy
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.setattr(sys, "argv", ["generate.py", "checkpoint=x", f"prompt={prompt}"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "generate.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err == f"error: Hydra cannot parse the value of prompt={prompt}; quote it, e.g. {fix}.\n"
+
+
 def test_bad_input_in_a_real_process_has_no_traceback():
     proc = _run("checkpoint=/nonexistent/model", "prompt=hello")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -1,4 +1,5 @@
-"""Docs that rot are bugs: README's generated table is current and every config name it mentions exists."""
+"""Docs that rot are bugs: the generated tables are current, the README's example runs, every config
+name the docs mention exists, and docs/layout.md lists every module (commands: test_doc_commands.py)."""
 
 import re
 import subprocess
@@ -9,29 +10,35 @@ from memoryformer.config import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = README + "".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
 GROUPS = {p.name for p in (ROOT / "conf").iterdir() if p.is_dir()}
 
 
-def test_model_table_is_generated_by_the_flops_tool():
+def test_generated_tables_are_current():
     proc = subprocess.run(
-        [sys.executable, "scripts/update_readme.py", "--check"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "scripts/update_docs.py", "--check"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_the_two_commands_come_first():
-    first_block = README.split("```bash", 1)[1].split("```", 1)[0]
-    commands = [line.split()[:2] for line in first_block.strip().splitlines()]
-    assert commands == [["make", "train"], ["make", "test"]]
+def test_the_memory_layer_example_runs_and_prints_what_it_says():
+    example = README.split("```python", 1)[1].split("```", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # each print's comment states its output
+    claimed = [line.split("# ", 1)[1] for line in example.splitlines() if line.startswith("print(")]
+    for printed, comment in zip(proc.stdout.splitlines(), claimed, strict=True):
+        assert all(word in comment for word in printed.replace("torch.Size", "").split()), (printed, comment)
 
 
 def _mentioned_choices() -> set[tuple[str, str]]:
-    """(group, option) for every `group=option` / `hydra/sweeper=option` written in README.md."""
+    """(group, option) for every `group=option` / `hydra/sweeper=option` written in README.md or docs/."""
     found = set()
-    for group, option in re.findall(r"(?<![\w.-])((?:hydra/)?[a-z_]+)=([A-Za-z0-9_]+)\b", README):
+    for group, option in re.findall(r"(?<![\w.-])((?:hydra/)?[a-z_]+)=([A-Za-z0-9_]+)\b", DOCS):
         if (group in GROUPS or group.startswith("hydra/")) and not option.isupper():  # NAME = placeholder
             found.add((group, option))
-    for options in re.findall(r"logger='\[([a-z_,]+)\]'", README):
+    for options in re.findall(r"logger='\[([a-z_,]+)\]'", DOCS):
         found.update(("logger", o) for o in options.split(","))
     return found
 
@@ -53,7 +60,7 @@ def _option_exists(group: str, option: str) -> bool:
 
 def test_every_row_name_in_backticks_exists():
     # a backticked `mf_*` / `pythia_*` name is a model preset or an experiment file (often both: one row name)
-    names = re.findall(r"`((?:mf|pythia)_[a-z0-9_]+)`", README)
+    names = re.findall(r"`((?:mf|pythia)_[a-z0-9_]+)`", DOCS)
     assert "mf_small_released" in names
     for name in names:
         assert _option_exists("model", name) or _option_exists("experiment", name), name
@@ -71,8 +78,8 @@ def test_quick_start_commands_resolve_to_real_recipes():
 
 
 def _layout_names() -> set[str]:
-    """The left column of README's layout block: `train.py`, `scripts/gpu_check.py`, `nn/memory_layer.py`."""
-    block = README.split("## Layout of the code", 1)[1].split("```", 2)[1]
+    """The left column of docs/layout.md's block: `train.py`, `scripts/gpu_check.py`, `nn/memory_layer.py`."""
+    block = (ROOT / "docs" / "layout.md").read_text().split("```", 2)[1]
     names = set()
     for line in block.splitlines():
         names.update(n.strip() for n in line.strip().split("  ")[0].split(", ") if n.strip())
@@ -90,7 +97,7 @@ def test_layout_block_names_every_module_and_script():
     names = _layout_names()
     # modules of the package are listed under `memoryformer/`, relative to it (`nn/memory_layer.py`)
     missing = [f for f in files if f.removeprefix("memoryformer/") not in names]
-    assert not missing, f"README's layout block does not list: {missing}"
+    assert not missing, f"docs/layout.md does not list: {missing}"
 
 
 def test_no_file_points_outside_the_repository():

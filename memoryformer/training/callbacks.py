@@ -37,12 +37,6 @@ class TokenThroughputMonitor(L.Callback):
     Not Lightning's `ThroughputMonitor`: that one needs a batch-size function and logs samples, not tokens.
     """
 
-    @property
-    def state_key(self) -> str:
-        # Checkpoints store `tokens_seen` under this key; it was the class name before the rename, and
-        # keeping it lets runs saved then resume their token count (and without Lightning's warning).
-        return "ThroughputMonitor"
-
     def __init__(
         self, flops_per_token: float | None = None, peak_tflops_per_device: float | None = None
     ) -> None:
