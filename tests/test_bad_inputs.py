@@ -221,7 +221,10 @@ def test_bad_input_fails_with_one_sentence(make_case: Callable, tmp_path: Path) 
         assert needle in message, (needle, message)
     for path, digest in before.items():
         assert path.is_file() and _digest(path) == digest, f"{path} changed or vanished"
-    assert not list(tmp_path.rglob("plan.json")), "a refused run wrote its plan"
+    if make_case is not case_token_id_beyond_vocab:
+        # refused before training: no plan. (A bad id past the first 64 documents is found while reading,
+        # after the run started; its plan.json, written once the data opened, stays as the run's record.)
+        assert not list(tmp_path.rglob("plan.json")), "a refused run wrote its plan"
 
 
 def test_worker_wrapped_error_is_reported_as_its_own_sentence() -> None:

@@ -299,7 +299,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_writable_dir(output_dir, "paths.output_dir")
     if cfg.print_config:
         rank_zero_info(OmegaConf.to_yaml(cfg, resolve=True))
-    report_plan(plan, output_dir)
+    report_plan(plan, output_dir, write=bool(cfg.get("dry_run")))
     if cfg.get("dry_run"):
         return {"output_dir": str(output_dir), "plan": plan.memory, "dry_run": True}
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -316,7 +316,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         compile=bool(cfg.compile),
     )
     kwargs = trainer_kwargs(cfg, plan)
-    trainer = L.Trainer(**kwargs, callbacks=build_callbacks(cfg, plan), logger=build_loggers(cfg) or False)
+    callbacks = [*build_callbacks(cfg, plan), PlanFileWriter(plan, output_dir)]
+    trainer = L.Trainer(**kwargs, callbacks=callbacks, logger=build_loggers(cfg) or False)
     summary: dict[str, Any] = {
         "output_dir": str(output_dir),
         "ckpt_dir": str(ckpt_dir),
@@ -331,13 +332,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def report_plan(plan: RunPlan, output_dir: Path) -> None:
-    """Print the memory plan and write it to `<output_dir>/plan.json` (launching process only)."""
+def report_plan(plan: RunPlan, output_dir: Path, write: bool) -> None:
+    """Print the memory plan; with `write`, also write it to `<output_dir>/plan.json` (launching process
+    only). A real run writes the file once its data has opened (`PlanFileWriter`), so a run refused for its
+    data leaves nothing behind."""
     if plan.memory is None:
         return
     rank_zero_info(memory_plan.format_plan(plan.memory))
-    if is_launching_process():
+    if write and is_launching_process():
         atomic_write_text(output_dir / "plan.json", memory_plan.dumps(plan.memory))
+
+
+class PlanFileWriter(L.Callback):
+    """Writes the run's memory plan to `<output_dir>/plan.json` at setup: Lightning opens the data module
+    before the callbacks' `setup`, so the file appears only for a run whose data loaded."""
+
+    def __init__(self, plan: RunPlan, output_dir: Path) -> None:
+        self.plan, self.output_dir, self.written = plan, output_dir, False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.plan.memory is not None and not self.written and trainer.is_global_zero:
+            atomic_write_text(self.output_dir / "plan.json", memory_plan.dumps(self.plan.memory))
+        self.written = True
 
 
 def _fit(cfg: DictConfig, plan: RunPlan, trainer: L.Trainer, module, datamodule, summary: dict) -> None:
