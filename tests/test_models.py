@@ -214,6 +214,27 @@ def test_one_qkv_lookup_equals_three_layers_sharing_one_hash_in_float64():
     torch.testing.assert_close(attn.qkv.bias.grad, ref_bias, rtol=1e-12, atol=1e-12)
 
 
+def test_qkv_initialises_as_three_layers_drawn_in_turn():
+    # Q, K, V as three d -> d Memory Layers, each reset in turn (tables, then bias) from the same seed: the
+    # merged layer's blocks are those draws, so runs trained before the merge retrain to the same weights
+    from memoryformer.models.init import _init_side_by_side, small_init_std
+
+    config = tiny()
+    d, std = config.n_embd, small_init_std(config.n_embd)
+    merged = MemoryLayer(d, 3 * d, code_length=config.code_length)
+    torch.manual_seed(7)
+    _init_side_by_side(merged, std, parts=3)
+    torch.manual_seed(7)
+    parts = [MemoryLayer(d, d, code_length=config.code_length) for _ in range(3)]
+    torch.manual_seed(7)
+    for layer in parts:
+        layer.init_std = std
+        layer.reset_parameters()
+    assert torch.equal(merged.tables, torch.cat([layer.tables for layer in parts], dim=1))
+    assert torch.equal(merged.bias, torch.cat([layer.bias for layer in parts]))
+    assert merged.tables.std().item() == pytest.approx(std, rel=0.05)
+
+
 def test_qkv_hashes_once_per_block(monkeypatch):
     config = tiny()
     model = seeded(config)

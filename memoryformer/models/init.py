@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
+import torch
 from torch import nn
 
 from memoryformer.config import ModelConfig
@@ -46,6 +47,26 @@ def _init_projection(module: nn.Module, std: float) -> None:
         raise TypeError(f"cannot initialise a projection of type {type(module).__name__}.")
 
 
+def _init_side_by_side(module: nn.Module, std: float, parts: int) -> None:
+    """Initialise a projection that holds `parts` projections side by side in its output (Q, K and V) as
+    `parts` separate ones, drawn in turn: a Memory Layer's tables `[R, parts * d]` get each part's
+    `N(0, std^2)` block `[R, d]` and then its bias `0.001 * N(0, 1)` `[d]`; a linear layer's weight
+    `[parts * d, d_in]` is already the parts' weights one after another. So a seed gives the same weights as
+    three separate Q, K, V layers would, and runs trained before the merge retrain to the same numbers."""
+    if not isinstance(module, MemoryLayer):
+        _init_projection(module, std)
+        return
+    module.init_std = std
+    rows, width = module.tables.shape
+    d = width // parts
+    with torch.no_grad():
+        for i in range(parts):
+            cols = slice(i * d, (i + 1) * d)
+            module.tables[:, cols] = torch.empty(rows, d, dtype=module.tables.dtype).normal_(0.0, std)
+            if module.bias is not None:
+                module.bias[cols] = torch.empty(d, dtype=module.bias.dtype).normal_(0.0, 0.001)
+
+
 def init_weights(
     model: nn.Module,
     config: ModelConfig,
@@ -75,7 +96,7 @@ def _module_init(module: nn.Module, small: float, wang: float, table_std: float)
     if isinstance(module, (nn.LayerNorm, RMSNorm)):
         return module.reset_parameters
     if isinstance(module, MemoryFormerAttention):
-        return lambda: _init_projection(module.qkv, small)  # Q, K and V side by side, each small_init
+        return lambda: _init_side_by_side(module.qkv, small, parts=3)  # Q, K and V, each small_init
     if isinstance(module, NeoXAttention):
         return lambda: (_init_projection(module.query_key_value, small), _init_projection(module.dense, wang))
     if isinstance(module, MemoryBlock):
