@@ -105,9 +105,12 @@ def _fresh_then_resume_into_nan(out: Path, poison_at, *overrides: str) -> None:
     poison_at(8)
     with pytest.raises(NonFiniteLossError, match=STOP.format(8)):
         run_module.train(_cfg(out, "trainer.max_steps=12", "ckpt_path=last", *overrides))
+    first = norms
     norms = _rows(out, "train/grad_norm")
-    # the resumed run's metrics.csv: steps continue from 4, and the NaN step 8 is never logged
-    assert sorted(norms) == [4, 5, 6, 7] and all(math.isfinite(v) for v in norms.values()), norms
+    # metrics.csv keeps the first run's rows; the resumed run's continue from step 4, and the NaN step 8 is
+    # never logged
+    assert sorted(norms) == [0, 1, 2, 3, 4, 5, 6, 7] and all(math.isfinite(v) for v in norms.values()), norms
+    assert {s: norms[s] for s in first} == first
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["last.ckpt", "step-00000003.ckpt", "step-00000006.ckpt"], ckpts
 
