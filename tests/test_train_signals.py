@@ -1,4 +1,5 @@
-"""Real processes: SIGTERM saves a checkpoint and resumes; DDP on 2 CPU processes (gloo) keeps ranks equal."""
+"""Real processes: SIGTERM saves a checkpoint and resumes; DDP on 2 CPU processes (gloo) keeps ranks equal;
+ZeRO-3 on 2 CPU processes holds each rank's shard of the model, never the whole model, on the host."""
 
 from __future__ import annotations
 
@@ -104,6 +105,64 @@ def test_ddp_two_cpu_processes_agree_on_the_weights(tmp_path: Path) -> None:
     # and training changed the weights: the step-3 checkpoint differs from a fresh seeded model's
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3
+
+
+#: experiment=smoke's nano widened to 106M parameters, 424 MB of fp32 weights, almost all Memory Layer tables
+#: spread over 6 layers, so that the whole model stands out in a rank's peak and one layer's tables do not
+ZERO3_MODEL = (
+    "model.n_layer=6", "model.n_embd=256", "model.n_head=4", "model.num_tables=32", "model.code_length=8"
+)
+
+
+def _zero3_build_memory(out: Path, devices: int) -> list[dict]:
+    """Each rank's `HostMemoryProbe` record of a ZeRO-3 run on `devices` CPU processes that stops before
+    its first step."""
+    cmd = _train_cmd(
+        out, "trainer=deepspeed_zero3", "trainer.accelerator=cpu", f"trainer.devices={devices}",
+        "trainer.precision=32-true", "global_batch_size=2", "data.seq_len=16", "validate_at_start=false",
+        "val_every_n_steps=null", "ckpt_every_n_steps=null", "bucket_stats_every_n_steps=0", "logger=none",
+        *ZERO3_MODEL, "+callbacks.probe._target_=train_test_callbacks.HostMemoryProbe",
+        f"+callbacks.probe.dirpath={out}/probe", "+callbacks.probe.stop=true",
+    )
+    paths = [str(CALLBACKS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
+    # glibc hands freed blocks over 64 KiB back at once, so the peaks count live memory only
+    env = {**_env(), "PYTHONPATH": os.pathsep.join(paths), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / "probe" / f"host_memory_rank{r}.json").read_text()) for r in range(devices)]
+
+
+@pytest.mark.slow
+def test_zero3_ranks_never_hold_the_whole_model_on_the_host(tmp_path: Path) -> None:
+    """Under DeepSpeed ZeRO-3 a rank's resident memory grows by its shard of the weights, not the whole
+    model, while `configure_model` builds and initialises it; a single rank, holding every shard, is the
+    control. DeepSpeed's engine set-up (fp32 master copy, gradient partitions) shrinks with the ranks too."""
+    from hydra import compose, initialize_config_dir
+
+    from memoryformer.conf_schema import register_configs
+    from memoryformer.config import ModelConfig, to_plain
+    from memoryformer.models import LanguageModel
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", *ZERO3_MODEL])
+    with torch.device("meta"):
+        model = LanguageModel(ModelConfig.from_dict(to_plain(cfg.model)))
+    full = sum(p.numel() * 4 for p in model.parameters())  # fp32 bytes of the whole model
+    # the most a rank holds whole at a time: one projection's parameters (a Memory Layer's tables and bias)
+    projection = max(sum(p.numel() * 4 for p in m.parameters(recurse=False)) for m in model.modules())
+    assert full > 400e6 and projection < 0.1 * full
+
+    (single,) = _zero3_build_memory(tmp_path / "one", 1)
+    pair = _zero3_build_memory(tmp_path / "two", 2)
+    assert single["build_peak"] - single["before"] >= 0.95 * full, (single, full)
+    for rank in (single, *pair):
+        assert rank["numel_before"] == 0, rank  # nothing built the model before configure_model
+    for rank in pair:
+        # its half of the weights, plus one projection whole and its shard being cut (< 0.75 x full)
+        assert rank["build_peak"] - rank["before"] < full / 2 + 2 * projection, (rank, full, projection)
+        grown, control = rank["setup_peak"] - rank["before"], single["setup_peak"] - single["before"]
+        assert grown < 0.7 * control, (rank, single)
 
 
 HOSTILE = """

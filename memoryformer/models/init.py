@@ -59,51 +59,57 @@ def _init_side_by_side(module: nn.Module, std: float, parts: int) -> None:
     module.init_std = std
     rows, width = module.tables.shape
     d = width // parts
+    tables, bias = module.tables, module.bias
     with torch.no_grad():
         for i in range(parts):
             cols = slice(i * d, (i + 1) * d)
-            module.tables[:, cols] = torch.empty(rows, d, dtype=module.tables.dtype).normal_(0.0, std)
-            if module.bias is not None:
-                module.bias[cols] = torch.empty(d, dtype=module.bias.dtype).normal_(0.0, 0.001)
+            tables[:, cols] = torch.empty(rows, d, dtype=tables.dtype, device=tables.device).normal_(0.0, std)
+            if bias is not None:
+                bias[cols] = torch.empty(d, dtype=bias.dtype, device=bias.device).normal_(0.0, 0.001)
 
 
 def init_weights(
     model: nn.Module,
     config: ModelConfig,
-    gathered: Callable[[nn.Module], AbstractContextManager] | None = None,
+    whole: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None,
 ) -> None:
     """Initialise every parameter of a `LanguageModel` in place by the rules in this module's docstring.
 
-    `gathered(module)`: a context in which `module`'s parameters are whole, entered around each module's
-    init (DeepSpeed ZeRO-3 holds them as shards and gathers one module at a time); by default none.
+    `whole(params)`: a context in which `params` are whole tensors, entered around the init of each
+    module or projection, which overwrites every element of them (DeepSpeed ZeRO-3 holds parameters as
+    shards and materialises one projection's at a time, `memoryformer.training.strategy.materialised_zero3`);
+    by default none. The draws come in the same order either way.
     """
     small = small_init_std(config.n_embd)
     wang = wang_init_std(config.n_embd, config.n_layer)
-    gathered = gathered or (lambda module: nullcontext())
+    whole = whole or (lambda params: nullcontext())
     for module in model.modules():
-        step = _module_init(module, small, wang, config.table_init_std)
-        if step is not None:
-            with gathered(module):
+        for target, step in _init_steps(module, small, wang, config.table_init_std):
+            with whole(list(target.parameters())):
                 step()
-    with gathered(model.lm_head):
+    with whole(list(model.lm_head.parameters())):
         _init_projection(model.lm_head, small)
 
 
-def _module_init(module: nn.Module, small: float, wang: float, table_std: float) -> Callable[[], None] | None:
-    """What initialises `module`'s own parameters (or those of its projections), or None."""
+def _init_steps(
+    module: nn.Module, small: float, wang: float, table_std: float
+) -> list[tuple[nn.Module, Callable[[], None]]]:
+    """`[(target, step), ...]` in order: each `step` initialises every parameter of its `target` (`module`
+    itself or one of its projections) and no other; empty when `module` has no rule of its own."""
     if isinstance(module, nn.Embedding):
-        return lambda: nn.init.normal_(module.weight, mean=0.0, std=small)
+        return [(module, lambda: nn.init.normal_(module.weight, mean=0.0, std=small))]
     if isinstance(module, (nn.LayerNorm, RMSNorm)):
-        return module.reset_parameters
+        return [(module, module.reset_parameters)]
     if isinstance(module, MemoryFormerAttention):
-        return lambda: _init_side_by_side(module.qkv, small, parts=3)  # Q, K and V, each small_init
+        return [(module.qkv, lambda: _init_side_by_side(module.qkv, small, parts=3))]  # Q, K, V: small_init
     if isinstance(module, NeoXAttention):
-        return lambda: (_init_projection(module.query_key_value, small), _init_projection(module.dense, wang))
+        return [_projection(module.query_key_value, small), _projection(module.dense, wang)]
     if isinstance(module, MemoryBlock):
-        return lambda: (
-            _init_projection(module.layer1, table_std),
-            _init_projection(module.layer2, table_std),
-        )
+        return [_projection(module.layer1, table_std), _projection(module.layer2, table_std)]
     if isinstance(module, MLP):
-        return lambda: (_init_projection(module.fc_in, small), _init_projection(module.fc_out, wang))
-    return None
+        return [_projection(module.fc_in, small), _projection(module.fc_out, wang)]
+    return []
+
+
+def _projection(module: nn.Module, std: float) -> tuple[nn.Module, Callable[[], None]]:
+    return module, lambda: _init_projection(module, std)

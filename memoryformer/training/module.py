@@ -22,7 +22,7 @@ from memoryformer.models import LanguageModel
 from memoryformer.models.init import init_weights
 from memoryformer.training.optim import build_optimizer, build_scheduler, group_lrs
 from memoryformer.training.parallelize import apply_activation_checkpointing, apply_compile
-from memoryformer.training.strategy import gathered_zero3, is_deepspeed, is_zero3, offloads_optimizer
+from memoryformer.training.strategy import is_deepspeed, is_zero3, materialised_zero3, offloads_optimizer
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +99,9 @@ class LMTrainingModule(L.LightningModule):
         model = LanguageModel(self.model_config)
         if is_zero3(self._trainer.strategy if self._trainer is not None else None):
             # zero.Init partitioned each layer's parameters as it was built, so the model-wide init of
-            # LanguageModel.__init__ saw empty tensors: run it again layer by layer on gathered weights
-            init_weights(model, self.model_config, gathered=gathered_zero3)
+            # LanguageModel.__init__ saw empty tensors: run it again one module at a time, each rank
+            # keeping its shard, so that no rank ever holds more than one module's weights whole
+            init_weights(model, self.model_config, whole=materialised_zero3)
         if self.hparams.activation_checkpointing:
             apply_activation_checkpointing(model, every=self.hparams.activation_checkpointing_every)
         self._modules["model"] = model  # add_module would call the `model` property (hasattr) and recurse

@@ -18,9 +18,11 @@ import copy
 import os
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
@@ -142,12 +144,31 @@ def is_zero3(strategy: Any) -> bool:
     return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
 
 
-def gathered_zero3(module: Any) -> Any:
-    """A context in which `module`'s ZeRO-3 parameter shards are gathered whole on every rank; rank 0's
-    changes are scattered back to the shards on exit (DeepSpeed's `GatheredParameters`)."""
-    import deepspeed
+@contextmanager
+def materialised_zero3(params: list[Any]) -> Iterator[None]:
+    """A context in which the ZeRO-3 parameters `params`, whose every element the body overwrites (an
+    initialisation), are whole tensors on this rank; on exit each rank keeps its own shard of them.
 
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
+    Nothing is gathered: the body's values replace the old ones, so each rank allocates the whole parameters
+    empty and keeps only its partition of what it wrote (DeepSpeed's `partition(has_been_updated=True)`).
+    Ranks draw the same numbers when seeded alike (Lightning seeds every rank with `seed`); a rank that
+    drew others would still hold a correctly distributed shard, since every element lives on one rank only.
+    Host (or device) memory per rank: its shards plus `params` whole, with no all-gather buffers.
+    Parameters without a ZeRO-3 shard (`ds_id`) are left as they are.
+    """
+    sharded = [p for p in dict.fromkeys(params) if hasattr(p, "ds_id")]
+    if not sharded:
+        yield
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for p in sharded:
+        p.data = torch.empty(p.ds_shape, dtype=p.dtype, device=p.device)
+        p.ds_status = ZeroParamStatus.AVAILABLE
+    try:
+        yield
+    finally:
+        sharded[0].partition(param_list=sharded, has_been_updated=True)  # copies this rank's slice, frees
 
 
 def is_deepspeed(strategy: Any) -> bool:
