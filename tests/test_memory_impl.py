@@ -26,6 +26,18 @@ IMPLS = ["torch", "fused", "auto"]
 SHAPES = [(1, 1, 1, 1), (5, 1, 64, 8), (7, 3, 37, 4), (33, 16, 130, 10), (4, 2, 72, 10), (64, 8, 512, 8)]
 
 
+def fused_hash(layer, x):
+    """`memory_ops.fused_hash` with `layer`'s settings (None where the C++ hash does not apply)."""
+    return memory_ops.fused_hash(x, layer.code_length, layer.weighting, layer.temperature, layer.impl)
+
+
+def fused_layer(layer, x):
+    """`memory_ops.fused_layer` with `layer`'s tensors and settings (None where it does not apply)."""
+    return memory_ops.fused_layer(
+        x, layer.tables, layer.bias, layer.code_length, layer.weighting, layer.temperature, layer.impl
+    )
+
+
 def make_inputs(n, k, d, tau, seed=0):
     gen = torch.Generator().manual_seed(seed)
     tables = torch.randn(k << tau, d, generator=gen, dtype=torch.float64)
@@ -242,16 +254,16 @@ def test_fused_inference_hash_matches_hash_chunks(dtype, weighting, temperature,
     layer = MemoryLayer(4 * tau, 1, code_length=tau, weighting=weighting, temperature=temperature,
                         impl="fused")
     with torch.no_grad():
-        rows, weights = memory_ops.fused_hash(layer, x)
+        rows, weights = fused_hash(layer, x)
     ref = hash_chunks(x.double(), tau, weighting, temperature)
     assert rows.shape == weights.shape == (3, 5, 4) and weights.dtype == torch.float32
     assert torch.equal(rows, ref.rows)
     assert torch.all(rows[0, :2, 0] == (1 << tau) - 1)
     torch.testing.assert_close(weights.double(), ref.weights, rtol=2e-6, atol=1e-30)
     # A gradient-carrying input, or the torch path, is left to hash_chunks (autograd).
-    assert memory_ops.fused_hash(layer, x.float().requires_grad_(True)) is None
+    assert fused_hash(layer, x.float().requires_grad_(True)) is None
     layer.impl = "torch"
-    assert memory_ops.fused_hash(layer, x) is None
+    assert fused_hash(layer, x) is None
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
@@ -270,7 +282,7 @@ def test_memory_layer_decode_path_equals_training_path(dtype, bias, tau, out, sh
     layer = layer.to(dtype)
     x = torch.randn(*shape, 8 * tau)
     with torch.no_grad():
-        assert memory_ops.fused_layer(layer, x) is not None
+        assert fused_layer(layer, x) is not None
         fast = layer(x)
     slow = layer(x.clone().requires_grad_(True))  # torch hash + autograd lookup + bias
     reference = MemoryLayer(8 * tau, out, code_length=tau, bias=bias, impl="torch").double()
@@ -287,12 +299,12 @@ def test_memory_layer_decode_path_equals_training_path(dtype, bias, tau, out, sh
 def test_fused_inference_is_skipped_where_it_does_not_apply():
     layer = MemoryLayer(16, 8, code_length=8)
     x = torch.randn(3, 16)
-    assert memory_ops.fused_layer(layer, x) is None  # grad enabled and the tables require grad
+    assert fused_layer(layer, x) is None  # grad enabled and the tables require grad
     with torch.no_grad():
-        assert memory_ops.fused_layer(MemoryLayer(16, 8, code_length=8, impl="torch"), x) is None
-        assert memory_ops.fused_layer(layer, x.double()) is None
-        assert memory_ops.fused_layer(layer, torch.randn(3, 24)) is None  # wrong width: hash() reports it
-        assert memory_ops.fused_layer(MemoryLayer(16, 8, code_length=8, bias=False).double(), x) is None
+        assert fused_layer(MemoryLayer(16, 8, code_length=8, impl="torch"), x) is None
+        assert fused_layer(layer, x.double()) is None
+        assert fused_layer(layer, torch.randn(3, 24)) is None  # wrong width: hash() reports it
+        assert fused_layer(MemoryLayer(16, 8, code_length=8, bias=False).double(), x) is None
         seen = []
         handles = watch_hashes(layer, lambda name, hashed: seen.append(hashed.codes()))
         layer(x)  # watched, it still takes the fused path: the hook hashes x again for the codes

@@ -201,7 +201,8 @@ class MemoryLayer(nn.Module):
             raise ValueError(
                 f"MemoryLayer expects input of shape [..., {self.in_features}], got shape {tuple(x.shape)}."
             )
-        if (fused := memory_ops.fused_hash(self, x)) is not None:  # no gradient needed: one C++ call
+        fused = memory_ops.fused_hash(x, self.code_length, self.weighting, self.temperature, self.impl)
+        if fused is not None:  # no gradient needed: one C++ call
             return HashCodes(rows=fused[0], weights=fused[1], code_length=self.code_length)
         _check_float(x)
         return _hash_chunks(x, self.code_length, self.weighting, self.temperature)
@@ -226,7 +227,19 @@ class MemoryLayer(nn.Module):
         """`[..., in_features]` -> `[..., out_features]`: hash, then look up; pass `hashed` to reuse another
         layer's hash of this same x (q, k and v share one)."""
         if hashed is None:
-            if (y := memory_ops.fused_layer(self, x)) is not None:  # no gradient needed: one C++ call
+            # no gradient needed: one C++ call. `_parameters` directly: nn.Module.__getattr__ costs ~2 us per
+            # parameter here, a fifth of a whole decoding step's lookup (getattr still serves parametrized
+            # or wrapped parameters).
+            params = self._parameters
+            tables, bias = params.get("tables"), params.get("bias")
+            if tables is None:
+                tables = self.tables
+            if bias is None and "bias" not in params:
+                bias = self.bias
+            y = memory_ops.fused_layer(
+                x, tables, bias, self.code_length, self.weighting, self.temperature, self.impl
+            )
+            if y is not None:
                 return y
             hashed = self.hash(x)
         elif hashed.rows.shape[:-1] != x.shape[:-1]:
