@@ -82,7 +82,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5  # every nn.LayerNorm (Pythia's, and MemoryFormer's with norm=layernorm)
     parallel_residual: bool = True
 
-    # --- attention core (paper Table 2; both blocks; `memoryformer.models.efficient_attention`) ---
+    # --- attention core (paper Table 2; both blocks; `memoryformer.models.attention_cores`) ---
     attention: str = "softmax"  # "softmax" | "linformer" | "cosformer" | "performer"
     performer_features: int = 0  # m random features per head; 0 = int(head_size * ln(head_size)) (266 at 64)
     performer_redraw_interval: int = 0  # redraw the features every n optimizer steps; 0 = never (default)

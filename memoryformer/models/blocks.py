@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memoryformer.config import ModelConfig
-from memoryformer.models.attention import KVCache, MemoryFormerAttention, NeoXAttention, hashed_part
+from memoryformer.models.attention import MemoryFormerAttention, NeoXAttention, hashed_part
+from memoryformer.models.kv_cache import KVCache
 from memoryformer.nn.memory_layer import MemoryLayer
 from memoryformer.nn.norms import build_norm
 
