@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memoryformer.config import MEMORY_IMPLS, check_choice, check_code_length, check_weighting
+from memoryformer.config import check_code_length, check_memory_impl, check_weighting
 from memoryformer.nn import memory_ops
 
 #: Default std of the tables' N(0, std^2) init; the Memory Block keeps it (`memoryformer.models.init`).
@@ -142,7 +142,7 @@ class MemoryLayer(nn.Module):
     Precision: the weights are computed in at least float32; the lookup returns the tables' dtype and
     accumulates in fp32, also under `torch.autocast`, because casting the tables (hundreds of MB) every
     step would cost far more than reading K rows per token. `impl` picks the lookup's compute path
-    ("auto" | "torch" | "fused", see `memoryformer.nn.memory_ops`).
+    ("auto": the device's fused kernel | "torch": the reference; see `memoryformer.nn.memory_ops`).
 
     Several layers reading the same input share one hash: `h = q.hash(x)`, then `q(x, hashed=h)`,
     `k(x, hashed=h)`, ...; the weights are those of the hashing layer's weighting. For bucket-usage
@@ -164,7 +164,7 @@ class MemoryLayer(nn.Module):
     ) -> None:
         super().__init__()
         # Every argument is checked here, once: forward runs on every decoded token.
-        check_choice("impl", impl, MEMORY_IMPLS)
+        check_memory_impl("impl", impl)
         self.impl = impl
         _check_code_length(code_length)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
