@@ -9,13 +9,13 @@ Paths (`impl`, the `model.memory_impl` config key; the allowed values are `confi
 - "torch": the readable reference, the authors' gather -> multiply -> sum (`reference_lookup`). It
   materialises a `[..., K, D]` tensor, so it is slow and memory hungry; it is the definition the others are
   tested against.
-- "auto" (the default): the fastest path for the tables' device and dtype, one pass over rows, weights
-  and tables. On CPU a C++/OpenMP extension (`memoryformer/kernels/memory_lookup.cpp`, built on first use
+- "auto" (the default): the fastest path for the tables' device and dtype, one pass over rows, weights and
+  tables. On CPU a C++/OpenMP extension (`memoryformer/cpu_kernels/memory_lookup.cpp`, built on first use
   and cached) whose backward accumulates the table gradient per row chunk, without atomics and
-  deterministically; on CUDA `F.embedding_bag`, one fused gather-weighted-sum kernel. Without a C++
-  compiler it falls back to `F.embedding_bag` on CPU too, with a one-line warning; float64 tables (tests)
-  take "torch", which no fused path matches exactly. `resolve_impl` names the path taken. (The former
-  value "fused" named this same path and is refused with a pointer here.)
+  deterministically; on CUDA `F.embedding_bag`, one fused gather-weighted-sum kernel. Without a C++ compiler
+  it falls back to `F.embedding_bag` on CPU too, with a one-line warning; float64 tables (tests) take
+  "torch", which no fused path matches exactly. `resolve_impl` names the path taken. ("fused", a former
+  name of this same path, now fails at config time naming "auto".)
 
 The Memory Layer reaches them through three calls, each of which returns None where it does not apply:
 `weighted_lookup` (the lookup, any path, with autograd), and, where no gradient is needed and the C++
@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 from memoryformer.config import check_memory_impl
 from memoryformer.errors import first_line
 
-KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "memory_lookup.cpp"
+KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "cpu_kernels" / "memory_lookup.cpp"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
