@@ -56,7 +56,7 @@ def table3_rows(seq_len: int = 2048) -> list[dict]:
         cfg = table3_config(tau)
         cost = model_cost(cfg, seq_len)
         rows.append({
-            "d": cfg.hash_width, "tau": tau, "K": cfg.num_tables, "out": cfg.n_embd,
+            "d": cfg.resolved_hashed_width, "tau": tau, "K": cfg.num_tables, "out": cfg.n_embd,
             "flops_g": cost.qkv_layer_flops / GIGA, "memory_mb_fp16": cost.qkv_layer_mb_fp16,
         })
     return rows

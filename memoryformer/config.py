@@ -129,7 +129,7 @@ class ModelConfig:
         return self.cosformer_m or self.block_size
 
     @property
-    def hash_width(self) -> int:
+    def resolved_hashed_width(self) -> int:
         """Input dims the Memory Layers hash: `hashed_width`, or all of `n_embd` when it is 0."""
         return self.hashed_width or self.n_embd
 

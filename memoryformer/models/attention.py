@@ -33,7 +33,7 @@ class MemoryFormerAttention(nn.Module):
     """MemoryFormer attention: Q, K, V from the input, causal MHA, no output projection.
 
     `qkv` computes `[q | k | v]`, `[B, T, 3d]`, in one layer. With `config.qkv == "memory"` it is one
-    `MemoryLayer(hash_width, 3d)` (tau = `config.code_length`): the paper's three Memory Layers Q, K and V
+    `MemoryLayer(hashed_width, 3d)` (tau = `config.code_length`): the paper's three Memory Layers Q, K and V
     hash the same input, so they share every code and weight (released code `_forward_memory_qkv`) and differ
     only in their tables and biases; storing the three tables side by side, `tables[:, :d]` = Q's,
     `[:, d:2d]` = K's, `[:, 2d:]` = V's (and the bias alike), turns three lookups and three table-gradient
@@ -47,10 +47,10 @@ class MemoryFormerAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_embd = d = config.n_embd
         # Table 3's d = 510 row: hash the first K * tau dims, output the full d (see ModelConfig.hashed_width)
-        self.hash_width = config.hash_width if config.qkv == "memory" else d
+        self.hashed_width = config.resolved_hashed_width if config.qkv == "memory" else d
         if config.qkv == "memory":
             self.qkv: nn.Module = MemoryLayer(
-                self.hash_width, QKV_PARTS * d, code_length=config.code_length, weighting=config.weighting,
+                self.hashed_width, QKV_PARTS * d, code_length=config.code_length, weighting=config.weighting,
                 temperature=config.temperature, bias=config.memory_bias, impl=config.memory_impl,
             )
         else:
@@ -62,7 +62,7 @@ class MemoryFormerAttention(nn.Module):
     ) -> torch.Tensor:
         """`x` `[B, T, d]` (already normalised) -> `[B, T, d]`."""
         if isinstance(self.qkv, MemoryLayer):
-            x = hashed_part(x, self.hash_width)
+            x = hashed_part(x, self.hashed_width)
         q, k, v = (split_heads(t, self.n_head) for t in self.qkv(x).split(self.n_embd, dim=-1))
         return self.core(q, k, v, cos, sin, kv_cache)
 
