@@ -96,6 +96,14 @@ def test_models_and_nn_never_import_training_evaluation_or_data():
     assert not offending, f"the model layer imports from a higher layer: {offending}"
 
 
+def test_nn_never_imports_models():
+    # the building blocks sit below the models that assemble them
+    files = sorted((PACKAGE / "nn").rglob("*.py"))
+    offending = {f.name: [m for m in imported_modules(f) if m.startswith("memoryformer.models")]
+                 for f in files}
+    assert len(files) > 3 and not any(offending.values()), f"nn/ imports models/: {offending}"
+
+
 def test_the_import_scan_sees_relative_and_nested_imports(tmp_path):
     # the checker itself, on a file that hides its imports the ways a module could
     probe = tmp_path / "memoryformer" / "models" / "probe.py"
