@@ -22,7 +22,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from benchutil import cpu_model, fmt_ratio, fmt_time, load_average, md_table, measure  # noqa: E402
 
 from memoryformer.config import ModelConfig  # noqa: E402
-from memoryformer.models.efficient_attention import build_attention_core  # noqa: E402
+from memoryformer.models.attention_cores import build_attention_core  # noqa: E402
 from memoryformer.nn.rotary import rotary_cos_sin  # noqa: E402
 
 ATTENTIONS = ("softmax", "linformer", "cosformer", "performer")

@@ -44,7 +44,7 @@ def _case_rows(n: int, layer: MemoryLayer, ref_layer: MemoryLayer, linear: torch
         fn().backward(grad_out)
 
     with torch.no_grad():
-        t_fused = measure(lambda: lookup("fused"), budget).median
+        t_fused = measure(lambda: lookup("auto"), budget).median
         t_bag = measure(bag, budget).median
         t_ref = measure(lambda: lookup("torch"), slow_budget).median
         t_layer = measure(lambda: layer(x), budget).median
@@ -57,7 +57,7 @@ def _case_rows(n: int, layer: MemoryLayer, ref_layer: MemoryLayer, linear: torch
     ]
     raw = {"ref/fused": t_ref / t_fused, "fused/floor": t_fused / floor, "linear/layer": t_linear / t_layer}
     lookup_params = [tables, w_req]
-    t_fused = measure(lambda: step(lambda: lookup("fused", w_req), lookup_params), budget).median
+    t_fused = measure(lambda: step(lambda: lookup("auto", w_req), lookup_params), budget).median
     t_bag = measure(lambda: step(lambda: bag(w_req), lookup_params), budget).median
     t_ref = measure(lambda: step(lambda: lookup("torch", w_req), lookup_params), slow_budget).median
     t_layer = measure(lambda: step(lambda: layer(x_req), [*layer.parameters(), x_req]), budget).median
@@ -94,7 +94,8 @@ def run(quick: bool = False) -> str:
 
     head = (
         f"## 1. Memory Layer: d_in = {d_in}, d_out = {d_out}, tau = {tau}, K = {k}\n\n"
-        f"fp32, `fused` resolves to `{memory_ops.resolve_impl('fused', layer.tables)}` here. Copy bandwidth "
+        f"fp32, `auto` (the fused kernel) resolves to `{memory_ops.resolve_impl('auto', layer.tables)}` "
+        f"here. Copy bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s (read + write); the floor is (4 B x K x d_out + 4 B x d_out) per token "
         f"over it, and three times that for forward+backward. Lookup = `weighted_lookup` on precomputed "
         f"codes; layer = hash + lookup + bias (`MemoryLayer`), the drop-in for `nn.Linear({d_in}, {d_out})`. "

@@ -56,7 +56,7 @@ def table3_rows(seq_len: int = 2048) -> list[dict]:
         cfg = table3_config(tau)
         cost = model_cost(cfg, seq_len)
         rows.append({
-            "d": cfg.hash_width, "tau": tau, "K": cfg.num_tables, "out": cfg.n_embd,
+            "d": cfg.resolved_hashed_width, "tau": tau, "K": cfg.num_tables, "out": cfg.n_embd,
             "flops_g": cost.qkv_layer_flops / GIGA, "memory_mb_fp16": cost.qkv_layer_mb_fp16,
         })
     return rows
@@ -103,7 +103,7 @@ def _reproducing_setting(row: str, cost: BlockCost, config: ModelConfig) -> str:
         solved = (paper - base) / unit
         return f"m = {ms[0]}..{ms[-1]} (solved m = {solved:.0f})" if ms else f"none (solved m = {solved:.0f})"
     if row == "linformer_410m":
-        from memoryformer.models.efficient_attention import linformer_flops
+        from memoryformer.models.attention_cores import linformer_flops
 
         ours = [
             f"({block}, {k})"
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table2(table2_rows(args.seq_len)))
     print(
         "\nThe paper gives no k, L, M or m. Counts are the prefix-sum / blockwise forms (docstrings of "
-        "memoryformer.models.efficient_attention); the last column solves for the knob values whose total "
+        "memoryformer.models.attention_cores); the last column solves for the knob values whose total "
         "rounds to the paper's number."
     )
     print("\n## Memory Layer storage, fp16 (paper Table 3: one Memory Layer Q)\n")

@@ -32,16 +32,17 @@ OWN_ORDER = ("bench_memory_layer", "bench_models", "bench_throughput", "bench_at
 NOTES = """## How to read these numbers
 
 - **Compute paths.** `torch` is the authors' reference (gather K rows into `[tokens, K, d_out]`, multiply,
-  sum); `fused` is `memoryformer/kernels/memory_lookup.cpp` on CPU and `embedding_bag` on CUDA; `auto`
-  picks `fused`. The C++ forward has two loops, both with fp32 accumulation for fp32/bf16/fp16 tables: per
-  token (AVX2 register tiles of 64 columns, rows prefetched 8 ahead; no parallel region for one or two
-  tokens) and, once every table row is read by about three tokens or more, a cache-blocked loop: for each
-  block of 2048 tokens and 64-column slab it packs two tables' slabs (128 KiB) into L2 and lets every token
-  of the block read them there, so the table streams from memory once per block instead of once per token
-  (at 4096 tokens: 64 MiB instead of 512 MiB). The backward buckets (token, table) pairs by row chunk so
-  that each thread owns its rows (no atomics, deterministic) and writes only the touched rows of a gradient
-  that comes zeroed from fresh mmap pages, so the untouched rows cost nothing (huge pages once about 1 row
-  in 16 is touched). Without gradients a whole `MemoryLayer` (hash + lookup + bias) is one C++ call.
+  sum); `auto`, the default, is the fused kernel (the "fused" columns):
+  `memoryformer/cpu_kernels/memory_lookup.cpp` on CPU and `embedding_bag` on CUDA. The C++ forward has two
+  loops, both with fp32 accumulation for fp32/bf16/fp16 tables: per token (AVX2 register tiles of 64
+  columns, rows prefetched 8 ahead; no parallel region for one or two tokens) and, once every table row is
+  read by about three tokens or more, a cache-blocked loop: for each block of 2048 tokens and 64-column slab
+  it packs two tables' slabs (128 KiB) into L2 and lets every token of the block read them there, so the
+  table streams from memory once per block instead of once per token (at 4096 tokens: 64 MiB instead of 512
+  MiB). The backward buckets (token, table) pairs by row chunk so that each thread owns its rows (no
+  atomics, deterministic) and writes only the touched rows of a gradient that comes zeroed from fresh mmap
+  pages, so the untouched rows cost nothing (huge pages once about 1 row in 16 is touched). Without
+  gradients a whole `MemoryLayer` (hash + lookup + bias) is one C++ call.
 - **The floor is not a floor at many tokens.** It assumes every selected row comes from DRAM; the blocked
   loop reads each row from memory once per 2048 tokens, so `fused / floor` drops well below 1 at 4096
   tokens. At one token, fixed call costs (Python, op dispatch) are most of the time.

@@ -25,7 +25,9 @@ NORM_TYPES = ("rmsnorm", "layernorm")
 QKV_TYPES = ("memory", "linear")
 FFN_TYPES = ("memory_block", "mlp")
 WEIGHTINGS = ("l1_prob", "prob")
-MEMORY_IMPLS = ("auto", "torch", "fused")  # Memory Layer compute paths, see memoryformer.nn.memory_ops
+MEMORY_IMPLS = ("auto", "torch")  # Memory Layer compute paths, see memoryformer.nn.memory_ops
+#: `memory_impl` values that are gone -> the value that computes the same path.
+RETIRED_MEMORY_IMPLS = {"fused": "auto"}
 MEMORY_BLOCK_ACTIVATIONS = ("none", "gelu")
 MAX_CODE_LENGTH = 16
 ATTENTION_TYPES = ("softmax", "linformer", "cosformer", "performer")
@@ -67,7 +69,7 @@ class ModelConfig:
     weighting: str = "l1_prob"  # released code: ||z||_1 * p(z; t=1); "prob": paper's p(z; t)
     temperature: float = 1.0
     memory_bias: bool = True  # released code gives every Memory Layer a bias; the paper's Eq. 11 has none
-    memory_impl: str = "auto"  # compute path of the Memory Layer lookup
+    memory_impl: str = "auto"  # Memory Layer lookup: "auto" (the fused kernel of the device) | "torch"
     # Table 6: activation between the two Memory Block layers, before their LayerNorm (see MemoryBlock)
     memory_block_activation: str = "none"  # "none" (the paper's MemoryFormer) | "gelu"
     # Table 3's d = 510 row: the Memory Layers hash the first hashed_width = K * tau dims of the n_embd-wide
@@ -82,7 +84,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5  # every nn.LayerNorm (Pythia's, and MemoryFormer's with norm=layernorm)
     parallel_residual: bool = True
 
-    # --- attention core (paper Table 2; both blocks; `memoryformer.models.efficient_attention`) ---
+    # --- attention core (paper Table 2; both blocks; `memoryformer.models.attention_cores`) ---
     attention: str = "softmax"  # "softmax" | "linformer" | "cosformer" | "performer"
     performer_features: int = 0  # m random features per head; 0 = int(head_size * ln(head_size)) (266 at 64)
     performer_redraw_interval: int = 0  # redraw the features every n optimizer steps; 0 = never (default)
@@ -127,7 +129,7 @@ class ModelConfig:
         return self.cosformer_m or self.block_size
 
     @property
-    def hash_width(self) -> int:
+    def resolved_hashed_width(self) -> int:
         """Input dims the Memory Layers hash: `hashed_width`, or all of `n_embd` when it is 0."""
         return self.hashed_width or self.n_embd
 
@@ -171,7 +173,7 @@ class ModelConfig:
         check_choice("model.qkv", self.qkv, QKV_TYPES)
         check_choice("model.ffn", self.ffn, FFN_TYPES)
         check_weighting(self.weighting, self.temperature, prefix="model.")
-        check_choice("model.memory_impl", self.memory_impl, MEMORY_IMPLS)
+        check_memory_impl("model.memory_impl", self.memory_impl)
         if self.num_tables <= 0:
             raise ConfigError(f"model.num_tables={self.num_tables} must be positive.")
         if not self.table_init_std > 0:
@@ -251,6 +253,17 @@ def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 # The checks below are shared by `ModelConfig.validate` (keys named `model.<key>`) and the layers in
 # `memoryformer.nn` (keys named as their arguments), which can also be built without a ModelConfig.
+def check_memory_impl(key: str, impl: str) -> None:
+    """Fail with a `ConfigError` naming `key` unless `impl` is one of `MEMORY_IMPLS`; a retired value names
+    its replacement."""
+    if impl in RETIRED_MEMORY_IMPLS:
+        raise ConfigError(
+            f"{key}={impl!r} was another name for the path {RETIRED_MEMORY_IMPLS[impl]!r} takes (the fused "
+            f"kernel of the device) and is gone; set {key}={RETIRED_MEMORY_IMPLS[impl]}."
+        )
+    check_choice(key, impl, MEMORY_IMPLS)
+
+
 def check_code_length(key: str, bits: int) -> None:
     """Fail with a `ConfigError` naming `key` unless Memory Layer chunks of `bits` bits are possible: 1 to
     `MAX_CODE_LENGTH` bits, since each table has 2**bits rows."""

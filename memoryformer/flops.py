@@ -7,7 +7,7 @@ Convention (the paper's, section 2.4 and Table 1): a multiply-add counts as ONE 
 block at sequence length s:
 - attention scores and mixing (softmax(QK^T) V): 2 s^2 d, with d the attention width; an efficient
   attention core (`model.attention`, paper Table 2) reports its own count (`core.flops(s)`, see
-  `memoryformer.models.efficient_attention`);
+  `memoryformer.models.attention_cores`);
 - a dense `nn.Linear(i, o)`: s * i * o, so a standard block's QKV + output + 4x MLP gives 12 s d^2;
 - a `MemoryLayer` reads K rows of width o per token: s * K * o multiply-adds ("exact lookups"). The paper
   rounds a MemoryFormer block's lookups to 6 K s d (exact: 3Kd + K(tau+2)K + Kd = 5.25 K s d at tau=8), and
@@ -147,7 +147,7 @@ def block_cost(block: nn.Module, config: ModelConfig, seq_len: int) -> BlockCost
 
 def _attention_core(block: nn.Module) -> nn.Module | None:
     """The block's attention core (softmax, Performer, ...), or None for a block without one."""
-    from memoryformer.models.efficient_attention import ATTENTION_CORES  # late, as in build_on_meta
+    from memoryformer.models.attention_cores import ATTENTION_CORES  # late, as in build_on_meta
 
     core_types = tuple(ATTENTION_CORES.values())
     return next((m for m in block.modules() if isinstance(m, core_types)), None)

@@ -20,7 +20,7 @@ from memoryformer.checkpoint import export_model, load_model
 from memoryformer.conf_schema import register_configs
 from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.models import LanguageModel
-from memoryformer.models.efficient_attention import (
+from memoryformer.models.attention_cores import (
     CosformerCore,
     LinformerCore,
     PerformerCore,

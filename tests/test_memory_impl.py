@@ -20,10 +20,22 @@ from memoryformer.nn.memory_layer import MemoryLayer, hash_chunks
 from memoryformer.nn.memory_ops import weighted_lookup
 
 HAS_KERNEL = memory_ops.load_cpu_extension() is not None
-IMPLS = ["torch", "fused", "auto"]
+IMPLS = ["torch", "auto"]
 # (tokens, K, out width, tau): K = 1, odd widths, widths below / between / above the 64-column SIMD tile,
 # tau up to 10 (1024 rows per table, the Memory Block's second layer at tau = 8 + 2).
 SHAPES = [(1, 1, 1, 1), (5, 1, 64, 8), (7, 3, 37, 4), (33, 16, 130, 10), (4, 2, 72, 10), (64, 8, 512, 8)]
+
+
+def fused_hash(layer, x):
+    """`memory_ops.fused_hash` with `layer`'s settings (None where the C++ hash does not apply)."""
+    return memory_ops.fused_hash(x, layer.code_length, layer.weighting, layer.temperature, layer.impl)
+
+
+def fused_layer(layer, x):
+    """`memory_ops.fused_layer` with `layer`'s tensors and settings (None where it does not apply)."""
+    return memory_ops.fused_layer(
+        x, layer.tables, layer.bias, layer.code_length, layer.weighting, layer.temperature, layer.impl
+    )
 
 
 def make_inputs(n, k, d, tau, seed=0):
@@ -131,10 +143,10 @@ def test_only_weights_or_only_tables_need_grad():
     rows, weights, tables, grad_out = make_inputs(10, 4, 33, 4)
     ref_y, ref_gt, ref_gw = float64_reference(rows, weights, tables, grad_out)
     w = weights.float().requires_grad_(True)
-    (gw,) = torch.autograd.grad(weighted_lookup(rows, w, tables.float(), impl="fused"), w, grad_out.float())
+    (gw,) = torch.autograd.grad(weighted_lookup(rows, w, tables.float(), impl="auto"), w, grad_out.float())
     torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-5)
     t = tables.float().requires_grad_(True)
-    (gt,) = torch.autograd.grad(weighted_lookup(rows, weights.float(), t, impl="fused"), t, grad_out.float())
+    (gt,) = torch.autograd.grad(weighted_lookup(rows, weights.float(), t, impl="auto"), t, grad_out.float())
     torch.testing.assert_close(gt.double(), ref_gt, rtol=1e-5, atol=1e-5)
 
 
@@ -142,10 +154,9 @@ def test_only_weights_or_only_tables_need_grad():
 def test_fused_backward_is_deterministic_and_uses_the_kernel():
     rows, weights, tables, grad_out = make_inputs(300, 16, 96, 4, seed=7)  # many repeats of each row
     tables = tables.float()
-    assert memory_ops.resolve_impl("fused", tables) == "cpu_kernel"
     assert memory_ops.resolve_impl("auto", tables) == "cpu_kernel"
-    first = run("fused", rows, weights.float(), tables, grad_out.float())
-    second = run("fused", rows, weights.float(), tables, grad_out.float())
+    first = run("auto", rows, weights.float(), tables, grad_out.float())
+    second = run("auto", rows, weights.float(), tables, grad_out.float())
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -200,9 +211,9 @@ def test_embedding_bag_fallback_matches(monkeypatch):
         for dtype in (torch.float32, torch.bfloat16):
             rows, weights, tables, grad_out = make_inputs(12, 4, 19, 6, seed=2)
             tables = tables.to(dtype)
-            assert memory_ops.resolve_impl("fused", tables) == "embedding_bag"
+            assert memory_ops.resolve_impl("auto", tables) == "embedding_bag"
             ref_y, ref_gt, ref_gw = float64_reference(rows, weights.float(), tables, grad_out.to(dtype))
-            y, gt, gw = run("fused", rows, weights.float(), tables, grad_out)
+            y, gt, gw = run("auto", rows, weights.float(), tables, grad_out)
             assert y.dtype == gt.dtype == dtype
             eps = torch.finfo(dtype).eps
             torch.testing.assert_close(y.double(), ref_y, rtol=eps, atol=1e-6)
@@ -214,18 +225,23 @@ def test_embedding_bag_fallback_matches(monkeypatch):
 
 def test_bad_impl_and_bad_rows_fail_clearly():
     rows, weights, tables, _ = make_inputs(3, 2, 8, 3)
-    with pytest.raises(ValueError, match="choose one of: auto, torch, fused"):
+    with pytest.raises(ValueError, match="choose one of: auto, torch"):
         weighted_lookup(rows, weights, tables, impl="cuda")
     with pytest.raises(ValueError, match="impl='cuda'"):
         MemoryLayer(8, 4, code_length=4, impl="cuda")
-    no_triton = r"impl='triton' is not supported; choose one of: auto, torch, fused\.$"
+    no_triton = r"impl='triton' is not supported; choose one of: auto, torch\.$"
     with pytest.raises(ValueError, match=no_triton):
         MemoryLayer(8, 4, code_length=4, impl="triton")
+    # the retired name of the auto path fails, naming its replacement, in every entry point
+    for build in (lambda: MemoryLayer(8, 4, code_length=4, impl="fused"),
+                  lambda: weighted_lookup(rows, weights, tables, impl="fused")):
+        with pytest.raises(ValueError, match=r"impl='fused' .* is gone; set impl=auto\.$"):
+            build()
     with pytest.raises(ValueError, match="must have one shape"):
-        weighted_lookup(rows, weights[:, :1], tables, impl="fused")
+        weighted_lookup(rows, weights[:, :1], tables, impl="auto")
     if HAS_KERNEL:
         with pytest.raises(RuntimeError, match="outside the table"):
-            weighted_lookup(rows + 1000, weights.float(), tables.float(), impl="fused")
+            weighted_lookup(rows + 1000, weights.float(), tables.float(), impl="auto")
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
@@ -240,18 +256,18 @@ def test_fused_inference_hash_matches_hash_chunks(dtype, weighting, temperature,
     x[0, 0, :tau] = 0.0  # sign(0) = +1: code all ones, p = 2**-tau
     x[0, 1, :tau] = -0.0
     layer = MemoryLayer(4 * tau, 1, code_length=tau, weighting=weighting, temperature=temperature,
-                        impl="fused")
+                        impl="auto")
     with torch.no_grad():
-        rows, weights = memory_ops.fused_hash(layer, x)
+        rows, weights = fused_hash(layer, x)
     ref = hash_chunks(x.double(), tau, weighting, temperature)
     assert rows.shape == weights.shape == (3, 5, 4) and weights.dtype == torch.float32
     assert torch.equal(rows, ref.rows)
     assert torch.all(rows[0, :2, 0] == (1 << tau) - 1)
     torch.testing.assert_close(weights.double(), ref.weights, rtol=2e-6, atol=1e-30)
     # A gradient-carrying input, or the torch path, is left to hash_chunks (autograd).
-    assert memory_ops.fused_hash(layer, x.float().requires_grad_(True)) is None
+    assert fused_hash(layer, x.float().requires_grad_(True)) is None
     layer.impl = "torch"
-    assert memory_ops.fused_hash(layer, x) is None
+    assert fused_hash(layer, x) is None
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="the C++ kernel did not build on this machine (no compiler)")
@@ -270,7 +286,7 @@ def test_memory_layer_decode_path_equals_training_path(dtype, bias, tau, out, sh
     layer = layer.to(dtype)
     x = torch.randn(*shape, 8 * tau)
     with torch.no_grad():
-        assert memory_ops.fused_layer(layer, x) is not None
+        assert fused_layer(layer, x) is not None
         fast = layer(x)
     slow = layer(x.clone().requires_grad_(True))  # torch hash + autograd lookup + bias
     reference = MemoryLayer(8 * tau, out, code_length=tau, bias=bias, impl="torch").double()
@@ -287,12 +303,12 @@ def test_memory_layer_decode_path_equals_training_path(dtype, bias, tau, out, sh
 def test_fused_inference_is_skipped_where_it_does_not_apply():
     layer = MemoryLayer(16, 8, code_length=8)
     x = torch.randn(3, 16)
-    assert memory_ops.fused_layer(layer, x) is None  # grad enabled and the tables require grad
+    assert fused_layer(layer, x) is None  # grad enabled and the tables require grad
     with torch.no_grad():
-        assert memory_ops.fused_layer(MemoryLayer(16, 8, code_length=8, impl="torch"), x) is None
-        assert memory_ops.fused_layer(layer, x.double()) is None
-        assert memory_ops.fused_layer(layer, torch.randn(3, 24)) is None  # wrong width: hash() reports it
-        assert memory_ops.fused_layer(MemoryLayer(16, 8, code_length=8, bias=False).double(), x) is None
+        assert fused_layer(MemoryLayer(16, 8, code_length=8, impl="torch"), x) is None
+        assert fused_layer(layer, x.double()) is None
+        assert fused_layer(layer, torch.randn(3, 24)) is None  # wrong width: hash() reports it
+        assert fused_layer(MemoryLayer(16, 8, code_length=8, bias=False).double(), x) is None
         seen = []
         handles = watch_hashes(layer, lambda name, hashed: seen.append(hashed.codes()))
         layer(x)  # watched, it still takes the fused path: the hook hashes x again for the codes
@@ -316,9 +332,9 @@ def test_blocked_forward_matches_float64_reference(shape, dtype):
     rows, weights, tables, grad_out = make_inputs(*shape, seed=3)
     tables, grad_out = tables.to(dtype), grad_out.to(dtype).float()  # run() feeds dy in the output dtype
     ref_y, ref_gt, ref_gw = float64_reference(rows, weights.float(), tables, grad_out)
-    y, gt, gw = run("fused", rows, weights.float(), tables, grad_out)
+    y, gt, gw = run("auto", rows, weights.float(), tables, grad_out)
     with torch.no_grad():
-        y_nograd = weighted_lookup(rows, weights.float(), tables, impl="fused")
+        y_nograd = weighted_lookup(rows, weights.float(), tables, impl="auto")
     eps = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-6
     scale = ref_y.abs().max().item()
     # fp32 accumulation, one rounding to the tables' dtype at the end
@@ -335,7 +351,7 @@ def test_blocked_forward_falls_back_when_rows_leave_their_table():
     rows, weights, tables, _ = make_inputs(64, 4, 128, 4, seed=5)
     rows = rows.flip(-1).contiguous()  # column k now indexes table K-1-k
     with torch.no_grad():
-        y = weighted_lookup(rows, weights.float(), tables.float(), impl="fused")
+        y = weighted_lookup(rows, weights.float(), tables.float(), impl="auto")
     ref = float64_reference(rows, weights.float(), tables.float(), torch.zeros(64, 128))[0]
     torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
 
@@ -350,13 +366,13 @@ def test_large_table_gradient_is_zero_outside_touched_rows_and_accumulates(token
     w32 = weights.float()
     _, ref_gt, _ = float64_reference(rows, w32, t32.detach(), grad_out.float())
     for _ in range(2):  # the second backward adds into the first gradient (AccumulateGrad's in-place add)
-        weighted_lookup(rows, w32, t32, impl="fused").backward(grad_out.float())
+        weighted_lookup(rows, w32, t32, impl="auto").backward(grad_out.float())
     torch.testing.assert_close(t32.grad.double(), 2 * ref_gt, rtol=1e-5, atol=1e-5)
     untouched = torch.ones(t32.shape[0], dtype=torch.bool)
     untouched[rows.reshape(-1)] = False
     assert int(untouched.sum()) >= (2048 - 8 if tokens == 1 else 1)  # one row per table per token
     assert bool((t32.grad[untouched] == 0).all())
-    (gt,) = torch.autograd.grad(weighted_lookup(rows, w32, t32, impl="fused"), t32, grad_out.float())
+    (gt,) = torch.autograd.grad(weighted_lookup(rows, w32, t32, impl="auto"), t32, grad_out.float())
     gt.mul_(0.5).add_(1.0)  # the gradient is an ordinary writable tensor (optimizers and clipping write it)
     torch.testing.assert_close(gt.double(), 0.5 * ref_gt + 1.0, rtol=1e-5, atol=1e-5)
 

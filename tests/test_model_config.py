@@ -91,8 +91,9 @@ def test_paper_models_are_presets():
         ({"weighting": "softmax"}, "model.weighting='softmax'"),
         (
             {"memory_impl": "triton"},
-            "model.memory_impl='triton' is not supported; choose one of: auto, torch, fused.",
+            "model.memory_impl='triton' is not supported; choose one of: auto, torch.",
         ),
+        ({"memory_impl": "fused"}, "is gone; set model.memory_impl=auto."),
         ({"temperature": 0.5}, "has no effect with model.weighting=l1_prob"),
         ({"code_length": 16, "num_tables": 32}, "keep it <= 16"),
     ],

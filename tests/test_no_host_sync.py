@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memoryformer.models import build_model
-from memoryformer.models.efficient_attention import ATTENTION_CORES
+from memoryformer.models.attention_cores import ATTENTION_CORES
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 

@@ -4,7 +4,7 @@ Conversion to and from Hugging Face `GPTNeoXForCausalLM` lives in `memoryformer.
 transformers, so it is not imported here).
 """
 
-from memoryformer.models.attention import KVCache
+from memoryformer.models.kv_cache import KVCache
 from memoryformer.models.language_model import LanguageModel, build_model
 
 __all__ = ["KVCache", "LanguageModel", "build_model"]

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memoryformer.config import ModelConfig
-from memoryformer.models.attention import KVCache, MemoryFormerAttention, NeoXAttention, hashed_part
+from memoryformer.models.attention import MemoryFormerAttention, NeoXAttention, hashed_part
+from memoryformer.models.kv_cache import KVCache
 from memoryformer.nn.memory_layer import MemoryLayer
 from memoryformer.nn.norms import build_norm
 
@@ -31,7 +32,8 @@ class MemoryBlock(nn.Module):
     `memory_block_activation=gelu` (paper Table 6); `norm`: LayerNorm(K(tau+e), eps 1e-5);
     `layer2`: MemoryLayer(K(tau+e) -> d, tau+e bits), with e = `expand_bits`. Layer 2 reads the same K
     chunks as layer 1, each now tau+e wide, so its tables have 2**e times as many rows (paper Table 5).
-    Layer 1 hashes the first `config.hash_width` dims of its input (all d except in Table 3's d = 510 row).
+    Layer 1 hashes the first `config.resolved_hashed_width` dims of its input (all d but in Table 3's d = 510
+    row).
 
     The GELU sits BEFORE the LayerNorm. The norm is there to zero-centre layer 2's hash input so that its sign
     bits are balanced (paper section 2.4); GELU's output is skewed positive, so applying it after the norm
@@ -42,19 +44,19 @@ class MemoryBlock(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d, hidden, tau = config.n_embd, config.memory_block_hidden, config.code_length
-        self.hash_width = config.hash_width
+        self.hashed_width = config.resolved_hashed_width
         common = dict(
             weighting=config.weighting, temperature=config.temperature, bias=config.memory_bias,
             impl=config.memory_impl,
         )
-        self.layer1 = MemoryLayer(self.hash_width, hidden, code_length=tau, **common)
+        self.layer1 = MemoryLayer(self.hashed_width, hidden, code_length=tau, **common)
         self.act: nn.Module = nn.GELU() if config.memory_block_activation == "gelu" else nn.Identity()
         self.norm = nn.LayerNorm(hidden, eps=MEMORY_BLOCK_NORM_EPS)
         self.layer2 = MemoryLayer(hidden, d, code_length=tau + config.expand_bits, **common)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, T, d]` -> `[B, T, d]`."""
-        return self.layer2(self.norm(self.act(self.layer1(hashed_part(x, self.hash_width)))))
+        return self.layer2(self.norm(self.act(self.layer1(hashed_part(x, self.hashed_width)))))
 
 
 class MLP(nn.Module):

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from memoryformer.config import ModelConfig
-from memoryformer.models.attention import KVCache
 from memoryformer.models.blocks import build_block
 from memoryformer.models.init import init_weights
+from memoryformer.models.kv_cache import KVCache
 from memoryformer.nn.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
 from memoryformer.nn.norms import build_norm
 from memoryformer.nn.rotary import rotary_cos_sin

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memoryformer.config import MEMORY_IMPLS, check_choice, check_code_length, check_weighting
+from memoryformer.config import check_code_length, check_memory_impl, check_weighting
 from memoryformer.nn import memory_ops
 
 #: Default std of the tables' N(0, std^2) init; the Memory Block keeps it (`memoryformer.models.init`).
@@ -142,7 +142,7 @@ class MemoryLayer(nn.Module):
     Precision: the weights are computed in at least float32; the lookup returns the tables' dtype and
     accumulates in fp32, also under `torch.autocast`, because casting the tables (hundreds of MB) every
     step would cost far more than reading K rows per token. `impl` picks the lookup's compute path
-    ("auto" | "torch" | "fused", see `memoryformer.nn.memory_ops`).
+    ("auto": the device's fused kernel | "torch": the reference; see `memoryformer.nn.memory_ops`).
 
     Several layers reading the same input share one hash: `h = q.hash(x)`, then `q(x, hashed=h)`,
     `k(x, hashed=h)`, ...; the weights are those of the hashing layer's weighting. For bucket-usage
@@ -164,7 +164,7 @@ class MemoryLayer(nn.Module):
     ) -> None:
         super().__init__()
         # Every argument is checked here, once: forward runs on every decoded token.
-        check_choice("impl", impl, MEMORY_IMPLS)
+        check_memory_impl("impl", impl)
         self.impl = impl
         _check_code_length(code_length)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -201,7 +201,8 @@ class MemoryLayer(nn.Module):
             raise ValueError(
                 f"MemoryLayer expects input of shape [..., {self.in_features}], got shape {tuple(x.shape)}."
             )
-        if (fused := memory_ops.fused_hash(self, x)) is not None:  # no gradient needed: one C++ call
+        fused = memory_ops.fused_hash(x, self.code_length, self.weighting, self.temperature, self.impl)
+        if fused is not None:  # no gradient needed: one C++ call
             return HashCodes(rows=fused[0], weights=fused[1], code_length=self.code_length)
         _check_float(x)
         return _hash_chunks(x, self.code_length, self.weighting, self.temperature)
@@ -226,7 +227,19 @@ class MemoryLayer(nn.Module):
         """`[..., in_features]` -> `[..., out_features]`: hash, then look up; pass `hashed` to reuse another
         layer's hash of this same x (q, k and v share one)."""
         if hashed is None:
-            if (y := memory_ops.fused_layer(self, x)) is not None:  # no gradient needed: one C++ call
+            # no gradient needed: one C++ call. `_parameters` directly: nn.Module.__getattr__ costs ~2 us per
+            # parameter here, a fifth of a whole decoding step's lookup (getattr still serves parametrized
+            # or wrapped parameters).
+            params = self._parameters
+            tables, bias = params.get("tables"), params.get("bias")
+            if tables is None:
+                tables = self.tables
+            if bias is None and "bias" not in params:
+                bias = self.bias
+            y = memory_ops.fused_layer(
+                x, tables, bias, self.code_length, self.weighting, self.temperature, self.impl
+            )
+            if y is not None:
                 return y
             hashed = self.hash(x)
         elif hashed.rows.shape[:-1] != x.shape[:-1]:

@@ -9,17 +9,19 @@ Paths (`impl`, the `model.memory_impl` config key; the allowed values are `confi
 - "torch": the readable reference, the authors' gather -> multiply -> sum (`reference_lookup`). It
   materialises a `[..., K, D]` tensor, so it is slow and memory hungry; it is the definition the others are
   tested against.
-- "fused": one pass over rows, weights and tables. On CPU a C++/OpenMP extension
-  (`memoryformer/kernels/memory_lookup.cpp`, built on first use and cached) whose backward accumulates the
-  table gradient per row chunk, without atomics and deterministically; on CUDA `F.embedding_bag`, one
-  fused gather-weighted-sum kernel. Without a C++ compiler it falls back to `F.embedding_bag` on CPU too,
-  with a one-line warning.
-- "auto": "fused" (the fastest path measured on every device we have; see docs/benchmarks.md).
+- "auto" (the default): the fastest path for the tables' device and dtype, one pass over rows, weights and
+  tables. On CPU a C++/OpenMP extension (`memoryformer/cpu_kernels/memory_lookup.cpp`, built on first use
+  and cached) whose backward accumulates the table gradient per row chunk, without atomics and
+  deterministically; on CUDA `F.embedding_bag`, one fused gather-weighted-sum kernel. Without a C++ compiler
+  it falls back to `F.embedding_bag` on CPU too, with a one-line warning; float64 tables (tests) take
+  "torch", which no fused path matches exactly. `resolve_impl` names the path taken. ("fused", a former
+  name of this same path, now fails at config time naming "auto".)
 
 The Memory Layer reaches them through three calls, each of which returns None where it does not apply:
 `weighted_lookup` (the lookup, any path, with autograd), and, where no gradient is needed and the C++
 kernel runs, `fused_hash` (the hash in one call) and `fused_layer` (hash + lookup + bias in one call): at
-one decoded token a dozen small torch ops would cost several times the K-row read itself.
+one decoded token a dozen small torch ops would cost several times the K-row read itself. All three take
+tensors and plain settings, never a layer, so this module does not depend on `memory_layer`.
 """
 
 from __future__ import annotations
@@ -33,19 +35,15 @@ import platform
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from memoryformer.config import MEMORY_IMPLS, check_choice
+from memoryformer.config import check_memory_impl
 from memoryformer.errors import first_line
 
-if TYPE_CHECKING:
-    from memoryformer.nn.memory_layer import MemoryLayer
-
-KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "memory_lookup.cpp"
+KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "cpu_kernels" / "memory_lookup.cpp"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -98,7 +96,7 @@ def resolve_impl(impl: str, tables: torch.Tensor) -> str:
     "embedding_bag". `impl` is checked here too: `weighted_lookup` takes it from any caller."""
     if impl == "torch":
         return "torch"
-    check_choice("impl", impl, MEMORY_IMPLS)
+    check_memory_impl("impl", impl)
     if tables.is_cpu and tables.dtype in _KERNEL_DTYPES and load_cpu_extension() is not None:
         return "cpu_kernel"
     if tables.dtype == torch.float64:
@@ -149,35 +147,37 @@ def _kernel_ops(impl: str, a: torch.Tensor, b: torch.Tensor | None = None,
     return load_cpu_extension()
 
 
-def fused_hash(layer: MemoryLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`layer`'s hash in one C++ call: `x` `[..., K * tau]` -> (rows int64 `[..., K]`, weights float32
-    `[..., K]`), the values of `memory_layer.hash_chunks`; None where the kernel does not apply (a gradient
-    is needed, impl "torch", not a CPU tensor of a kernel dtype, no compiler). The caller checked x's width.
+def fused_hash(
+    x: torch.Tensor, code_length: int, weighting: str, temperature: float, impl: str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The hash in one C++ call: `x` `[..., K * tau]` -> (rows int64 `[..., K]`, weights float32 `[..., K]`),
+    the values of `memory_layer.hash_chunks(x, code_length, weighting, temperature)`; None where the kernel
+    does not apply (a gradient is needed, impl "torch", not a CPU tensor of a kernel dtype, no compiler).
+    The caller checked x's width.
     """
-    ops = _kernel_ops(layer.impl, x)
+    ops = _kernel_ops(impl, x)
     if ops is None:
         return None
-    return ops.hash_forward(x, layer.code_length, layer.weighting == "l1_prob", layer.temperature)
+    return ops.hash_forward(x, code_length, weighting == "l1_prob", temperature)
 
 
-def fused_layer(layer: MemoryLayer, x: torch.Tensor) -> torch.Tensor | None:
-    """The whole `layer` (hash + lookup + bias) in one C++ call: `x` `[..., K * tau]` -> `[..., D]` in the
-    tables' dtype, bias added in fp32. None where it does not apply: as `fused_hash`, or x has the wrong
-    width (the torch path then reports it).
+def fused_layer(
+    x: torch.Tensor,
+    tables: torch.Tensor,
+    bias: torch.Tensor | None,
+    code_length: int,
+    weighting: str,
+    temperature: float,
+    impl: str,
+) -> torch.Tensor | None:
+    """A whole Memory Layer (hash + lookup + bias) in one C++ call: `x` `[..., K * tau]`, tables
+    `[K * 2**tau, D]`, bias `[D]` or None -> `[..., D]` in the tables' dtype, bias added in fp32. None where
+    it does not apply: as `fused_hash`, or x is not K * tau wide (the torch path then reports it).
     """
-    # _parameters directly: nn.Module.__getattr__ costs ~2 us per parameter here, a fifth of a whole
-    # decoding step's lookup (getattr still serves parametrized or wrapped parameters).
-    params = layer._parameters
-    tables, bias = params.get("tables"), params.get("bias")
-    if tables is None:
-        tables = layer.tables
-    if bias is None and "bias" not in params:
-        bias = layer.bias
-    ops = _kernel_ops(layer.impl, x, tables, bias)
-    if ops is None or not x.shape or x.shape[-1] != layer.in_features:
+    ops = _kernel_ops(impl, x, tables, bias)
+    if ops is None or not x.shape or x.shape[-1] != (tables.shape[0] >> code_length) * code_length:
         return None
-    l1_prob = layer.weighting == "l1_prob"
-    return ops.layer_forward(x, tables, bias, layer.code_length, l1_prob, layer.temperature)
+    return ops.layer_forward(x, tables, bias, code_length, weighting == "l1_prob", temperature)
 
 
 # ----------------------------------------------------------------------------- building the C++ kernel

@@ -243,7 +243,7 @@ def block_activation_bytes(model: ModelConfig, a: ActivationBytes) -> int:
         if not model.parallel_residual:
             kept += a.stream * d
         return kept
-    hashed, k = model.hash_width, model.num_tables
+    hashed, k = model.resolved_hashed_width, model.num_tables
     kept = _rmsnorm_bytes(d, a) if model.norm == "rmsnorm" else a.stream * d + 8
     if model.qkv == "memory":
         # one Memory Layer gives q, k and v ([N, 3d]); with no dtype cast before the attention, v is a view

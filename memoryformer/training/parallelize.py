@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from memoryformer.models.attention import KVCache
+from memoryformer.models.kv_cache import KVCache
 
 
 class _CheckpointedForward:

@@ -1,10 +1,11 @@
-"""Table 2's efficient attentions in causal form: Performer, cosFormer and a blockwise causal Linformer.
+"""Attention cores: exact causal softmax (`attend`) and Table 2's efficient attentions in causal form,
+Performer, cosFormer and a blockwise causal Linformer.
 
 The MemoryFormer paper (Table 2) swaps Pythia-410M's softmax attention for three efficient ones. Each
 class here is an attention *core*: it takes the projected heads q, k, v `[B, H, T, hs]` plus rotary cos/sin
-and returns `[B, T, H * hs]`, exactly like `memoryformer.models.attention.attend` (the softmax core), so
-both blocks take any of them through `model.attention`. Every core is causal, in training and evaluation:
-position i never reads a position j > i.
+and returns `[B, T, H * hs]`, exactly like `attend` (the softmax core, `SoftmaxCore`), so both blocks
+(`memoryformer.models.attention`) take any of them through `model.attention`. Every core is causal, in
+training and evaluation: position i never reads a position j > i.
 
 - **Performer** (Choromanski et al., ICLR 2021, FAVOR+): positive orthogonal random features of the softmax
   kernel, `phi(x) = exp(W x - |x|^2 / 2)` with q, k scaled by hs^(-1/4). W `[m, hs]` (shared by the heads
@@ -43,17 +44,14 @@ convention (the softmax row counts 2 s^2 d, the full square, though causal).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from memoryformer.config import ModelConfig
+from memoryformer.models.kv_cache import KVCache
 from memoryformer.nn.rotary import apply_rotary
-
-if TYPE_CHECKING:  # the cache lives with the softmax path; imported for annotations only (no cycle)
-    from memoryformer.models.attention import KVCache
 
 #: Positions per chunk of the chunked prefix sums (masked quadratic inside, carried state across).
 CHUNK = 128
@@ -73,6 +71,36 @@ def _merge_heads(y: torch.Tensor) -> torch.Tensor:
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 stays float64 (tests); everything else (fp32, bf16, fp16) accumulates in float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: KVCache | None = None,
+    layer_idx: int = 0,
+) -> torch.Tensor:
+    """Rotary + causal softmax attention. q, k, v `[B, H, T, hs]`, cos/sin `[T, r]` -> `[B, T, H * hs]`.
+
+    Scale 1/sqrt(hs). With a cache, the new queries sit at positions `cache.length..` and see every cached
+    key plus the new keys up to their own position.
+    """
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if kv_cache is not None:
+        k, v = kv_cache.update(layer_idx, k, v)
+    t_new, t_all = q.shape[-2], k.shape[-2]
+    if t_new == t_all:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif t_new == 1:
+        y = F.scaled_dot_product_attention(q, k, v)
+    else:
+        # is_causal aligns the mask to the top-left corner, which is wrong when queries start mid-sequence.
+        q_pos = torch.arange(t_all - t_new, t_all, device=q.device)
+        mask = torch.arange(t_all, device=q.device)[None, :] <= q_pos[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return _merge_heads(y)
 
 
 def causal_linear_attention(
@@ -137,8 +165,6 @@ class SoftmaxCore(nn.Module):
 
     def forward(self, q, k, v, cos, sin, kv_cache: KVCache | None = None) -> torch.Tensor:
         """q, k, v `[B, H, T, hs]`, cos/sin `[T, r]` -> `[B, T, H * hs]`."""
-        from memoryformer.models.attention import attend  # late: attention.py builds these cores
-
         return attend(q, k, v, cos, sin, kv_cache, self.layer_idx)
 
     def flops(self, seq_len: int) -> int:
