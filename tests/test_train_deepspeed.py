@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +34,7 @@ SMALL = (
     "global_batch_size=4",
     "optim.lr=0.01",
     "optim.warmup_steps=1",
+    "optim.decay_steps=12",  # the schedule's horizon pinned: a longer max_steps then extends the run
     "val_every_n_steps=null",
     "validate_at_start=false",
     "bucket_stats_every_n_steps=0",
@@ -43,6 +45,18 @@ SMALL = (
     "print_config=false",
     "export_final=false",
 )
+
+
+@pytest.fixture(autouse=True)
+def no_distributed_leftovers():
+    """These runs happen in the pytest process, where Lightning and DeepSpeed set MASTER_ADDR / MASTER_PORT
+    and leave a process group whose store listens on that port. Later tests that launch train.py in a
+    subprocess would inherit the port and fail to bind it: restore the environment, so that they pick a free
+    one. (The group itself stays: DeepSpeed keeps it for the next in-process run.)"""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def _cfg(out: Path, *overrides: str):

@@ -53,7 +53,8 @@ def _init_side_by_side(module: nn.Module, std: float, parts: int) -> None:
     `N(0, std^2)` block `[R, d]` and then its bias `0.001 * N(0, 1)` `[d]`; a linear layer's weight
     `[parts * d, d_in]` is already the parts' weights one after another. So a seed gives the same weights as
     three separate Q, K, V layers would, and runs trained before the merge retrain to the same numbers."""
-    if not isinstance(module, MemoryLayer):
+    if not isinstance(module, MemoryLayer) or module.tables.dim() != 2:
+        # (a ZeRO-3 shard placeholder inside zero.Init has no 2-d shape; its init comes once materialised)
         _init_projection(module, std)
         return
     module.init_std = std
