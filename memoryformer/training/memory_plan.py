@@ -273,19 +273,24 @@ def head_activation_bytes(model: ModelConfig, a: ActivationBytes) -> int:
     return norm + a.matmul * d + 16
 
 
-def logits_and_loss_bytes(tokens: int, model: ModelConfig, a: ActivationBytes, chunked: bool = True) -> int:
-    """Peak bytes of the logits and the cross-entropy for `tokens` tokens.
+def logits_and_loss_bytes(
+    tokens: int, model: ModelConfig, a: ActivationBytes, chunked: bool = True
+) -> tuple[int, int]:
+    """(kept, transient) bytes of the logits and the cross-entropy for `tokens` tokens.
 
-    Chunked (the training loss, `memoryformer.nn.chunked_loss`): one chunk's logits in the matmul's dtype,
-    their fp32 copy and fp32 gradient, the fp32 accumulator of the head's gradient and the hidden states'
-    gradient (`chunked_loss.peak_bytes`). Whole (`chunked=False`, ZeRO-3, whose partitioned head is
-    gathered only around its own forward): fp32 logits `[N, V]`, whose log-softmax output and the two
-    gradients at the start of backward are alive together, 3 x 4 bytes per logit.
+    Chunked (the training loss, `memoryformer.nn.chunked_loss`): `kept` is what the loss holds for backward,
+    the gradient of the head (fp32 accumulator, 4 x V x d) and of the hidden states (N x d); `transient` is
+    one chunk's logits in the matmul's dtype with their fp32 copy and fp32 gradient, alive only inside the
+    loss's forward. Whole (`chunked=False`, ZeRO-3, whose partitioned head is gathered only around its own
+    forward): fp32 logits `[N, V]`, whose log-softmax output and the two gradients at the start of backward
+    are alive together, 3 x 4 bytes per logit, all transient (freed before the blocks' backward).
     """
     if not chunked:
-        return 3 * 4 * tokens * model.vocab_size
-    return chunked_loss.peak_bytes(tokens, model.vocab_size, model.n_embd, compute_bytes=a.matmul,
-                                   weight_bytes=a.stream)
+        return 0, 3 * 4 * tokens * model.vocab_size
+    total = chunked_loss.peak_bytes(tokens, model.vocab_size, model.n_embd, compute_bytes=a.matmul,
+                                    weight_bytes=a.stream)
+    kept = 4 * model.vocab_size * model.n_embd + tokens * model.n_embd * a.stream
+    return kept, total - kept
 
 
 def activation_total(
@@ -348,7 +353,7 @@ def plan_memory(
     stored, recompute = activation_total(
         model, tokens, a, activation_checkpointing, activation_checkpointing_every
     )
-    logits = logits_and_loss_bytes(tokens, model, a, chunked=layout.zero_stage != 3)
+    logits_kept, logits_transient = logits_and_loss_bytes(tokens, model, a, chunked=layout.zero_stage != 3)
     # 16-bit copies of the matmul weights that autocast makes and backward keeps (not under DeepSpeed,
     # whose module is 16-bit already)
     casts = 2 * params.matmul if (layout.mixed and not layout.deepspeed) else 0
@@ -356,7 +361,12 @@ def plan_memory(
     # or accumulation over micro-batches; otherwise Lightning frees them after each optimizer step.
     grads_live = accumulate > 1 or layout.strategy != "single"
     head_grad = 4 * model.vocab_size * model.n_embd  # the LM head's gradient, first to appear in backward
-    in_backward = stored + recompute + logits + casts
+    # The loss's transient logits are gone before the first checkpointed block is recomputed: one or the
+    # other is alive at the peak, never both.
+    recompute_alive = recompute >= logits_transient
+    logits = logits_kept + (0 if recompute_alive else logits_transient)
+    activations = stored + (recompute if recompute_alive else 0)
+    in_backward = activations + logits + casts
     grads_at_backward = states.gradients if grads_live else min(head_grad, states.gradients)
     step_temporaries = 0 if (layout.fused_optimizer or layout.deepspeed) else states.gradients
     backward_peak = grads_at_backward + in_backward
@@ -365,7 +375,7 @@ def plan_memory(
     if backward_peak >= step_peak:
         peak_at = "backward"
         breakdown.update(
-            gradients=grads_at_backward, activations=stored + recompute, logits_and_loss=logits,
+            gradients=grads_at_backward, activations=activations, logits_and_loss=logits,
             autocast_weight_copies=casts, optimizer_step_temporaries=0,
         )
     else:
