@@ -91,6 +91,7 @@ def verdicts(table: str, rows: list[Row], results: dict[str, dict]) -> list[str]
             ("(a)", "paper's lr protocol"),
             ("(b)", "each at its best lr"),
             ("(d)", "each at its best lr and block lr scale"),
+            ("(e)", "each at its best lr, block lr scale and embedding lr scale"),
             ("(d) width 256:", "width 256, each at its best lr (block scale from width 128)"),
         ):
             mf, dense = _by_label(rows, f"{tag} MemoryFormer"), _by_label(rows, f"{tag} dense")
@@ -381,9 +382,9 @@ def table_section(table: str, rows: list[Row], sweeps: dict, results: dict, figu
     if sweeps:
         out += [
             "",
-            "Learning-rate sweeps (seed 0) that chose the (b), (c) and (d) rows (`-grid`: lr x block lr "
-            "scale at width 128; `_w2`: width 256 at the width-128 best block scale; `-embedding`: "
-            "embedding lr scale at the best pair):",
+            "Learning-rate sweeps (seed 0) that chose the (b), (c), (d) and (e) rows (`-grid`: lr x block "
+            "lr scale at width 128; `_w2`: width 256 at the width-128 best block scale; `-embedding`: "
+            "embedding lr scale at the best pair, for (e)):",
             "",
             "| sweep | lr | block lr scale | embedding lr scale | final val loss |",
             "|---|---|---|---|---|",

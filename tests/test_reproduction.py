@@ -80,10 +80,84 @@ def test_grid_search_grows_past_its_edges_then_follows_with_width2_and_probes() 
     )
     assert all(dict(r.variant) == dict(best.variant) for r in width2.sweep)  # block scale carried over
     assert "model.n_embd=256" in width2.sweep[0].argv and "model.num_tables=32" in width2.sweep[0].argv
-    assert probes.seeds == () and {r.setting("optim.embedding_lr_scale") for r in probes.sweep} == {
-        1.0,
-        *scale.embedding_scales,
+    assert probes.seeds == scale.seeds_table1 and probes.label.startswith("(e) MemoryFormer")
+    assert {r.setting("optim.embedding_lr_scale") for r in probes.sweep} == {1.0, *scale.embedding_scales}
+
+
+def _bowl_at(lr: float, block: float, embedding: float = 1.0):
+    """A loss bowl in log lr, log block scale and log embedding scale with its minimum at the given point."""
+    import math
+
+    def loss(run: protocol.Run) -> float:
+        return 4 + sum(
+            (math.log10(v) - math.log10(c)) ** 2
+            for v, c in (
+                (run.lr, lr),
+                (run.setting("optim.block_lr_scale"), block),
+                (run.setting("optim.embedding_lr_scale"), embedding),
+            )
+        )
+
+    return loss
+
+
+def _walk(search: protocol.Pending, loss, scale: protocol.Scale) -> list[list[tuple]]:
+    """Every `grow` step until the search settles, as the (lr, block scale, embedding scale) points added."""
+    steps = []
+    while grown := search.grow(search.best(loss), scale):
+        steps.append(
+            [(r.lr, r.setting("optim.block_lr_scale"), r.setting("optim.embedding_lr_scale")) for r in grown]
+        )
+    return steps
+
+
+def test_grid_search_tries_both_lr_neighbours_where_the_best_scale_holds_one_lr() -> None:
+    # the committed MemoryFormer search: its best pair (3e-2, block scale 0.03) came from growing the
+    # scale, so 3e-2 was the only lr tried at 0.03; the search must try 1e-2 and 9e-2 there too
+    scale = protocol.Scale()
+    plan = protocol.build_plan(["1"], scale)
+    search = next(p for p in plan.pending if isinstance(p, protocol.GridSearch) and p.model == "mf")
+    steps = _walk(search, _bowl_at(3e-2, 0.03), scale)
+    assert steps[0] == [(9e-2, 0.1, 1.0), (3e-2, 0.03, 1.0)]
+    assert steps[1] == [(1e-2, 0.03, 1.0), (9e-2, 0.03, 1.0), (3e-2, 0.01, 1.0)]
+    assert len(steps) == 2  # then the best point is inside along both axes: the search has settled
+    # a point that is the only one along both axes grows four ways, within the grow limit
+    lone = protocol.GridSearch("1", "x", "mf", [protocol.make_run("mf", 1e-2, 0, scale)], ())
+    assert {(r.lr, r.setting("optim.block_lr_scale")) for r in lone.grow(lone.sweep[0], scale)} == {
+        (3e-3, 1.0),
+        (3e-2, 1.0),
+        (1e-2, 0.3),
+        (1e-2, 3.0),
     }
+
+
+def test_embedding_and_width2_searches_grow_past_an_end_point_then_train_the_best() -> None:
+    scale = protocol.Scale()
+    plan = protocol.build_plan(["1"], scale)
+    search = next(p for p in plan.pending if isinstance(p, protocol.GridSearch) and p.model == "mf")
+    loss = _bowl_at(3e-2, 0.1, embedding=9.0)  # the best pair on the grid, embeddings best at 9x
+    _walk(search, loss, scale)
+    best = search.best(loss)
+    width2, embedding = search.follow(best, scale)
+    # embedding scales 0.3, 1, 3 tried: 3 is the end point, so 9, then 27 (rounded to 30), and 9 is inside
+    assert _walk(embedding, loss, scale) == [[(3e-2, 0.1, 9.0)], [(3e-2, 0.1, 30.0)]]
+    row = embedding.resolve(loss, scale)
+    assert [r.seed for r in row.runs] == list(scale.seeds_table1)
+    assert all(
+        "optim.embedding_lr_scale=9" in r.argv and "optim.block_lr_scale=0.1" in r.argv for r in row.runs
+    )
+    assert row.label.endswith("(best lr 0.03, block lr scale 0.1, embedding lr scale 9)")
+    # at scale 1 the row is the (d) row's runs, and says so
+    flat = _bowl_at(3e-2, 0.1)
+    _, embedding = search.follow(best, scale)
+    assert _walk(embedding, flat, scale) == []
+    row = embedding.resolve(flat, scale)
+    assert row.runs[0].key == best.key and row.label.endswith("embedding lr scale 1)")
+    # the width-256 lr search: its best at its lowest lr grows downwards, at most width2_grow_limit points
+    low = _bowl_at(1e-4, 0.1)
+    assert [s[0][0] for s in _walk(width2, low, scale)] == [3e-3, 1e-3][: scale.width2_grow_limit]
+    assert width2.resolve(low, scale).runs[0].lr == min(r.lr for r in width2.sweep)
+
 
 
 def test_published_results_are_reused_only_for_an_identical_argv(tmp_path: Path) -> None:
@@ -165,6 +239,7 @@ def test_table1_smoke_resolves_best_lr_rows_with_heldout_and_figures(tmp_path: P
     labels = {r["row"] for r in doc["rows"]}
     assert any(lbl.startswith("(b) MemoryFormer (best lr") for lbl in labels)
     assert any(lbl.startswith("(c) dense, about") for lbl in labels)
+    assert any(lbl.startswith("(e) MemoryFormer at its best embedding lr scale too (") for lbl in labels)
     t1 = [r for r in doc["rows"] if not r["row"].startswith("lr sweep")]
     assert all(0 < r["heldout_bits_per_byte"] < 20 for r in t1)
     for name in ("table1_curves", "buckets"):
