@@ -274,8 +274,9 @@ class GridSearch(Pending):
 
     `grow`: at the best point's block scale, the lr steps `_beyond` the best lr among the lrs tried there
     (x 3 past the largest, / 3 past the smallest, both when it is the only lr tried); at its lr, the same
-    for the block scale; at most `scale.d_grow_limit` added points. `follow`: the `embedding_lr_scale`
-    search at the best pair (row (e)), and the second width's lr search with the best block scale.
+    for the block scale; at most `scale.d_grow_limit` added points. `follow`: the second width's lr search
+    with the best block scale (row (d) width 256), and the `embedding_lr_scale` search at the best pair
+    (row (e), which then starts the second width's lr search at its best scales too).
     """
 
     width2: str | None = None  # the model at the second width (mf_w2 / dense_w2), or None
@@ -297,35 +298,19 @@ class GridSearch(Pending):
         return new
 
     def follow(self, best: Run, scale: Scale) -> list[Pending]:
-        variant = dict(best.variant)
-        what = "MemoryFormer" if self.model.startswith("mf") else "dense twin"
+        what = _what(self.model)
         out: list[Pending] = []
         if self.width2:
-            lrs = sorted({round_lr(best.lr * f) for f in scale.width2_lr_factors})
-            sweep = [make_run(self.width2, lr, 0, scale, variant) for lr in lrs]
-            label = f"(d) width {scale.width2_n_embd}: {what}"
-            out.append(
-                LineSearch(
-                    self.table,
-                    label,
-                    self.width2,
-                    sweep,
-                    scale.seeds_width2,
-                    name=self.width2,
-                    base=best,
-                    limit=scale.width2_grow_limit,
-                )
-            )
+            out.append(_width2_search(self.width2, best, f"(d) width {scale.width2_n_embd}: {what}", scale))
         if scale.embedding_scales:
             probes = [
-                make_run(self.model, best.lr, 0, scale, {**variant, EMBEDDING: f"{e:g}"})
+                make_run(self.model, best.lr, 0, scale, {**dict(best.variant), EMBEDDING: f"{e:g}"})
                 for e in scale.embedding_scales
             ]
-            label = f"(e) {what} at its best embedding lr scale too"
             out.append(
                 LineSearch(
                     self.table,
-                    label,
+                    f"(e) {what} at its best embedding lr scale too",
                     self.model,
                     [best, *probes],
                     self.seeds,
@@ -333,9 +318,31 @@ class GridSearch(Pending):
                     base=best,
                     axis=EMBEDDING,
                     limit=scale.embedding_grow_limit,
+                    width2=self.width2,
                 )
             )
         return out
+
+
+def _what(model: str) -> str:
+    return "MemoryFormer" if model.startswith("mf") else "dense twin"
+
+
+def _width2_search(width2: str, best: Run, label: str, scale: Scale, name: str = "") -> LineSearch:
+    """The second width's lr search: `width2` at the width-128 best run's lr times `width2_lr_factors`,
+    with its other settings (block and embedding lr scales) carried over; then `seeds_width2` at the best."""
+    lrs = sorted({round_lr(best.lr * f) for f in scale.width2_lr_factors})
+    sweep = [make_run(width2, lr, 0, scale, dict(best.variant)) for lr in lrs]
+    return LineSearch(
+        "1",
+        label,
+        width2,
+        sweep,
+        scale.seeds_width2,
+        name=name or width2,
+        base=best,
+        limit=scale.width2_grow_limit,
+    )
 
 
 EMBEDDING = "optim.embedding_lr_scale"
@@ -347,13 +354,15 @@ class LineSearch(Pending):
     (`axis` "lr": the second width's search) or an override such as `optim.embedding_lr_scale`.
 
     `grow`: while the best value is an end point of the values tried, the x3 step past it (`_beyond`), at
-    most `limit` added points; then the best run at `seeds` (the row).
+    most `limit` added points; then the best run at `seeds` (the row). `follow` (the embedding search): the
+    second width's lr search at the best block and embedding lr scales (row (e) width 256).
     """
 
     base: Run | None = None
     axis: str = "lr"
     limit: int = 0
     grown: int = 0
+    width2: str | None = None  # the embedding search: the second width's lr search at its best, or None
 
     def value(self, run: Run) -> float:
         return run.lr if self.axis == "lr" else run.setting(self.axis)
@@ -377,10 +386,16 @@ class LineSearch(Pending):
             return make_run(self.model, value, 0, scale, variant)
         return make_run(self.model, self.base.lr, 0, scale, {**variant, self.axis: f"{value:g}"})
 
+    def follow(self, best: Run, scale: Scale) -> list[Pending]:
+        if not self.width2:
+            return []
+        label = f"(e) width {scale.width2_n_embd}: {_what(self.model)} at its best embedding lr scale too"
+        return [_width2_search(self.width2, best, label, scale, name=f"{self.width2}-embedding")]
+
     def resolve(self, val_loss: Callable[[Run], float], scale: Scale) -> Row:
         row = super().resolve(val_loss, scale)
-        if self.axis != "lr" and self.axis not in dict(self.best(val_loss).variant):  # say the 1 too
-            row.label = row.label[:-1] + f", {self.axis.split('.')[-1].replace('_', ' ')} 1)"
+        if self.name.endswith("-embedding") and EMBEDDING not in dict(self.best(val_loss).variant):
+            row.label = row.label[:-1] + ", embedding lr scale 1)"  # the searched scale, even at its default
         return row
 
 

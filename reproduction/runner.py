@@ -274,6 +274,17 @@ class Runner:
             self.results[run.key] = done
         return done is not None
 
+    def train_again(self, run: Run) -> dict[str, Any]:
+        """Train `run` here although a published result was adopted (its model is needed, e.g. for the
+        held-out score of a sweep point that became a row run); the new result replaces the published one."""
+        self.log(f"  {run.key}: published without a model here: training it again")
+        result = self._train(run)
+        self.results[run.key] = result
+        self.trained.append(run.key)
+        before = self.published[run.key]["val_loss"]
+        self.log(f"  {run.key}: val/loss {result['val_loss']:.4f} (published: {before:.4f})")
+        return result
+
     def _worker(self) -> None:
         while True:
             with self._lock:

@@ -147,6 +147,11 @@ def test_embedding_and_width2_searches_grow_past_an_end_point_then_train_the_bes
         "optim.embedding_lr_scale=9" in r.argv and "optim.block_lr_scale=0.1" in r.argv for r in row.runs
     )
     assert row.label.endswith("(best lr 0.03, block lr scale 0.1, embedding lr scale 9)")
+    # then width 256 searches its lr at both of width 128's best scales (row (e) width 256)
+    (wide,) = embedding.follow(embedding.best(loss), scale)
+    assert wide.label.startswith("(e) width 256: MemoryFormer") and wide.seeds == scale.seeds_width2
+    assert [r.lr for r in wide.sweep] == sorted(protocol.round_lr(3e-2 * f) for f in scale.width2_lr_factors)
+    assert all({"optim.embedding_lr_scale=9", "optim.block_lr_scale=0.1"} <= set(r.argv) for r in wide.sweep)
     # at scale 1 the row is the (d) row's runs, and says so
     flat = _bowl_at(3e-2, 0.1)
     _, embedding = search.follow(best, scale)
