@@ -197,7 +197,6 @@ class Runner:
         """Every row of `plan` with every run finished (resolving pending rows); raises if a run failed."""
         runs = plan.runs()
         pending = list(plan.pending)
-        self._resolved: list[Pending] = []  # pending rows in the order they resolved
         rows = list(plan.rows)
         self._queue = [r for r in runs if not self._adopt(r)]
         self._total = len(self._queue) + len(self.results)
@@ -226,12 +225,20 @@ class Runner:
             t.join()
         if self._failed:
             raise RuntimeError("reproduction: these runs failed: " + "; ".join(self._failed))
-        order = {id(p): i for i, p in enumerate(self._resolved)}
 
-        def position(row: Row) -> tuple[str, int]:  # plan order; resolved rows after, in pending order
+        def position(row: Row) -> tuple:
+            """Plan order; resolved rows after, by their tag ("(b)".."(e)"), width 128 before the second
+            width, the dense model before the MemoryFormer (not in the order their searches ended)."""
             if row in plan.rows:
                 return row.table, plan.rows.index(row)
-            return row.table, len(plan.rows) + order[id(row.source)]
+            model = row.runs[0].model
+            return (
+                row.table,
+                len(plan.rows),
+                row.label.split()[0],
+                model.endswith("_w2"),
+                model.startswith("mf"),
+            )
 
         return sorted(rows, key=position)
 
@@ -258,7 +265,6 @@ class Runner:
         if p.seeds:
             row = p.resolve(val_loss, self.scale)
             rows.append(row)
-            self._resolved.append(p)
             n = self._enqueue(row.runs)
             self.log(f"  {row.label}: its {len(row.runs)} seeds ({n} new runs)")
         for q in p.follow(best, self.scale):
