@@ -183,6 +183,31 @@ def test_published_results_are_reused_only_for_an_identical_argv(tmp_path: Path)
     assert runner.load_finished(run) is None
 
 
+
+def test_a_published_run_trained_again_replaces_its_published_result(tmp_path: Path, monkeypatch) -> None:
+    # a sweep point published without its model that became a row run is trained here (lm-eval needs the
+    # model); from then on its local result, not the published one, is the run's
+    from reproduction import runner as runner_module
+    from reproduction.runner import Runner
+
+    scale = protocol.Scale()
+    run = protocol.make_run("mf", 3e-2, 0, scale, {"optim.embedding_lr_scale": "3"})
+    published = {run.key: {"key": run.key, "argv": list(run.argv), "val_loss": 4.0, "published": True}}
+    trained: list[tuple[str, ...]] = []
+
+    def executor(argv: tuple[str, ...], run_dir: Path) -> None:
+        run_dir.mkdir(parents=True)
+        trained.append(argv)
+
+    monkeypatch.setattr(runner_module, "measure", lambda r, d, sc, s: {"val_loss": 3.9, "train_seconds": s})
+    runner = Runner(tmp_path, scale, executor, published=published, log=lambda m: None)
+    runner.results[run.key] = runner.load_finished(run)
+    assert runner.results[run.key]["published"]
+    runner.train_again(run)
+    assert trained == [run.argv] and runner.results[run.key]["val_loss"] == 3.9
+    again = Runner(tmp_path, scale, executor=None, published=published)  # type: ignore[arg-type]
+    assert again.load_finished(run)["val_loss"] == 3.9 and "published" not in again.load_finished(run)
+
 def test_table_selection_is_checked() -> None:
     assert protocol.parse_tables("4,1") == ["1", "4"]
     assert protocol.parse_tables("") == list(protocol.TABLES)
