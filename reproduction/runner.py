@@ -177,7 +177,7 @@ class Runner:
         self.trained: list[str] = []  # keys trained by this call (not found finished on disk)
         self._lock = threading.Condition()
         self._queue: list[Run] = []
-        self._running = 0
+        self._in_flight: set[str] = set()  # keys of the runs being trained now
         self._failed: list[str] = []
 
     def run_dir(self, run: Run) -> Path:
@@ -213,7 +213,7 @@ class Runner:
                 for p in list(pending):
                     if all(r.key in self.results for r in p.sweep):
                         self._settle(p, pending, rows, plan)
-                idle = not self._queue and self._running == 0
+                idle = not self._queue and not self._in_flight
                 if idle and (not pending or self._failed):
                     break
                 self._lock.wait(timeout=1.0)
@@ -243,8 +243,10 @@ class Runner:
         return sorted(rows, key=position)
 
     def _enqueue(self, runs: list[Run]) -> int:
-        """Queue the runs not finished or queued yet; returns how many were queued (lock held)."""
-        unseen = [r for r in runs if r.key not in self.results and r not in self._queue]
+        """Queue the runs not finished, queued or being trained yet (two rows may resolve to the same run
+        while it trains); returns how many were queued (lock held)."""
+        busy = self._in_flight | {r.key for r in self._queue if r is not None}
+        unseen = [r for r in runs if r.key not in self.results and r.key not in busy]
         new = [r for r in unseen if not self._adopt(r)]
         self._queue += new
         self._total += len(unseen)  # adopted ones count as done, as at the start
@@ -299,7 +301,7 @@ class Runner:
                 run = self._queue.pop(0)
                 if run is None:
                     return
-                self._running += 1
+                self._in_flight.add(run.key)
             try:
                 result = self._train(run)
                 with self._lock:
@@ -312,7 +314,7 @@ class Runner:
                     self.log(f"  FAILED {run.key}: {err}")
             finally:
                 with self._lock:
-                    self._running -= 1
+                    self._in_flight.discard(run.key)
                     self._lock.notify_all()
 
     def _train(self, run: Run) -> dict[str, Any]:

@@ -208,6 +208,38 @@ def test_a_published_run_trained_again_replaces_its_published_result(tmp_path: P
     again = Runner(tmp_path, scale, executor=None, published=published)  # type: ignore[arg-type]
     assert again.load_finished(run)["val_loss"] == 3.9 and "published" not in again.load_finished(run)
 
+
+def test_a_run_two_rows_resolve_to_while_it_trains_is_trained_once(tmp_path: Path, monkeypatch) -> None:
+    # (d) and (e) of the dense twin at width 256 are the same runs: the second row must not queue the
+    # seed the first one is training (it was trained twice, the second time over the first's folder)
+    import threading
+    import time
+
+    from reproduction import runner as runner_module
+    from reproduction.runner import Runner
+
+    scale = dataclasses.replace(protocol.Scale(), steps=1)
+    a, b = (protocol.make_run("dense", lr, 0, scale) for lr in (1e-2, 3e-2))
+    shared = protocol.make_run("dense", 1e-2, 1, scale)  # the rows' seed 1
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    def executor(argv: tuple[str, ...], run_dir: Path) -> None:
+        with lock:
+            calls.append(run_dir.name)
+        time.sleep({a.key: 0.0, b.key: 0.3, shared.key: 1.0}[run_dir.name])  # b ends while seed 1 trains
+        run_dir.mkdir(parents=True)
+
+    monkeypatch.setattr(runner_module, "measure", lambda r, d, sc, s: {"val_loss": r.lr, "train_seconds": s})
+    plan = protocol.Plan(sweeps={"dense": [a, b]})
+    plan.pending = [
+        protocol.Pending("1", "(d) dense twin", "dense", [a], (0, 1)),
+        protocol.Pending("1", "(e) dense twin", "dense", [a, b], (0, 1)),
+    ]
+    rows = Runner(tmp_path, scale, executor, workers=2, log=lambda m: None).execute_plan(plan)
+    assert [r.key for r in rows[0].runs] == [r.key for r in rows[1].runs] == [a.key, shared.key]
+    assert sorted(calls) == sorted([a.key, b.key, shared.key])
+
 def test_table_selection_is_checked() -> None:
     assert protocol.parse_tables("4,1") == ["1", "4"]
     assert protocol.parse_tables("") == list(protocol.TABLES)
