@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> Runner:
 
     if "1" in tables and not args.no_heldout:
         t1_runs = {r.key: r for row in rows if row.table == "1" for r in row.runs}
-        todo = {k: r for k, r in t1_runs.items() if "heldout" not in results[k]}  # published ones have it
+        todo = {k: r for k, r in t1_runs.items() if "heldout" not in results[k]}  # published rows have it
+        for run in todo.values():  # a published sweep point that became a row run: no model here to score
+            if results[run.key].get("published"):
+                runner.train_again(run)
         if todo:
             data_dir = export_heldout_docs(out_dir, runner.run_dir(next(iter(todo.values()))))
         for key, run in todo.items():

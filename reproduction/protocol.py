@@ -8,7 +8,8 @@ Table 1 has rows whose learning rate is chosen from other runs (each model at th
 rows are `Pending` until their sweep has finished, then `resolve()` turns them into runs. A `GridSearch` is a
 pending row whose sweep is a grid over `optim.lr` x `optim.block_lr_scale` (Table 1 (d)): while its best
 point sits on the grid's edge it `grow`s the grid one step beyond that edge, and once resolved it can start
-further pending rows from its best point (`follow`: the second width, the embedding-lr probes).
+further pending rows from its best point (`follow`: the second width's lr search, the embedding-lr search).
+Those two are `LineSearch`es: one setting swept at seed 0, grown the same way past an end point.
 """
 
 from __future__ import annotations
@@ -47,19 +48,29 @@ class Scale:
     lrs_table4: tuple[float, ...] = (1e-3, 2e-3, 3e-3, 4e-3)  # the paper's Table 4 grid
     # Table 1 (d): optim.lr x optim.block_lr_scale for both models, seed 0. Scale 1 is the (b) sweep (its
     # runs are reused) plus these lrs; the other scales are tried at these lrs. The search grows the grid
-    # by one x3 step past any edge its best point sits on (`d_grow_limit` points at most per model).
+    # by one x3 step past any edge its best point sits on, and both ways along an axis where the best point
+    # is the only one tried (`d_grow_limit` points at most per model). The limit was 6 when the search grew
+    # only past edges; 12 lets a best point that moves off the starting grid (the MemoryFormer's, to block
+    # scale 0.03, where one lr had been tried) walk a few steps further, and still bounds a search that
+    # would not settle (each point is one ~1 min run).
     lrs_grid: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     block_scales: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
-    d_grow_limit: int = 6
-    # the best pair's embedding_lr_scale probes (seed 0), when affordable; empty: not searched
+    d_grow_limit: int = 12
+    # the best pair's embedding_lr_scale search (seed 0): these probes around scale 1, grown by x3 steps
+    # past an end point (`embedding_grow_limit` points at most), then the best at `seeds_table1` (row (e));
+    # empty: not searched
     embedding_scales: tuple[float, ...] = (0.3, 3.0)
+    embedding_grow_limit: int = 3
     # Table 1 at a second width: the MemoryFormer and its twin, block scale from width 128's best, lr at
-    # the width-128 best times these factors (rounded to one digit), then `seeds_width2` at the best lr
+    # the width-128 best times these factors (rounded to one digit), grown by x3 steps past an end point
+    # (`width2_grow_limit` points at most), then `seeds_width2` at the best lr
     width2_n_embd: int = 256
     width2_n_layer: int = 4
     width2_num_tables: int = 32  # K = 256 / tau with tau = 8
     width2_lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)
-    seeds_width2: tuple[int, ...] = (0, 1)
+    width2_grow_limit: int = 2
+    # 3 seeds, as at width 128: with 2, the width-256 (e) difference (+0.03) stayed within 2 standard errors
+    seeds_width2: tuple[int, ...] = (0, 1, 2)
     # The dense model with about the MemoryFormer's parameter count (Table 1's equal-parameter row)
     wide_n_embd: int = 384
     wide_n_layer: int = 4
@@ -98,10 +109,12 @@ SMOKE = Scale(
     block_scales=(0.3, 1.0),
     d_grow_limit=1,
     embedding_scales=(3.0,),
+    embedding_grow_limit=1,
     width2_n_embd=64,
     width2_n_layer=1,
     width2_num_tables=8,
     width2_lr_factors=(1.0,),
+    width2_grow_limit=1,
     seeds_width2=(0,),
     wide_n_embd=64,
     wide_n_layer=1,
@@ -243,14 +256,28 @@ def round_lr(lr: float) -> float:
     return float(f"{lr:.0e}")
 
 
+def _beyond(value: float, tried: list[float]) -> list[float]:
+    """The x3 / (/3) steps past `value` when it is an end point of the values `tried` along one axis: the
+    step outward from the end it sits on, or both steps when it is the only value tried (one point says
+    nothing about the direction). Rounded to one significant digit; empty when `value` is inside."""
+    if len(set(tried)) == 1:
+        return [round_lr(value / 3), round_lr(value * 3)]
+    if value == max(tried):
+        return [round_lr(value * 3)]
+    if value == min(tried):
+        return [round_lr(value / 3)]
+    return []
+
+
 @dataclass
 class GridSearch(Pending):
     """Table 1 (d): `model` over `optim.lr` x `optim.block_lr_scale` (seed 0), grown past its edges.
 
-    `grow`: while the best point is the largest (smallest) lr tried at its block scale, try lr x 3 (/ 3)
-    there; while it is the largest (smallest) block scale tried at its lr, try scale x 3 (/ 3) there; at most
-    `scale.d_grow_limit` added points. `follow`: the probes of `embedding_lr_scale` at the best pair, and
-    the second width's lr search with the best block scale (its own pending row, 3 lrs around the best).
+    `grow`: at the best point's block scale, the lr steps `_beyond` the best lr among the lrs tried there
+    (x 3 past the largest, / 3 past the smallest, both when it is the only lr tried); at its lr, the same
+    for the block scale; at most `scale.d_grow_limit` added points. `follow`: the second width's lr search
+    with the best block scale (row (d) width 256), and the `embedding_lr_scale` search at the best pair
+    (row (e), which then starts the second width's lr search at its best scales too).
     """
 
     width2: str | None = None  # the model at the second width (mf_w2 / dense_w2), or None
@@ -262,11 +289,8 @@ class GridSearch(Pending):
         b = best.setting("optim.block_lr_scale")
         same_scale = [r.lr for r in self.sweep if r.setting("optim.block_lr_scale") == b]
         same_lr = [r.setting("optim.block_lr_scale") for r in self.sweep if r.lr == best.lr]
-        points = []
-        if len(same_scale) > 1 and best.lr in (min(same_scale), max(same_scale)):
-            points.append((round_lr(best.lr * (3 if best.lr == max(same_scale) else 1 / 3)), b))
-        if len(same_lr) > 1 and b in (min(same_lr), max(same_lr)):
-            points.append((best.lr, round_lr(b * (3 if b == max(same_lr) else 1 / 3))))
+        points = [(lr, b) for lr in _beyond(best.lr, same_scale)]
+        points += [(best.lr, sc) for sc in _beyond(b, same_lr)]
         keys = {r.key for r in self.sweep}
         new = [_grid_run(self.model, lr, sc, 0, scale) for lr, sc in points]
         new = [r for r in new if r.key not in keys][: scale.d_grow_limit - self.grown]
@@ -275,23 +299,105 @@ class GridSearch(Pending):
         return new
 
     def follow(self, best: Run, scale: Scale) -> list[Pending]:
-        variant = dict(best.variant)
+        what = _what(self.model)
         out: list[Pending] = []
         if self.width2:
-            lrs = sorted({round_lr(best.lr * f) for f in scale.width2_lr_factors})
-            sweep = [make_run(self.width2, lr, 0, scale, variant) for lr in lrs]
-            what = "MemoryFormer" if self.width2.startswith("mf") else "dense twin"
-            label = f"(d) width {scale.width2_n_embd}: {what}"
-            out.append(Pending(self.table, label, self.width2, sweep, scale.seeds_width2, name=self.width2))
+            out.append(_width2_search(self.width2, best, f"(d) width {scale.width2_n_embd}: {what}", scale))
         if scale.embedding_scales:
             probes = [
-                make_run(self.model, best.lr, 0, scale, {**variant, "optim.embedding_lr_scale": f"{e:g}"})
+                make_run(self.model, best.lr, 0, scale, {**dict(best.variant), EMBEDDING: f"{e:g}"})
                 for e in scale.embedding_scales
             ]
             out.append(
-                Pending(self.table, "", self.model, [best, *probes], (), name=f"{self.name}-embedding")
+                LineSearch(
+                    self.table,
+                    f"(e) {what} at its best embedding lr scale too",
+                    self.model,
+                    [best, *probes],
+                    self.seeds,
+                    name=f"{self.name}-embedding",
+                    base=best,
+                    axis=EMBEDDING,
+                    limit=scale.embedding_grow_limit,
+                    width2=self.width2,
+                )
             )
         return out
+
+
+def _what(model: str) -> str:
+    return "MemoryFormer" if model.startswith("mf") else "dense twin"
+
+
+def _width2_search(width2: str, best: Run, label: str, scale: Scale, name: str = "") -> LineSearch:
+    """The second width's lr search: `width2` at the width-128 best run's lr times `width2_lr_factors`,
+    with its other settings (block and embedding lr scales) carried over; then `seeds_width2` at the best."""
+    lrs = sorted({round_lr(best.lr * f) for f in scale.width2_lr_factors})
+    sweep = [make_run(width2, lr, 0, scale, dict(best.variant)) for lr in lrs]
+    return LineSearch(
+        "1",
+        label,
+        width2,
+        sweep,
+        scale.seeds_width2,
+        name=name or width2,
+        base=best,
+        limit=scale.width2_grow_limit,
+    )
+
+
+EMBEDDING = "optim.embedding_lr_scale"
+
+
+@dataclass
+class LineSearch(Pending):
+    """One setting of `model` swept at seed 0 around the run `base` (its other settings kept): `optim.lr`
+    (`axis` "lr": the second width's search) or an override such as `optim.embedding_lr_scale`.
+
+    `grow`: while the best value is an end point of the values tried, the x3 step past it (`_beyond`), at
+    most `limit` added points; then the best run at `seeds` (the row). `follow` (the embedding search): the
+    second width's lr search at the best block and embedding lr scales (row (e) width 256).
+    """
+
+    base: Run | None = None
+    axis: str = "lr"
+    limit: int = 0
+    grown: int = 0
+    width2: str | None = None  # the embedding search: the second width's lr search at its best, or None
+
+    def value(self, run: Run) -> float:
+        return run.lr if self.axis == "lr" else run.setting(self.axis)
+
+    def grow(self, best: Run, scale: Scale) -> list[Run]:
+        if self.grown >= self.limit:
+            return []
+        tried = [self.value(r) for r in self.sweep]
+        steps = _beyond(self.value(best), tried) if len(set(tried)) > 1 else []
+        keys = {r.key for r in self.sweep}
+        new = [self._run(v, scale) for v in steps]
+        new = [r for r in new if r.key not in keys][: self.limit - self.grown]
+        self.grown += len(new)
+        self.sweep += new
+        return new
+
+    def _run(self, value: float, scale: Scale) -> Run:
+        assert self.base is not None
+        variant = dict(self.base.variant)
+        if self.axis == "lr":
+            return make_run(self.model, value, 0, scale, variant)
+        return make_run(self.model, self.base.lr, 0, scale, {**variant, self.axis: f"{value:g}"})
+
+    def follow(self, best: Run, scale: Scale) -> list[Pending]:
+        if not self.width2:
+            return []
+        label = f"(e) width {scale.width2_n_embd}: {_what(self.model)} at its best embedding lr scale too"
+        return [_width2_search(self.width2, best, label, scale, name=f"{self.width2}-embedding")]
+
+    def resolve(self, val_loss: Callable[[Run], float], scale: Scale) -> Row:
+        row = super().resolve(val_loss, scale)
+        if self.name.endswith("-embedding") and EMBEDDING not in dict(self.best(val_loss).variant):
+            row.label = row.label[:-1] + ", embedding lr scale 1)"  # the searched scale, even at its default
+        return row
 
 
 def _grid_run(model: str, lr: float, block_scale: float, seed: int, scale: Scale) -> Run:

@@ -91,7 +91,12 @@ def verdicts(table: str, rows: list[Row], results: dict[str, dict]) -> list[str]
             ("(a)", "paper's lr protocol"),
             ("(b)", "each at its best lr"),
             ("(d)", "each at its best lr and block lr scale"),
+            ("(e)", "each at its best lr, block lr scale and embedding lr scale"),
             ("(d) width 256:", "width 256, each at its best lr (block scale from width 128)"),
+            (
+                "(e) width 256:",
+                "width 256, each at its best lr (block and embedding lr scales from width 128)",
+            ),
         ):
             mf, dense = _by_label(rows, f"{tag} MemoryFormer"), _by_label(rows, f"{tag} dense")
             if mf and dense:
@@ -113,9 +118,13 @@ def verdicts(table: str, rows: list[Row], results: dict[str, dict]) -> list[str]
                 + _pair("MemoryFormer", s[mf.label], "the dense model of its size", s[wide.label])
                 + "."
             )
-        gaps = [_gap(rows, s, tag) for tag in ("(d)", "(d) width 256:")]
-        if all(gaps):
-            out.append(width_trend(*gaps))  # type: ignore[arg-type]
+        for tag, what in (
+            ("(d)", "best lr and block lr scale"),
+            ("(e)", "best lr, block and embedding lr scales"),
+        ):
+            gaps = [_gap(rows, s, t) for t in (tag, f"{tag} width 256:")]
+            if all(gaps):
+                out.append(width_trend(*gaps, what))  # type: ignore[arg-type]
     elif table == "2":
         soft = _by_label(rows, "softmax")
         for r in rows:
@@ -169,9 +178,9 @@ def _gap(rows: list[Row], s: dict[str, Stat], tag: str) -> tuple[float, float] |
     return a.mean - b.mean, math.sqrt(a.se() ** 2 + b.se() ** 2)
 
 
-def width_trend(narrow: tuple[float, float], wide: tuple[float, float]) -> str:
-    """Whether the MemoryFormer - dense gap (mean, se) grows, shrinks or flips from width 128 to 256: a
-    change counts when it exceeds 2 standard errors of the difference, a flip when both gaps do."""
+def width_trend(narrow: tuple[float, float], wide: tuple[float, float], what: str = "best pair") -> str:
+    """Whether the MemoryFormer - dense gap (mean, se) at each one's `what` grows, shrinks or flips from width
+    128 to 256: a change counts when it exceeds 2 standard errors of the difference, a flip when both do."""
     (g1, se1), (g2, se2) = narrow, wide
     se = math.sqrt(se1**2 + se2**2)
     if g1 * g2 < 0 and abs(g1) > 2 * se1 and abs(g2) > 2 * se2:
@@ -181,7 +190,7 @@ def width_trend(narrow: tuple[float, float], wide: tuple[float, float]) -> str:
     else:
         trend = "grows" if abs(g2) > abs(g1) else "shrinks"
     return (
-        f"with width: the MemoryFormer - dense gap at each one's best pair is {g1:+.4f} ± {se1:.4f} (se) at "
+        f"with width: the MemoryFormer - dense gap at each one's {what} is {g1:+.4f} ± {se1:.4f} (se) at "
         f"width 128 and {g2:+.4f} ± {se2:.4f} at width 256: it {trend}."
     )
 
@@ -381,9 +390,9 @@ def table_section(table: str, rows: list[Row], sweeps: dict, results: dict, figu
     if sweeps:
         out += [
             "",
-            "Learning-rate sweeps (seed 0) that chose the (b), (c) and (d) rows (`-grid`: lr x block lr "
-            "scale at width 128; `_w2`: width 256 at the width-128 best block scale; `-embedding`: "
-            "embedding lr scale at the best pair):",
+            "Learning-rate sweeps (seed 0) that chose the (b), (c), (d) and (e) rows (`-grid`: lr x block "
+            "lr scale at width 128; `_w2`: width 256 at the width-128 best block scale; `-embedding`: "
+            "embedding lr scale at the best pair, for (e)):",
             "",
             "| sweep | lr | block lr scale | embedding lr scale | final val loss |",
             "|---|---|---|---|---|",

@@ -177,7 +177,7 @@ class Runner:
         self.trained: list[str] = []  # keys trained by this call (not found finished on disk)
         self._lock = threading.Condition()
         self._queue: list[Run] = []
-        self._running = 0
+        self._in_flight: set[str] = set()  # keys of the runs being trained now
         self._failed: list[str] = []
 
     def run_dir(self, run: Run) -> Path:
@@ -197,7 +197,6 @@ class Runner:
         """Every row of `plan` with every run finished (resolving pending rows); raises if a run failed."""
         runs = plan.runs()
         pending = list(plan.pending)
-        self._resolved: list[Pending] = []  # pending rows in the order they resolved
         rows = list(plan.rows)
         self._queue = [r for r in runs if not self._adopt(r)]
         self._total = len(self._queue) + len(self.results)
@@ -214,7 +213,7 @@ class Runner:
                 for p in list(pending):
                     if all(r.key in self.results for r in p.sweep):
                         self._settle(p, pending, rows, plan)
-                idle = not self._queue and self._running == 0
+                idle = not self._queue and not self._in_flight
                 if idle and (not pending or self._failed):
                     break
                 self._lock.wait(timeout=1.0)
@@ -226,18 +225,28 @@ class Runner:
             t.join()
         if self._failed:
             raise RuntimeError("reproduction: these runs failed: " + "; ".join(self._failed))
-        order = {id(p): i for i, p in enumerate(self._resolved)}
 
-        def position(row: Row) -> tuple[str, int]:  # plan order; resolved rows after, in pending order
+        def position(row: Row) -> tuple:
+            """Plan order; resolved rows after, by their tag ("(b)".."(e)"), width 128 before the second
+            width, the dense model before the MemoryFormer (not in the order their searches ended)."""
             if row in plan.rows:
                 return row.table, plan.rows.index(row)
-            return row.table, len(plan.rows) + order[id(row.source)]
+            model = row.runs[0].model
+            return (
+                row.table,
+                len(plan.rows),
+                row.label.split()[0],
+                model.endswith("_w2"),
+                model.startswith("mf"),
+            )
 
         return sorted(rows, key=position)
 
     def _enqueue(self, runs: list[Run]) -> int:
-        """Queue the runs not finished or queued yet; returns how many were queued (lock held)."""
-        unseen = [r for r in runs if r.key not in self.results and r not in self._queue]
+        """Queue the runs not finished, queued or being trained yet (two rows may resolve to the same run
+        while it trains); returns how many were queued (lock held)."""
+        busy = self._in_flight | {r.key for r in self._queue if r is not None}
+        unseen = [r for r in runs if r.key not in self.results and r.key not in busy]
         new = [r for r in unseen if not self._adopt(r)]
         self._queue += new
         self._total += len(unseen)  # adopted ones count as done, as at the start
@@ -258,7 +267,6 @@ class Runner:
         if p.seeds:
             row = p.resolve(val_loss, self.scale)
             rows.append(row)
-            self._resolved.append(p)
             n = self._enqueue(row.runs)
             self.log(f"  {row.label}: its {len(row.runs)} seeds ({n} new runs)")
         for q in p.follow(best, self.scale):
@@ -274,6 +282,17 @@ class Runner:
             self.results[run.key] = done
         return done is not None
 
+    def train_again(self, run: Run) -> dict[str, Any]:
+        """Train `run` here although a published result was adopted (its model is needed, e.g. for the
+        held-out score of a sweep point that became a row run); the new result replaces the published one."""
+        self.log(f"  {run.key}: published without a model here: training it again")
+        result = self._train(run)
+        self.results[run.key] = result
+        self.trained.append(run.key)
+        before = self.published[run.key]["val_loss"]
+        self.log(f"  {run.key}: val/loss {result['val_loss']:.4f} (published: {before:.4f})")
+        return result
+
     def _worker(self) -> None:
         while True:
             with self._lock:
@@ -282,7 +301,7 @@ class Runner:
                 run = self._queue.pop(0)
                 if run is None:
                     return
-                self._running += 1
+                self._in_flight.add(run.key)
             try:
                 result = self._train(run)
                 with self._lock:
@@ -295,7 +314,7 @@ class Runner:
                     self.log(f"  FAILED {run.key}: {err}")
             finally:
                 with self._lock:
-                    self._running -= 1
+                    self._in_flight.discard(run.key)
                     self._lock.notify_all()
 
     def _train(self, run: Run) -> dict[str, Any]:

@@ -80,10 +80,89 @@ def test_grid_search_grows_past_its_edges_then_follows_with_width2_and_probes() 
     )
     assert all(dict(r.variant) == dict(best.variant) for r in width2.sweep)  # block scale carried over
     assert "model.n_embd=256" in width2.sweep[0].argv and "model.num_tables=32" in width2.sweep[0].argv
-    assert probes.seeds == () and {r.setting("optim.embedding_lr_scale") for r in probes.sweep} == {
-        1.0,
-        *scale.embedding_scales,
+    assert probes.seeds == scale.seeds_table1 and probes.label.startswith("(e) MemoryFormer")
+    assert {r.setting("optim.embedding_lr_scale") for r in probes.sweep} == {1.0, *scale.embedding_scales}
+
+
+def _bowl_at(lr: float, block: float, embedding: float = 1.0):
+    """A loss bowl in log lr, log block scale and log embedding scale with its minimum at the given point."""
+    import math
+
+    def loss(run: protocol.Run) -> float:
+        return 4 + sum(
+            (math.log10(v) - math.log10(c)) ** 2
+            for v, c in (
+                (run.lr, lr),
+                (run.setting("optim.block_lr_scale"), block),
+                (run.setting("optim.embedding_lr_scale"), embedding),
+            )
+        )
+
+    return loss
+
+
+def _walk(search: protocol.Pending, loss, scale: protocol.Scale) -> list[list[tuple]]:
+    """Every `grow` step until the search settles, as the (lr, block scale, embedding scale) points added."""
+    steps = []
+    while grown := search.grow(search.best(loss), scale):
+        steps.append(
+            [(r.lr, r.setting("optim.block_lr_scale"), r.setting("optim.embedding_lr_scale")) for r in grown]
+        )
+    return steps
+
+
+def test_grid_search_tries_both_lr_neighbours_where_the_best_scale_holds_one_lr() -> None:
+    # the committed MemoryFormer search: its best pair (3e-2, block scale 0.03) came from growing the
+    # scale, so 3e-2 was the only lr tried at 0.03; the search must try 1e-2 and 9e-2 there too
+    scale = protocol.Scale()
+    plan = protocol.build_plan(["1"], scale)
+    search = next(p for p in plan.pending if isinstance(p, protocol.GridSearch) and p.model == "mf")
+    steps = _walk(search, _bowl_at(3e-2, 0.03), scale)
+    assert steps[0] == [(9e-2, 0.1, 1.0), (3e-2, 0.03, 1.0)]
+    assert steps[1] == [(1e-2, 0.03, 1.0), (9e-2, 0.03, 1.0), (3e-2, 0.01, 1.0)]
+    assert len(steps) == 2  # then the best point is inside along both axes: the search has settled
+    # a point that is the only one along both axes grows four ways, within the grow limit
+    lone = protocol.GridSearch("1", "x", "mf", [protocol.make_run("mf", 1e-2, 0, scale)], ())
+    assert {(r.lr, r.setting("optim.block_lr_scale")) for r in lone.grow(lone.sweep[0], scale)} == {
+        (3e-3, 1.0),
+        (3e-2, 1.0),
+        (1e-2, 0.3),
+        (1e-2, 3.0),
     }
+
+
+def test_embedding_and_width2_searches_grow_past_an_end_point_then_train_the_best() -> None:
+    scale = protocol.Scale()
+    plan = protocol.build_plan(["1"], scale)
+    search = next(p for p in plan.pending if isinstance(p, protocol.GridSearch) and p.model == "mf")
+    loss = _bowl_at(3e-2, 0.1, embedding=9.0)  # the best pair on the grid, embeddings best at 9x
+    _walk(search, loss, scale)
+    best = search.best(loss)
+    width2, embedding = search.follow(best, scale)
+    # embedding scales 0.3, 1, 3 tried: 3 is the end point, so 9, then 27 (rounded to 30), and 9 is inside
+    assert _walk(embedding, loss, scale) == [[(3e-2, 0.1, 9.0)], [(3e-2, 0.1, 30.0)]]
+    row = embedding.resolve(loss, scale)
+    assert [r.seed for r in row.runs] == list(scale.seeds_table1)
+    assert all(
+        "optim.embedding_lr_scale=9" in r.argv and "optim.block_lr_scale=0.1" in r.argv for r in row.runs
+    )
+    assert row.label.endswith("(best lr 0.03, block lr scale 0.1, embedding lr scale 9)")
+    # then width 256 searches its lr at both of width 128's best scales (row (e) width 256)
+    (wide,) = embedding.follow(embedding.best(loss), scale)
+    assert wide.label.startswith("(e) width 256: MemoryFormer") and wide.seeds == scale.seeds_width2
+    assert [r.lr for r in wide.sweep] == sorted(protocol.round_lr(3e-2 * f) for f in scale.width2_lr_factors)
+    assert all({"optim.embedding_lr_scale=9", "optim.block_lr_scale=0.1"} <= set(r.argv) for r in wide.sweep)
+    # at scale 1 the row is the (d) row's runs, and says so
+    flat = _bowl_at(3e-2, 0.1)
+    _, embedding = search.follow(best, scale)
+    assert _walk(embedding, flat, scale) == []
+    row = embedding.resolve(flat, scale)
+    assert row.runs[0].key == best.key and row.label.endswith("embedding lr scale 1)")
+    # the width-256 lr search: its best at its lowest lr grows downwards, at most width2_grow_limit points
+    low = _bowl_at(1e-4, 0.1)
+    assert [s[0][0] for s in _walk(width2, low, scale)] == [3e-3, 1e-3][: scale.width2_grow_limit]
+    assert width2.resolve(low, scale).runs[0].lr == min(r.lr for r in width2.sweep)
+
 
 
 def test_published_results_are_reused_only_for_an_identical_argv(tmp_path: Path) -> None:
@@ -103,6 +182,63 @@ def test_published_results_are_reused_only_for_an_identical_argv(tmp_path: Path)
     (tmp_path / "out" / "runs" / run.key).mkdir(parents=True)  # interrupted here: retrain, not adopt
     assert runner.load_finished(run) is None
 
+
+
+def test_a_published_run_trained_again_replaces_its_published_result(tmp_path: Path, monkeypatch) -> None:
+    # a sweep point published without its model that became a row run is trained here (lm-eval needs the
+    # model); from then on its local result, not the published one, is the run's
+    from reproduction import runner as runner_module
+    from reproduction.runner import Runner
+
+    scale = protocol.Scale()
+    run = protocol.make_run("mf", 3e-2, 0, scale, {"optim.embedding_lr_scale": "3"})
+    published = {run.key: {"key": run.key, "argv": list(run.argv), "val_loss": 4.0, "published": True}}
+    trained: list[tuple[str, ...]] = []
+
+    def executor(argv: tuple[str, ...], run_dir: Path) -> None:
+        run_dir.mkdir(parents=True)
+        trained.append(argv)
+
+    monkeypatch.setattr(runner_module, "measure", lambda r, d, sc, s: {"val_loss": 3.9, "train_seconds": s})
+    runner = Runner(tmp_path, scale, executor, published=published, log=lambda m: None)
+    runner.results[run.key] = runner.load_finished(run)
+    assert runner.results[run.key]["published"]
+    runner.train_again(run)
+    assert trained == [run.argv] and runner.results[run.key]["val_loss"] == 3.9
+    again = Runner(tmp_path, scale, executor=None, published=published)  # type: ignore[arg-type]
+    assert again.load_finished(run)["val_loss"] == 3.9 and "published" not in again.load_finished(run)
+
+
+def test_a_run_two_rows_resolve_to_while_it_trains_is_trained_once(tmp_path: Path, monkeypatch) -> None:
+    # (d) and (e) of the dense twin at width 256 are the same runs: the second row must not queue the
+    # seed the first one is training (it was trained twice, the second time over the first's folder)
+    import threading
+    import time
+
+    from reproduction import runner as runner_module
+    from reproduction.runner import Runner
+
+    scale = dataclasses.replace(protocol.Scale(), steps=1)
+    a, b = (protocol.make_run("dense", lr, 0, scale) for lr in (1e-2, 3e-2))
+    shared = protocol.make_run("dense", 1e-2, 1, scale)  # the rows' seed 1
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    def executor(argv: tuple[str, ...], run_dir: Path) -> None:
+        with lock:
+            calls.append(run_dir.name)
+        time.sleep({a.key: 0.0, b.key: 0.3, shared.key: 1.0}[run_dir.name])  # b ends while seed 1 trains
+        run_dir.mkdir(parents=True)
+
+    monkeypatch.setattr(runner_module, "measure", lambda r, d, sc, s: {"val_loss": r.lr, "train_seconds": s})
+    plan = protocol.Plan(sweeps={"dense": [a, b]})
+    plan.pending = [
+        protocol.Pending("1", "(d) dense twin", "dense", [a], (0, 1)),
+        protocol.Pending("1", "(e) dense twin", "dense", [a, b], (0, 1)),
+    ]
+    rows = Runner(tmp_path, scale, executor, workers=2, log=lambda m: None).execute_plan(plan)
+    assert [r.key for r in rows[0].runs] == [r.key for r in rows[1].runs] == [a.key, shared.key]
+    assert sorted(calls) == sorted([a.key, b.key, shared.key])
 
 def test_table_selection_is_checked() -> None:
     assert protocol.parse_tables("4,1") == ["1", "4"]
@@ -165,6 +301,7 @@ def test_table1_smoke_resolves_best_lr_rows_with_heldout_and_figures(tmp_path: P
     labels = {r["row"] for r in doc["rows"]}
     assert any(lbl.startswith("(b) MemoryFormer (best lr") for lbl in labels)
     assert any(lbl.startswith("(c) dense, about") for lbl in labels)
+    assert any(lbl.startswith("(e) MemoryFormer at its best embedding lr scale too (") for lbl in labels)
     t1 = [r for r in doc["rows"] if not r["row"].startswith("lr sweep")]
     assert all(0 < r["heldout_bits_per_byte"] < 20 for r in t1)
     for name in ("table1_curves", "buckets"):
