@@ -30,9 +30,13 @@ def _train_cmd(out: Path, *overrides: str) -> list[str]:
     ]
 
 
+#: set in this process by in-process distributed tests (Lightning, DeepSpeed); a launched run picks its own
+DISTRIBUTED_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")
+
+
 def _env() -> dict[str, str]:
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARS},
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "WANDB_MODE": "offline",
