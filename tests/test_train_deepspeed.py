@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 import lightning as L
@@ -45,18 +44,6 @@ SMALL = (
     "print_config=false",
     "export_final=false",
 )
-
-
-@pytest.fixture(autouse=True)
-def no_distributed_leftovers():
-    """These runs happen in the pytest process, where Lightning and DeepSpeed set MASTER_ADDR / MASTER_PORT
-    and leave a process group whose store listens on that port. Later tests that launch train.py in a
-    subprocess would inherit the port and fail to bind it: restore the environment, so that they pick a free
-    one. (The group itself stays: DeepSpeed keeps it for the next in-process run.)"""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def _cfg(out: Path, *overrides: str):

@@ -36,7 +36,13 @@ def peak_bytes(tokens: int, vocab: int, width: int, compute_bytes: int = 4, weig
     logits = c * vocab * (compute_bytes + 4 + (4 if with_grad else 0))  # matmul out, fp32 copy, fp32 grad
     if not with_grad:
         return logits
-    return logits + 4 * vocab * width + tokens * width * weight_bytes
+    return logits + kept_bytes(tokens, vocab, width, weight_bytes)
+
+
+def kept_bytes(tokens: int, vocab: int, width: int, weight_bytes: int = 4) -> int:
+    """Bytes the loss keeps for backward: the fp32 gradient of the `vocab` x `width` head and the gradient
+    of the `tokens` x `width` hidden states (`weight_bytes` per element)."""
+    return 4 * vocab * width + tokens * width * weight_bytes
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

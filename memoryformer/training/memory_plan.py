@@ -289,7 +289,7 @@ def logits_and_loss_bytes(
         return 0, 3 * 4 * tokens * model.vocab_size
     total = chunked_loss.peak_bytes(tokens, model.vocab_size, model.n_embd, compute_bytes=a.matmul,
                                     weight_bytes=a.stream)
-    kept = 4 * model.vocab_size * model.n_embd + tokens * model.n_embd * a.stream
+    kept = chunked_loss.kept_bytes(tokens, model.vocab_size, model.n_embd, weight_bytes=a.stream)
     return kept, total - kept
 
 

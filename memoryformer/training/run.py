@@ -340,7 +340,12 @@ def report_plan(plan: RunPlan, output_dir: Path, write: bool) -> None:
         return
     rank_zero_info(memory_plan.format_plan(plan.memory))
     if write and is_launching_process():
-        atomic_write_text(output_dir / "plan.json", memory_plan.dumps(plan.memory))
+        write_plan_file(plan, output_dir)
+
+
+def write_plan_file(plan: RunPlan, output_dir: Path) -> None:
+    """`<output_dir>/plan.json`: the memory plan as `plan_summary` states it (atomic write)."""
+    atomic_write_text(output_dir / "plan.json", memory_plan.dumps(plan.memory))
 
 
 class PlanFileWriter(L.Callback):
@@ -352,7 +357,7 @@ class PlanFileWriter(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.plan.memory is not None and not self.written and trainer.is_global_zero:
-            atomic_write_text(self.output_dir / "plan.json", memory_plan.dumps(self.plan.memory))
+            write_plan_file(self.plan, self.output_dir)
         self.written = True
 
 

@@ -1,0 +1,19 @@
+"""Shared test set-up."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Restore `os.environ` after each test. Runs inside the pytest process (Lightning, DeepSpeed) set
+    MASTER_ADDR / MASTER_PORT and leave a process group whose store listens on that port; a later test that
+    launches train.py would inherit the port and fail to bind it. (The group itself stays: DeepSpeed keeps it
+    for the next in-process run.)"""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
