@@ -106,29 +106,49 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def replace_directory(staged: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Move the complete directory `staged` onto `path` (same file system), replacing what was there.
+
+    rename(2) cannot replace a non-empty directory, so an existing `path` first steps aside under a `.tmp-`
+    name and is removed after the swap: a crash in between leaves either the old directory or the new one
+    at `path` (or, between the two renames, neither: both are then whole under `.tmp-` names, which
+    checkpoint searches skip), never a mix of the two. Raises `OSError`; the caller owns `staged` on error.
+    """
+    staged, target = Path(staged), Path(path)
+    _fsync_tree(staged)
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}.old.", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(staged, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        _discard(old)
+    return target
+
+
+def remove_directory(path: str | os.PathLike) -> None:
+    """Remove directory `path` so that no reader ever sees part of it: it is renamed to a `.tmp-` name
+    first (one atomic step), then deleted."""
+    target = Path(path)
+    if not target.exists():
+        return
+    doomed = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}.removed.", dir=target.parent))
+    os.replace(target, doomed / target.name)
+    _discard(doomed)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it is fsynced and renamed onto `path`.
-
-    An existing `path` is replaced only once the new directory is complete: it is first renamed aside and
-    removed after the swap (a crash in between leaves either the old directory or the new one at `path`, plus
-    a `.tmp-` leftover). On an error the temporary directory is removed and `path` is untouched.
+    """Yield a temporary directory beside `path`; on success it is fsynced and renamed onto `path`
+    (`replace_directory`). On an error the temporary directory is removed and `path` is untouched.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}.", dir=target.parent))
     try:
         yield tmp
-        _fsync_tree(tmp)
-        old = None
-        if target.exists():
-            # rename(2) cannot replace a non-empty directory, so the old one steps aside first
-            old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}.old.", dir=target.parent))
-            os.replace(target, old / target.name)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-        if old is not None:
-            _discard(old)
+        replace_directory(tmp, target)
     except OSError as err:
         _discard(tmp)
         raise _explain(err, target) from err

@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -344,7 +345,59 @@ def safe_torch_load(
 
 # -------------------------------------------------------------------------------------------- deepspeed
 def _is_deepspeed_dir(d: Path) -> bool:
-    return (d / "latest").is_file() or any(d.glob("*/mp_rank_00_model_states.pt"))
+    return (d / "latest").is_file() or any(d.glob("*/*mp_rank_00_model_states.pt"))
+
+
+@dataclass
+class DeepSpeedLayout:
+    """What a DeepSpeed checkpoint directory holds, read from its file names and rank 0's model states.
+
+    DeepSpeed writes `<dir>/latest` (the tag) and `<dir>/<tag>/`: under ZeRO 0-2 one
+    `mp_rank_00_model_states.pt` (module and Lightning's client state); under ZeRO-3 one
+    `zero_pp_rank_{r}_mp_rank_00_model_states.pt` per data-parallel rank r; and under ZeRO 1-3 one
+    `[bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt` per rank (`runtime/engine.py`, `_get_ckpt_name` and
+    `_get_zero_ckpt_name`). `missing` lists the per-rank files a whole checkpoint has and this one lacks;
+    `states` is rank 0's model-states dict (memory-mapped), which holds Lightning's client state.
+    """
+
+    tag_dir: Path
+    states_file: Path
+    states: dict[str, Any]
+    zero_stage: int
+    dp_world_size: int
+    missing: list[str]
+
+
+def deepspeed_layout(d: Path, trust_checkpoint: bool = False) -> DeepSpeedLayout:
+    """The `DeepSpeedLayout` of checkpoint directory `d`; raises `CheckpointError` (one sentence) when `d`
+    has no `latest` tag, no tag folder or no model-states file, or that file does not load."""
+    tag_file = d / "latest"
+    if not tag_file.is_file():
+        raise CheckpointError(f"{d} is a directory without a DeepSpeed 'latest' file; pass a checkpoint.")
+    tag = tag_file.read_text().strip()
+    tag_dir = d / tag
+    if not tag_dir.is_dir():
+        raise CheckpointError(
+            f"{d}/latest names tag {tag!r}, which has no folder there; the checkpoint is incomplete."
+        )
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    states_file = next((tag_dir / n for n in names if (tag_dir / n).is_file()), None)
+    if states_file is None:
+        raise CheckpointError(
+            f"{tag_dir} has neither mp_rank_00_model_states.pt (ZeRO 0-2) nor "
+            f"zero_pp_rank_0_mp_rank_00_model_states.pt (ZeRO-3); the checkpoint is incomplete."
+        )
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        states = safe_torch_load(states_file, "cpu", trust_checkpoint=trust_checkpoint, mmap=True)
+    stage = int(((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+    world = int(states.get("dp_world_size", 1))
+    missing = []
+    for rank in range(world) if stage > 0 else ():
+        if not any(tag_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")):
+            missing.append(f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        if stage == 3 and not (tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file():
+            missing.append(f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+    return DeepSpeedLayout(tag_dir, states_file, states, stage, world, missing)
 
 
 def _consolidate_deepspeed(d: Path, trust_checkpoint: bool = False) -> dict[str, Any]:

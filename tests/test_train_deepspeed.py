@@ -34,6 +34,7 @@ SMALL = (
     "optim.lr=0.01",
     "optim.warmup_steps=1",
     "optim.decay_steps=12",  # the schedule's horizon pinned: a longer max_steps then extends the run
+    "data.num_samples=48",  # and the sample mapping (12 steps x 4 sequences)
     "val_every_n_steps=null",
     "validate_at_start=false",
     "bucket_stats_every_n_steps=0",
@@ -89,9 +90,11 @@ def poison_at(monkeypatch):
     return install
 
 
-def _fresh_then_resume_into_nan(out: Path, poison_at, *overrides: str) -> None:
-    summary = run_module.train(_cfg(out, "trainer.max_steps=4", *overrides))
+def _fresh_then_resume_into_nan(out: Path, poison_at, caplog, *overrides: str) -> None:
+    # validation at start runs inside fit, on the engine that trains (under DeepSpeed too)
+    summary = run_module.train(_cfg(out, "trainer.max_steps=4", "validate_at_start=true", *overrides))
     assert summary["step"] == 4
+    assert abs(summary["initial_val_loss"] - math.log(4096)) < 0.5, summary
     norms = _rows(out, "train/grad_norm")
     assert sorted(norms) == [0, 1, 2, 3], norms
     assert all(math.isfinite(v) and v > 0 for v in norms.values()), norms
@@ -104,8 +107,10 @@ def _fresh_then_resume_into_nan(out: Path, poison_at, *overrides: str) -> None:
     # Checked every 2 steps (4-5, 6-7) and before each checkpoint: the NaN of step 8 is found when the
     # step-9 checkpoint is about to be written, which it then never is.
     poison_at(8)
-    with pytest.raises(NonFiniteLossError, match=STOP.format(8)):
+    with pytest.raises(NonFiniteLossError, match=STOP.format(8)), caplog.at_level("INFO"):
         run_module.train(_cfg(out, "trainer.max_steps=12", "ckpt_path=last", *overrides))
+    # it continued the step-4 state (a fresh start would log the same first steps again)
+    assert f"Resuming from {out / 'checkpoints' / 'last.ckpt'} (step 4)" in caplog.text
     first = norms
     norms = _rows(out, "train/grad_norm")
     # metrics.csv keeps the first run's rows; the resumed run's continue from step 4, and the NaN step 8 is
@@ -117,19 +122,21 @@ def _fresh_then_resume_into_nan(out: Path, poison_at, *overrides: str) -> None:
 
 
 @pytest.mark.slow
-def test_cpu_trainer_logs_the_clipping_norm_every_step_and_stops_on_a_nan_gradient(tmp_path, poison_at):
-    _fresh_then_resume_into_nan(tmp_path / "cpu", poison_at)
+def test_cpu_trainer_logs_the_clipping_norm_every_step_and_stops_on_a_nan_gradient(
+    tmp_path, poison_at, caplog
+):
+    _fresh_then_resume_into_nan(tmp_path / "cpu", poison_at, caplog)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "trainer", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero2_offload"]
 )
-def test_deepspeed_trainer_runs_on_cpu_through_train(trainer, tmp_path, poison_at):
+def test_deepspeed_trainer_runs_on_cpu_through_train(trainer, tmp_path, poison_at, caplog):
     pytest.importorskip("deepspeed")
     out = tmp_path / trainer
     _fresh_then_resume_into_nan(
-        out, poison_at, f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.precision=32-true",
+        out, poison_at, caplog, f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.precision=32-true",
         "optim.block_lr_scale=0.5",
     )
     # the per-group lrs survive the engine's optimizer wrapping (offload: DeepSpeed's CPU Adam)

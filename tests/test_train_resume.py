@@ -8,6 +8,7 @@ killed and relaunched with `ckpt_path=auto`.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import re
@@ -205,6 +206,63 @@ def test_an_explicit_checkpoint_of_other_settings_is_refused_unless_allowed(tmp_
         resolve_ckpt_path(str(old), tmp_path, None, tiny_model().config, record=here)
 
 
+def _write_zero(
+    path: Path, record: dict, stage: int, world: int, step: int, skip: tuple[str, ...] = ()
+) -> Path:
+    """A DeepSpeed checkpoint directory named as DeepSpeed 0.19 names its files (`runtime/engine.py`,
+    `_get_ckpt_name`): ZeRO 1-2 write one `mp_rank_00_model_states.pt`, ZeRO-3 one
+    `zero_pp_rank_{r}_mp_rank_00_model_states.pt` per rank; both one `*zero_pp_rank_{r}_*optim_states.pt` per
+    rank. The client state (Lightning's checkpoint dict) sits in rank 0's model states. `skip` names files
+    left out, as a save killed midway would."""
+    tag = path / "checkpoint"
+    tag.mkdir(parents=True)
+    (path / "latest").write_text("checkpoint")
+    states = {
+        "dp_world_size": world, "global_step": step, CHECKPOINT_KEY: record,
+        "ds_config": {"zero_optimization": {"stage": stage}},
+    }
+    files = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    files += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)] if stage == 3 else [
+        "mp_rank_00_model_states.pt"
+    ]
+    for name in files:
+        if name not in skip:
+            torch.save(states if "model_states" in name else {"optimizer_state_dict": {}}, tag / name)
+    return path
+
+
+def test_zero3_directories_are_recognised_and_a_torn_one_is_never_chosen(tmp_path, caplog):
+    """ZeRO-3 names its model states per rank (no `mp_rank_00_model_states.pt`): such a directory resumes; one
+    that lacks a rank's file (a save killed midway) is skipped, and the older whole one is taken."""
+    here = _record(world=2)
+    ckpts = tmp_path / "run" / "checkpoints"
+    whole = _write_zero(ckpts / "step-00000004.ckpt", here, stage=3, world=2, step=4)
+    model = tiny_model().config
+    assert resolve_ckpt_path("auto", tmp_path, tmp_path / "run", model, record=here) == str(whole)
+    lost = ("zero_pp_rank_1_mp_rank_00_model_states.pt",)
+    torn = _write_zero(ckpts / "last.ckpt", here, stage=3, world=2, step=6, skip=lost)
+    with caplog.at_level("INFO"):
+        assert resolve_ckpt_path("auto", tmp_path, tmp_path / "run", model, record=here) == str(whole)
+    assert f"skipping {torn}: {torn / 'checkpoint'} lacks {lost[0]}" in caplog.text
+
+
+def test_the_highest_stored_step_wins_whatever_the_folder_times(tmp_path):
+    """DeepSpeed rewrites `last.ckpt/` in place, so the folder keeps the time of its first save: a step-6
+    folder written later must not win over the step-8 `last.ckpt` (nor an older `.ckpt` file over a newer
+    step)."""
+    here = _record(world=1)
+    ckpts = tmp_path / "run" / "checkpoints"
+    last = _write_zero(ckpts / "last.ckpt", here, stage=2, world=1, step=8)
+    os.utime(last, (time.time() - 100, time.time() - 100))
+    _write_zero(ckpts / "step-00000006.ckpt", here, stage=2, world=1, step=6)
+    model = tiny_model().config
+    assert resolve_ckpt_path("last", tmp_path, tmp_path / "run", model, record=here) == str(last)
+    files = tmp_path / "files" / "checkpoints"
+    newest = _write(files / "last.ckpt", here, step=12, age_s=100)
+    _write(files / "step-00000010.ckpt", here, step=10)
+    assert resolve_ckpt_path("last", tmp_path, tmp_path / "files", model, record=here) == str(newest)
+
+
 def test_a_zero_checkpoint_of_another_world_size_is_refused_naming_deepspeeds_converter(tmp_path):
     """A ZeRO directory as DeepSpeed writes it: `latest` names the tag folder, whose model-states file holds
     `dp_world_size` (and Lightning's client state), beside one optimizer-state file per data-parallel rank."""
@@ -212,7 +270,10 @@ def test_a_zero_checkpoint_of_another_world_size_is_refused_naming_deepspeeds_co
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     (ckpt / "checkpoint").mkdir(parents=True)
     (ckpt / "latest").write_text("checkpoint")
-    states = {"dp_world_size": 2, "global_step": 4, CHECKPOINT_KEY: _record(world=2)}
+    states = {
+        "dp_world_size": 2, "global_step": 4, CHECKPOINT_KEY: _record(world=2),
+        "ds_config": {"zero_optimization": {"stage": 2}},
+    }
     torch.save(states, ckpt / "checkpoint" / "mp_rank_00_model_states.pt")
     for rank in range(2):
         shard = ckpt / "checkpoint" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
@@ -339,3 +400,22 @@ def test_a_killed_multirun_relaunched_with_auto_resumes_each_job_from_its_own_ch
     ], out[-3000:]
     assert _step_and_lr(sweep / "0" / "checkpoints" / "last.ckpt") == (12, 1e-3)
     assert _step_and_lr(job1 / "last.ckpt") == (12, 3e-3)
+
+
+def test_a_resumed_run_keeps_the_csv_rows_of_the_steps_before_its_checkpoint(tmp_path):
+    """Lightning's CSV logger deletes `metrics.csv` in a non-empty folder; ours keeps the rows before the
+    first step the resumed run logs, and replaces those it logs again (steps redone after a dead rank)."""
+    from memoryformer.training.csv_logger import CSVLogger
+
+    first = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    for step in range(8):
+        first.log_metrics({"train/loss": 10.0 - step}, step=step)
+    first.save()
+    resumed = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    for step in range(6, 9):
+        resumed.log_metrics({"train/loss": 1.0 * step, "train/grad_norm": 0.5}, step=step)
+    resumed.save()
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == list(range(9))
+    assert [float(r["train/loss"]) for r in rows] == [10.0 - s for s in range(6)] + [6.0, 7.0, 8.0]
+    assert [r["train/grad_norm"] for r in rows[5:]] == ["", "0.5", "0.5", "0.5"]

@@ -249,6 +249,29 @@ class GracefulInterrupt(L.Callback):
             self._previous = None
 
 
+class ValidateAtStart(L.Callback):
+    """Validates the untrained model once, inside `fit`, before the first step of a fresh run (`val/loss` at
+    step 0); a resumed run (step > 0) skips it.
+
+    It runs the fit loop's own validation loop on the engine that trains, so every strategy takes the same
+    path on CPU and CUDA. `trainer.validate()` before `fit` would instead make Lightning build a DeepSpeed
+    inference engine first (which fails on DeepSpeed's CPU accelerator for want of a device index, and on
+    CUDA sets ZeRO up twice). `val_loss` holds the result.
+    """
+
+    def __init__(self) -> None:
+        self.val_loss: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > 0:
+            return
+        trainer.validating = True
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
+        val = trainer.callback_metrics.get("val/loss")
+        self.val_loss = None if val is None else float(val)
+
+
 class StepProgressBar(RichProgressBar):
     """Rich's progress bar counting optimizer steps of `trainer.max_steps`: `step 120/8000`.
 

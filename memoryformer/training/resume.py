@@ -2,12 +2,14 @@
 
 `ckpt_path=last` and `ckpt_path=auto` search this run's folder first, then every run under `paths.runs_root`
 (one folder or a list of folders), for `*.ckpt` checkpoints (`last.ckpt`, `step-*.ckpt`, DeepSpeed checkpoint
-directories), newest first by modification time. A candidate is taken when it loads, fits the model and
-carries this run's fingerprint (`memoryformer.training.fingerprint`: the settings that define what is
-trained). A torn or unreadable file, another model shape, or one that needs `trust_checkpoint=true` is
-skipped with one line; a run with other settings is skipped with one line per run folder naming the differing
-keys with both values. Inside a multirun the other jobs' folders of the same sweep are never taken. When
-nothing matches, `last` warns naming what it skipped and `auto` logs one line; both start fresh.
+directories; never the `.tmp-*` of a save in progress). A candidate matches when it loads, is whole (every
+rank's files of a DeepSpeed directory), fits the model and carries this run's fingerprint
+(`memoryformer.training.fingerprint`: the settings that define what is trained); of the matches in the run's
+own folder, else of those elsewhere, the one with the highest stored optimizer step is taken. A torn or
+unreadable file, another model shape, or one that needs `trust_checkpoint=true` is skipped with one line; a
+run with other settings is skipped with one line per run folder naming the differing keys with both values.
+Inside a multirun the other jobs' folders of the same sweep are never taken. When nothing matches, `last`
+warns naming what it skipped and `auto` logs one line; both start fresh.
 
 An explicit path must load, fit and carry this run's fingerprint, or the run stops before training with one
 sentence (`ConfigError`); `resume_mismatch=allow` resumes a checkpoint of other settings anyway. A DeepSpeed
@@ -23,14 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from memoryformer.atomic_io import TMP_PREFIX
 from memoryformer.checkpoint import (
     CheckpointError,
     check_deepspeed_dir,
-    deepspeed_safe_globals,
+    deepspeed_layout,
     safe_torch_load,
     weights_mismatch,
 )
@@ -46,7 +48,6 @@ from memoryformer.training.fingerprint import (
 SEARCH_VALUES = ("last", "auto")
 MISMATCH_CHOICES = ("refuse", "allow")  # resume_mismatch
 LIGHTNING_PREFIX = "model."
-DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 class RunFingerprint(L.Callback):
@@ -65,7 +66,7 @@ class RunFingerprint(L.Callback):
 
 @dataclass
 class Candidate:
-    """A checkpoint found by the search: its path and modification time (newest is tried first)."""
+    """A checkpoint found by the search: its path and modification time (the order the search logs in)."""
 
     path: Path
     mtime: float
@@ -74,11 +75,13 @@ class Candidate:
 @dataclass
 class CheckpointInfo:
     """What a checkpoint says about itself: its optimizer step, its fingerprint record (None when it has
-    none) and, for a ZeRO directory, the number of data-parallel ranks its optimizer state is split over."""
+    none) and, for a DeepSpeed directory, its ZeRO stage and the number of data-parallel ranks its state is
+    split over (both None for a Lightning `.ckpt` file)."""
 
     step: int | None = None
     record: dict[str, Any] | None = None
     zero_world_size: int | None = None
+    zero_stage: int | None = None
 
 
 def _is_under(path: Path, folder: str | os.PathLike | None) -> bool:
@@ -91,7 +94,7 @@ def find_checkpoints(
     """Every `*.ckpt` file or DeepSpeed `*.ckpt` directory under `roots`, each listed once: those under
     `first` (the run's own folder) first, then the others, each group newest first.
 
-    Temporary files of interrupted saves (`.tmp-*`) never end in `.ckpt` and are not listed.
+    Temporary files and directories of saves in progress or interrupted (`.tmp-*`) are not listed.
     """
     seen: dict[Path, Candidate] = {}
     for root in roots:
@@ -99,7 +102,7 @@ def find_checkpoints(
         if not base.is_dir():
             continue
         for p in base.rglob("*.ckpt"):
-            if any(part.startswith(".tmp-") for part in p.parts):
+            if any(part.startswith(TMP_PREFIX) for part in p.parts):
                 continue
             if p.is_dir() and any(parent.suffix == ".ckpt" for parent in p.parents):
                 continue
@@ -119,7 +122,8 @@ def check_checkpoint(
     weights fit `model`.
 
     A `.ckpt` file is memory-mapped, so the check reads little more than its index; a DeepSpeed directory
-    is checked for its `latest` tag and code-free files (its weights are checked by DeepSpeed at load).
+    is checked for its `latest` tag, every rank's files and code-free files (its weights are checked by
+    DeepSpeed at load).
     """
     p = Path(path)
     if p.is_dir():
@@ -140,28 +144,22 @@ def check_checkpoint(
 
 
 def _check_deepspeed(p: Path, trust_checkpoint: bool) -> CheckpointInfo:
-    tag_file = p / "latest"
-    if not tag_file.is_file():
-        raise CheckpointError(f"{p} is a directory without a DeepSpeed 'latest' file; pass a checkpoint.")
-    tag = tag_file.read_text().strip()
-    if not (p / tag).is_dir():
+    layout = deepspeed_layout(p, trust_checkpoint)
+    if layout.missing:
+        more = len(layout.missing) - 3
+        shown = ", ".join(layout.missing[:3]) + (f" and {more} more" if more > 0 else "")
         raise CheckpointError(
-            f"{p}/latest names tag {tag!r}, which has no folder there; the checkpoint is incomplete."
+            f"{layout.tag_dir} lacks {shown} of its {layout.dp_world_size} data-parallel ranks; the "
+            f"checkpoint is incomplete (a save was interrupted)."
         )
     if not trust_checkpoint:
         check_deepspeed_dir(p)
-    states_file = p / tag / DEEPSPEED_MODEL_STATES
-    if not states_file.is_file():
-        raise CheckpointError(f"{p}/{tag} has no {DEEPSPEED_MODEL_STATES}; the checkpoint is incomplete.")
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        states = safe_torch_load(states_file, "cpu", trust_checkpoint=trust_checkpoint, mmap=True)
-    # ZeRO stages 1-3 write one optimizer-state file per data-parallel rank; DeepSpeed records their number
-    zero = any((p / tag).glob("*zero_pp_rank_*optim_states.pt"))
-    step = states.get("global_step")
+    step = layout.states.get("global_step")
     return CheckpointInfo(
         int(step) if step is not None else None,
-        states.get(CHECKPOINT_KEY),
-        int(states["dp_world_size"]) if zero and "dp_world_size" in states else None,
+        layout.states.get(CHECKPOINT_KEY),
+        layout.dp_world_size if layout.zero_stage > 0 else None,
+        layout.zero_stage,
     )
 
 
@@ -252,26 +250,44 @@ def resolve_ckpt_path(
         roots_below = list(runs_root)
     roots = [r for r in (current_dir, *roots_below) if r is not None]
     skipped: dict[Path, str] = {}
-    for cand in find_checkpoints(roots, first=current_dir):
-        folder = _run_folder(cand.path)
-        if _is_under(cand.path, sweep_dir) and not _is_under(cand.path, current_dir):
-            reason = "another job of this sweep"
-        else:
-            try:
-                info = check_checkpoint(cand.path, model, trust_checkpoint)
-            except CheckpointError as err:
-                rank_zero_info(f"ckpt_path={ckpt_path}: skipping {cand.path}: {err}")
-                continue
-            reason = settings_mismatch(info, record) if record is not None else None
-            if reason is None:
-                _check_zero_world_size(cand.path, info, record)  # this run's own state: refuse, not skip
-                rank_zero_info(_resuming_line(cand.path, info, record))
-                return str(cand.path)
-        if folder not in skipped:  # one line per run folder, not per checkpoint file
-            skipped[folder] = reason
-            rank_zero_info(f"ckpt_path={ckpt_path}: skipping {folder} ({reason})")
+    candidates = find_checkpoints(roots, first=current_dir)
+    own = [c for c in candidates if _is_under(c.path, current_dir)]
+    others = [c for c in candidates if not _is_under(c.path, current_dir)]
+    # the run's own folder first (a twin run of equal settings elsewhere never wins over it), and in each
+    # group the highest stored step: a DeepSpeed save rewrites last.ckpt/ in place, so times do not order
+    for group in (own, others):
+        matches: list[tuple[Path, CheckpointInfo]] = []
+        for cand in group:
+            folder = _run_folder(cand.path)
+            if _is_under(cand.path, sweep_dir) and not _is_under(cand.path, current_dir):
+                reason = "another job of this sweep"
+            else:
+                try:
+                    info = check_checkpoint(cand.path, model, trust_checkpoint)
+                except CheckpointError as err:
+                    rank_zero_info(f"ckpt_path={ckpt_path}: skipping {cand.path}: {err}")
+                    continue
+                reason = settings_mismatch(info, record) if record is not None else None
+                if reason is None:
+                    matches.append((cand.path, info))
+                    continue
+            if folder not in skipped:  # one line per run folder, not per checkpoint file
+                skipped[folder] = reason
+                rank_zero_info(f"ckpt_path={ckpt_path}: skipping {folder} ({reason})")
+        if matches:
+            path, info = max(matches, key=_newest)
+            _check_zero_world_size(path, info, record)  # this run's own state: refuse, not skip
+            rank_zero_info(_resuming_line(path, info, record))
+            return str(path)
     _nothing_found(ckpt_path, roots, skipped)
     return None
+
+
+def _newest(match: tuple[Path, CheckpointInfo]) -> tuple:
+    """Sort key of a matching checkpoint: its stored step, then `last.ckpt` before a `step-*` of the same
+    step (they hold the same state), then the path (so that every rank that searches picks the same one)."""
+    path, info = match
+    return (-1 if info.step is None else info.step, path.name == "last.ckpt", str(path))
 
 
 def _explicit(

@@ -28,7 +28,7 @@ from memoryformer.config import ConfigError, ModelConfig, to_plain
 from memoryformer.data.config import DataConfig, files_unchecked
 from memoryformer.training import memory_plan
 from memoryformer.training.batch_plan import check_micro_batch_spec, device_memory, resolve_batch
-from memoryformer.training.callbacks import TokenThroughputMonitor
+from memoryformer.training.callbacks import TokenThroughputMonitor, ValidateAtStart
 from memoryformer.training.checkpoint_io import SafeCheckpointIO
 from memoryformer.training.fingerprint import fingerprint_record
 from memoryformer.training.module import LMTrainingModule
@@ -263,6 +263,8 @@ def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[L.Callback]:
 
             cb.flops_per_token = training_flops_per_token(plan.model, plan.data.seq_len)
         callbacks.append(cb)
+    if cfg.validate_at_start:
+        callbacks.append(ValidateAtStart())
     # every checkpoint records the settings that define the run, so that only this run resumes it
     callbacks.append(RunFingerprint(fingerprint_record(cfg, plan.max_steps, plan.world_size)))
     return callbacks
@@ -369,12 +371,12 @@ def _fit(cfg: DictConfig, plan: RunPlan, trainer: L.Trainer, module, datamodule,
         atomic_write_text(ckpt_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     ckpt_path = resume_checkpoint(cfg, plan.model, plan.max_steps, plan.world_size)
     try:
-        if cfg.validate_at_start and ckpt_path is None:
-            (initial,) = trainer.validate(module, datamodule=datamodule, verbose=False)
-            summary["initial_val_loss"] = initial.get("val/loss")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
     finally:
         _finish_wandb(trainer)
+    at_start = next((cb for cb in trainer.callbacks if isinstance(cb, ValidateAtStart)), None)
+    if at_start is not None and at_start.val_loss is not None:
+        summary["initial_val_loss"] = at_start.val_loss
 
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1

@@ -17,9 +17,11 @@ import argparse
 import copy
 import os
 import sys
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
+from memoryformer.atomic_io import TMP_PREFIX, remove_directory, replace_directory
 from memoryformer.config import ConfigError
 
 STRATEGY_NAMES = ("ddp", "deepspeed", "fsdp")
@@ -123,6 +126,30 @@ class DeepSpeedAnyAcceleratorStrategy(DeepSpeedStrategy):
             dist_init_required=False,
         )
         return engine, deepspeed_optimizer
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
+        """DeepSpeed's save, made whole-or-absent: every rank writes its files into one staging folder
+        beside `filepath` (`.tmp-<name>.<id>`, named by global rank 0), and once all have written, rank 0
+        renames it onto `filepath` (`replace_directory`). DeepSpeed alone rewrites the folder in place, so
+        a kill mid-save would leave old and new shards mixed under one tag. Needs `filepath` on a file
+        system every rank sees (as DeepSpeed's own loading does)."""
+        target = Path(self.broadcast(str(filepath)))
+        staged = target.parent / f"{TMP_PREFIX}{target.name}.{uuid.uuid4().hex[:12]}"
+        staged = Path(self.broadcast(str(staged)))
+        super().save_checkpoint(checkpoint, staged, storage_options)
+        self.barrier("memoryformer.save_checkpoint.written")
+        if self.is_global_zero:
+            replace_directory(staged, target)
+        self.barrier("memoryformer.save_checkpoint.renamed")
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Remove an old checkpoint folder (top-k pruning) in one visible step: renamed away, then deleted,
+        so that a kill mid-removal never leaves a partial folder under a `.ckpt` name."""
+        if self.is_global_zero:
+            if Path(filepath).is_dir():
+                remove_directory(filepath)
+            else:
+                super().remove_checkpoint(filepath)
 
     def init_deepspeed(self) -> None:
         """Lightning's engine set-up without its clipping-hook warning (see the class docstring)."""
