@@ -156,11 +156,19 @@ def register_configs() -> None:
     beside the presets (conf/model/README.md).
 
     Also registers evaluate.py's and generate.py's defaults (`EvaluateConfig`, `GenerateConfig`) and the
-    `div` and `mul` resolvers used by the hash-shape sweeps (Table 3).
+    `div` and `mul` resolvers used by the hash-shape sweeps (Table 3), and `run_stamp`, the last part of a
+    run's folder (`conf/hydra/default.yaml`).
     """
     if not OmegaConf.has_resolver("div"):
         # `${div:a,b}` = a // b, e.g. model.num_tables=${div:${model.n_embd},${model.code_length}} in sweeps
         OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
+    if not OmegaConf.has_resolver("run_stamp"):
+        # `${run_stamp:%Y-%m-%d_%H-%M-%S}`: the time, or the launcher's job id shared by all processes of a
+        # multi-process launch (memoryformer.training.launch); one value per process, as Hydra's `now`
+        from memoryformer.training.launch import run_stamp
+
+        stamps: dict[str, str] = {}
+        OmegaConf.register_new_resolver("run_stamp", lambda fmt: stamps.setdefault(fmt, run_stamp(fmt)))
     if not OmegaConf.has_resolver("mul"):
         # `${mul:a,b}` = a * b, e.g. model.hashed_width=${mul:${model.num_tables},${model.code_length}}
         OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -24,13 +25,9 @@ from memoryformer.checkpoint import (  # noqa: E402
 )
 from memoryformer.config import ConfigError  # noqa: E402
 from memoryformer.training.checkpoint_io import SafeCheckpointIO  # noqa: E402
+from memoryformer.training.launch import is_launching_process  # noqa: E402
 from memoryformer.training.resume import resolve_ckpt_path  # noqa: E402
-from memoryformer.training.run_lock import (  # noqa: E402
-    LOCK_NAME,
-    RunLockError,
-    is_launching_process,
-    run_lock,
-)
+from memoryformer.training.run_lock import LOCK_NAME, RunLockError, run_lock  # noqa: E402
 
 
 class Payload:
@@ -243,3 +240,110 @@ def test_only_the_launching_process_locks():
     assert not is_launching_process({"LOCAL_RANK": "1"})  # a DDP worker Lightning started
     assert not is_launching_process({"NODE_RANK": "2", "LOCAL_RANK": "0"})
     assert not is_launching_process({"SLURM_PROCID": "3"})
+
+
+def _no_flock(monkeypatch):
+    """The file system of Lustre mounted without `-o flock`: every flock fails with ENOSYS."""
+    import errno
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+
+
+def test_without_flock_the_lock_is_a_lease_that_refuses_a_live_owner(tmp_path, monkeypatch, caplog):
+    _no_flock(monkeypatch)
+    with caplog.at_level("INFO"), run_lock(tmp_path) as path:
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        with pytest.raises(RunLockError, match=rf"pid {os.getpid()} on host"), run_lock(tmp_path):
+            pass
+    assert "without flock" in caplog.text and not path.exists()
+    # a lease of a dead pid on this host is taken over at once
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": socket.gethostname(), "token": "x"}))
+    with run_lock(tmp_path) as path:
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_of_a_node_that_died_is_taken_over_once_its_heartbeat_stops(tmp_path, monkeypatch):
+    """Another host's lock whose heartbeat is fresh is live; once it is older than `stale_after_s` (the node
+    died; a cluster file system may still hold its flock) the requeued job takes it over, with and without
+    flock."""
+    import fcntl
+    import subprocess
+
+    lock = tmp_path / LOCK_NAME
+    record = {"pid": 4242, "host": "node-that-died", "started": 0, "token": "t"}
+    holder = subprocess.Popen(  # holds an flock on the file, as the dead node's file system still does
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(lock)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock.write_text(json.dumps(record))
+        with pytest.raises(RunLockError, match="pid 4242 on host node-that-died"), run_lock(tmp_path):
+            pass
+        old = time.time() - 120
+        os.utime(lock, (old, old))
+        with run_lock(tmp_path, stale_after_s=60) as path:
+            assert json.loads(path.read_text())["pid"] == os.getpid()
+            with pytest.raises(RunLockError), run_lock(tmp_path):  # and holds it for real
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert fcntl  # flock is available here; the lease path is the next test's
+    _no_flock(monkeypatch)
+    lock.write_text(json.dumps(record))
+    with pytest.raises(RunLockError, match="node-that-died"), run_lock(tmp_path):
+        pass
+    os.utime(lock, (old, old))
+    with run_lock(tmp_path, stale_after_s=60):
+        pass
+
+
+BUILD_RACE = """
+import sys, time
+import numpy as np
+from memoryformer.data import gpt_neox
+from memoryformer.data.indexed import MMapIndexedDataset
+
+real = gpt_neox.build_index_mappings
+def counted(*args, **kwargs):
+    with open(sys.argv[3], "a") as f:
+        f.write("built\\n")
+    time.sleep(1.0)  # a mapping of a big corpus takes a while: the others arrive meanwhile
+    return real(*args, **kwargs)
+gpt_neox.build_index_mappings = counted
+ds = gpt_neox.GPTSampleDataset(MMapIndexedDataset(sys.argv[1]), 16, 64, 1234, sys.argv[2])
+print(int(ds[0][0]), len(ds))
+"""
+
+
+def test_one_process_per_cache_builds_an_index_mapping_while_the_others_wait(tmp_path):
+    """Four ranks start on one shared cache: the mapping is built once and all four read the same one."""
+    import subprocess
+
+    import numpy as np
+
+    from memoryformer.data.indexed import MMapIndexedDatasetBuilder
+
+    prefix = str(tmp_path / "corpus")
+    with MMapIndexedDatasetBuilder(prefix, np.uint16) as builder:
+        for n in range(40):
+            builder.add_document(np.arange(n % 7 + 20, dtype=np.uint16))
+    counter = tmp_path / "builds.txt"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD_RACE, prefix, str(tmp_path / "cache"), str(counter)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert len(set(outs)) == 1, outs
+    assert counter.read_text().count("built") == 1
+    assert not list((tmp_path / "cache").rglob("*.tmp*")) and not list((tmp_path / "cache").rglob("*.lock"))

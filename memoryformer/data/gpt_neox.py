@@ -19,12 +19,15 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import socket
+import uuid
 from collections.abc import Sequence
 
 import numpy as np
 
 from memoryformer.data.indexed import MMapIndexedDataset
 from memoryformer.errors import DataError
+from memoryformer.file_lock import build_once
 
 
 def num_epochs_needed(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
@@ -122,16 +125,25 @@ class GPTSampleDataset:
             f"{os.path.basename(indexed.prefix)}_{name}_indexmap_{num_samples}ns_{seq_len}sl_{seed}s_{tag}",
         )
         paths = [f"{base}_{kind}_idx.npy" for kind in ("doc", "sample", "shuffle")]
-        if not all(os.path.isfile(p) for p in paths):
+
+        def build() -> None:
             try:
                 arrays = build_index_mappings(indexed.sizes, documents, seq_len, num_samples, seed)
             except DataError as exc:
                 raise DataError(f"{indexed.prefix} ({name} split): {exc}") from None
-            os.makedirs(os.path.dirname(base), exist_ok=True)
             for path, arr in zip(paths, arrays, strict=True):
-                tmp = f"{path}.tmp{os.getpid()}.npy"
+                # unique across nodes: containers on different nodes may run their ranks under equal pids
+                tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy"
                 np.save(tmp, arr)
                 os.replace(tmp, path)
+
+        if not all(os.path.isfile(p) for p in paths):
+            os.makedirs(os.path.dirname(base), exist_ok=True)
+            # one process per cache builds the mapping; the other ranks (of this node or, on a shared cache,
+            # of every node) wait for its files instead of each building the mapping of the whole corpus
+            built = lambda: all(os.path.isfile(p) for p in paths)  # noqa: E731
+            what = f"the {name} index mapping {os.path.basename(base)}"
+            build_once(built, build, f"{base}.lock", what=what)
         self.doc_idx, self.sample_idx, self.shuffle_idx = (np.load(p, mmap_mode="r") for p in paths)
 
     def __len__(self) -> int:

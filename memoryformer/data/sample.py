@@ -30,6 +30,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from memoryformer.config import EOS_TOKEN
 from memoryformer.data.indexed import MMapIndexedDatasetBuilder, best_dtype
+from memoryformer.file_lock import build_once
 
 FORMAT_VERSION = 1
 
@@ -102,17 +103,7 @@ def _split(texts: list[str], val_every: int) -> dict[str, list[str]]:
     }
 
 
-def build_sample_corpus(
-    cache_dir: str, max_bytes: int = 4_000_000, vocab_size: int = 4096, val_every: int = 20
-) -> SampleCorpus:
-    """Build (or find) the sample corpus under `cache_dir/sample/<key>` and return its paths."""
-    root = os.path.join(os.path.expanduser(cache_dir), "sample", corpus_key(max_bytes, vocab_size, val_every))
-    corpus = SampleCorpus(
-        root, os.path.join(root, "tokenizer.json"), os.path.join(root, "train"), os.path.join(root, "val")
-    )
-    if os.path.isfile(os.path.join(root, "DONE")):
-        return corpus
-    os.makedirs(os.path.dirname(root), exist_ok=True)
+def _build(root: str, max_bytes: int, vocab_size: int, val_every: int) -> None:
     tmp = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(root))
     try:
         files = stdlib_files(max_bytes)
@@ -135,6 +126,23 @@ def build_sample_corpus(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_sample_corpus(
+    cache_dir: str, max_bytes: int = 4_000_000, vocab_size: int = 4096, val_every: int = 20
+) -> SampleCorpus:
+    """Build (or find) the sample corpus under `cache_dir/sample/<key>` and return its paths."""
+    root = os.path.join(os.path.expanduser(cache_dir), "sample", corpus_key(max_bytes, vocab_size, val_every))
+    corpus = SampleCorpus(
+        root, os.path.join(root, "tokenizer.json"), os.path.join(root, "train"), os.path.join(root, "val")
+    )
+    done = lambda: os.path.isfile(os.path.join(root, "DONE"))  # noqa: E731
+    if done():
+        return corpus
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    # one process per cache builds it (the ranks of a launch would otherwise each train the tokenizer)
+    build = lambda: _build(root, max_bytes, vocab_size, val_every)  # noqa: E731
+    build_once(done, build, f"{root}.lock", "the sample corpus")
     return corpus
 
 

@@ -33,7 +33,8 @@ from memoryformer.training.checkpoint_io import SafeCheckpointIO
 from memoryformer.training.fingerprint import fingerprint_record
 from memoryformer.training.module import LMTrainingModule
 from memoryformer.training.resume import SEARCH_VALUES, RunFingerprint, resume_checkpoint
-from memoryformer.training.run_lock import is_launching_process, run_lock
+from memoryformer.training.launch import is_launching_process
+from memoryformer.training.run_lock import run_lock
 from memoryformer.training.strategy import build_strategy, is_deepspeed
 
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
