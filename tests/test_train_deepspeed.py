@@ -143,3 +143,24 @@ def test_deepspeed_trainer_runs_on_cpu_through_train(trainer, tmp_path, poison_a
     blocks, embeddings = _rows(out, "lr/blocks"), _rows(out, "lr/embeddings")
     assert blocks and sorted(blocks) == sorted(embeddings), (blocks, embeddings)
     assert all(blocks[s] == pytest.approx(0.5 * embeddings[s]) for s in blocks), (blocks, embeddings)
+
+
+@pytest.mark.slow
+def test_deepspeed_gradients_do_not_shrink_with_the_accumulation(tmp_path):
+    """One global batch of 4 as 1 x 4, 2 x 2 and 4 x 1 micro-batches: the same gradient, hence the same
+    norm, as the plain CPU trainer's. Lightning divides each micro-batch loss by the accumulation and
+    DeepSpeed's engine.backward divided it again, so at accumulate 2 every gradient was half of itself."""
+    pytest.importorskip("deepspeed")
+    norms = {}
+    runs = (("cpu", "cpu", 2), ("ds4", "deepspeed_zero2", 4), ("ds2", "deepspeed_zero2", 2),
+            ("ds1", "deepspeed_zero2", 1))
+    for name, trainer, micro in runs:
+        out = tmp_path / name
+        extra = [] if trainer == "cpu" else ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+        run_module.train(
+            _cfg(out, f"trainer={trainer}", f"micro_batch_size={micro}", "trainer.max_steps=1",
+                 "ckpt_every_n_steps=null", "optim.grad_clip=0", *extra)
+        )
+        norms[name] = _rows(out, "train/grad_norm")[0]
+    assert norms["ds2"] == pytest.approx(norms["cpu"], rel=1e-4), norms
+    assert norms["ds1"] == pytest.approx(norms["ds4"], rel=1e-4) == norms["ds2"], norms

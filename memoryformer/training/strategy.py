@@ -127,6 +127,14 @@ class DeepSpeedAnyAcceleratorStrategy(DeepSpeedStrategy):
         )
         return engine, deepspeed_optimizer
 
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The engine's backward without its division by the accumulation: Lightning has already divided the
+        micro-batch loss by `accumulate_grad_batches`, and DeepSpeed's `engine.backward` divides by
+        `gradient_accumulation_steps` again by default (`scale_wrt_gas=True`), which made every gradient,
+        the clipping and the logged norm 1/accumulate of what they are."""
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
         """DeepSpeed's save, made whole-or-absent: every rank writes its files into one staging folder
         beside `filepath` (`.tmp-<name>.<id>`, named by global rank 0), and once all have written, rank 0
