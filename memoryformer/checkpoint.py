@@ -358,6 +358,8 @@ class DeepSpeedLayout:
     `[bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt` per rank (`runtime/engine.py`, `_get_ckpt_name` and
     `_get_zero_ckpt_name`). `missing` lists the per-rank files a whole checkpoint has and this one lacks;
     `states` is rank 0's model-states dict (memory-mapped), which holds Lightning's client state.
+    `universal` marks DeepSpeed's universal format (`latest_universal`, one folder per parameter under
+    `<tag>/zero/`), which loads at any number of ranks.
     """
 
     tag_dir: Path
@@ -366,12 +368,14 @@ class DeepSpeedLayout:
     zero_stage: int
     dp_world_size: int
     missing: list[str]
+    universal: bool = False
 
 
 def deepspeed_layout(d: Path, trust_checkpoint: bool = False) -> DeepSpeedLayout:
     """The `DeepSpeedLayout` of checkpoint directory `d`; raises `CheckpointError` (one sentence) when `d`
     has no `latest` tag, no tag folder or no model-states file, or that file does not load."""
-    tag_file = d / "latest"
+    universal = not (d / "latest").is_file() and (d / "latest_universal").is_file()
+    tag_file = d / ("latest_universal" if universal else "latest")
     if not tag_file.is_file():
         raise CheckpointError(f"{d} is a directory without a DeepSpeed 'latest' file; pass a checkpoint.")
     tag = tag_file.read_text().strip()
@@ -392,12 +396,12 @@ def deepspeed_layout(d: Path, trust_checkpoint: bool = False) -> DeepSpeedLayout
     stage = int(((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
     world = int(states.get("dp_world_size", 1))
     missing = []
-    for rank in range(world) if stage > 0 else ():
+    for rank in range(world) if stage > 0 and not universal else ():
         if not any(tag_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")):
             missing.append(f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         if stage == 3 and not (tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file():
             missing.append(f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
-    return DeepSpeedLayout(tag_dir, states_file, states, stage, world, missing)
+    return DeepSpeedLayout(tag_dir, states_file, states, stage, world, missing, universal)
 
 
 def _consolidate_deepspeed(d: Path, trust_checkpoint: bool = False) -> dict[str, Any]:

@@ -165,10 +165,14 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("run_stamp"):
         # `${run_stamp:%Y-%m-%d_%H-%M-%S}`: the time, or the launcher's job id shared by all processes of a
         # multi-process launch (memoryformer.training.launch); one value per process, as Hydra's `now`
-        from memoryformer.training.launch import run_stamp
-
         stamps: dict[str, str] = {}
-        OmegaConf.register_new_resolver("run_stamp", lambda fmt: stamps.setdefault(fmt, run_stamp(fmt)))
+
+        def stamp(fmt: str) -> str:
+            from memoryformer.training.launch import run_stamp  # imported when resolved: torch loads late
+
+            return stamps.setdefault(fmt, run_stamp(fmt))
+
+        OmegaConf.register_new_resolver("run_stamp", stamp)
     if not OmegaConf.has_resolver("mul"):
         # `${mul:a,b}` = a * b, e.g. model.hashed_width=${mul:${model.num_tables},${model.code_length}}
         OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))

@@ -329,7 +329,7 @@ def fit_command(run_dir: Path, steps: int = FIT_STEPS, peak: float | None = None
         "trainer.enable_progress_bar=false",
         "+trainer.enable_checkpointing=false",
         "callbacks.model_checkpoint=null",
-        "callbacks.graceful_interrupt=null",
+        "callbacks.graceful_stop=null",
         "global_batch_size=16",
         "data.seq_len=256",
         "data.num_workers=2",

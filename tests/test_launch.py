@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 
+import pytest
 from torch.distributed import TCPStore
 
 from memoryformer.training import launch
@@ -55,3 +56,15 @@ def test_torchrun_without_one_shares_the_first_workers_time_through_the_agent_st
     second = run_stamp(FMT, {**env, "RANK": "3"})
     assert first == second == "2026-12-07_17-00-00"
     del server
+
+
+def test_torchrun_restarts_into_a_shared_rendezvous_store_are_refused():
+    from memoryformer.config import ConfigError
+    from memoryformer.training.launch import check_torchrun_restarts
+
+    env = {"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_MAX_RESTARTS": "1"}
+    with pytest.raises(ConfigError, match="export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun"):
+        check_torchrun_restarts(env)
+    check_torchrun_restarts({**env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    check_torchrun_restarts({**env, "TORCHELASTIC_MAX_RESTARTS": "0"})
+    check_torchrun_restarts({})

@@ -234,7 +234,7 @@ def _write_zero(
 def test_zero3_directories_are_recognised_and_a_torn_one_is_never_chosen(tmp_path, caplog):
     """ZeRO-3 names its model states per rank (no `mp_rank_00_model_states.pt`): such a directory resumes; one
     that lacks a rank's file (a save killed midway) is skipped, and the older whole one is taken."""
-    here = _record(world=2)
+    here = _record("trainer=deepspeed_zero3", world=2)
     ckpts = tmp_path / "run" / "checkpoints"
     whole = _write_zero(ckpts / "step-00000004.ckpt", here, stage=3, world=2, step=4)
     model = tiny_model().config
@@ -250,43 +250,38 @@ def test_the_highest_stored_step_wins_whatever_the_folder_times(tmp_path):
     """DeepSpeed rewrites `last.ckpt/` in place, so the folder keeps the time of its first save: a step-6
     folder written later must not win over the step-8 `last.ckpt` (nor an older `.ckpt` file over a newer
     step)."""
-    here = _record(world=1)
+    here = _record("trainer=deepspeed_zero2", world=1)
     ckpts = tmp_path / "run" / "checkpoints"
     last = _write_zero(ckpts / "last.ckpt", here, stage=2, world=1, step=8)
     os.utime(last, (time.time() - 100, time.time() - 100))
     _write_zero(ckpts / "step-00000006.ckpt", here, stage=2, world=1, step=6)
     model = tiny_model().config
     assert resolve_ckpt_path("last", tmp_path, tmp_path / "run", model, record=here) == str(last)
-    files = tmp_path / "files" / "checkpoints"
+    files, here = tmp_path / "files" / "checkpoints", _record()
     newest = _write(files / "last.ckpt", here, step=12, age_s=100)
     _write(files / "step-00000010.ckpt", here, step=10)
-    assert resolve_ckpt_path("last", tmp_path, tmp_path / "files", model, record=here) == str(newest)
+    found = resolve_ckpt_path("last", tmp_path / "files", tmp_path / "files", model, record=here)
+    assert found == str(newest)
 
 
-def test_a_zero_checkpoint_of_another_world_size_is_refused_naming_deepspeeds_converter(tmp_path):
-    """A ZeRO directory as DeepSpeed writes it: `latest` names the tag folder, whose model-states file holds
-    `dp_world_size` (and Lightning's client state), beside one optimizer-state file per data-parallel rank."""
-    here = _record(world=1)
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    (ckpt / "checkpoint").mkdir(parents=True)
-    (ckpt / "latest").write_text("checkpoint")
-    states = {
-        "dp_world_size": 2, "global_step": 4, CHECKPOINT_KEY: _record(world=2),
-        "ds_config": {"zero_optimization": {"stage": 2}},
-    }
-    torch.save(states, ckpt / "checkpoint" / "mp_rank_00_model_states.pt")
-    for rank in range(2):
-        shard = ckpt / "checkpoint" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        torch.save({"optimizer_state_dict": {}}, shard)
-    for ckpt_path in (str(ckpt), "auto"):
+def test_a_change_between_deepspeed_and_lightning_checkpoints_is_refused_naming_the_trainer(tmp_path):
+    """A ZeRO folder and a Lightning `.ckpt` hold optimizer state in formats the other strategy cannot read:
+    the run stops before any process group with one sentence naming the trainer it was saved with, for an
+    explicit path and for a search (which never skips the run's own state)."""
+    zero = _write_zero(tmp_path / "a" / "checkpoints" / "last.ckpt", _record(), stage=2, world=2, step=4)
+    for ckpt_path in (str(zero), "auto"):
         with pytest.raises(ConfigError) as err:
-            resolve_ckpt_path(ckpt_path, tmp_path, None, tiny_model().config, record=here)
+            resolve_ckpt_path(ckpt_path, tmp_path / "a", None, tiny_model().config, record=_record())
         msg = str(err.value)
-        assert "split over 2 data-parallel ranks and this run has 1" in msg, msg
-        assert "deepspeed.checkpoint.ds_to_universal" in msg and "\n" not in msg
-    # the same world size resumes
-    same_world = _record(world=2)
-    assert resolve_ckpt_path(str(ckpt), tmp_path, None, tiny_model().config, record=same_world) == str(ckpt)
+        assert "is a DeepSpeed ZeRO-2 checkpoint and this run uses a strategy without DeepSpeed" in msg
+        assert "resume it with trainer=deepspeed_zero2" in msg and "\n" not in msg
+    plain = _write(tmp_path / "b" / "checkpoints" / "last.ckpt", _record(), step=4)
+    ds = _record("trainer=deepspeed_zero3")
+    with pytest.raises(ConfigError, match="is a Lightning .ckpt file and this run uses DeepSpeed ZeRO-3"):
+        resolve_ckpt_path(str(plain), tmp_path / "b", None, tiny_model().config, record=ds)
+    # the same strategy and world size resume it as it is
+    same = _record("trainer=deepspeed_zero2", world=2)
+    assert resolve_ckpt_path(str(zero), tmp_path, None, tiny_model().config, record=same) == str(zero)
 
 
 # ------------------------------------------------------------------------------------- real training runs

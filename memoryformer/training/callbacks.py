@@ -7,13 +7,17 @@ multiply-add, so `train/tflops` is comparable with a GPU's datasheet peak (e.g. 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import threading
 import time
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -180,9 +184,11 @@ class RunCheckpoint(ModelCheckpoint):
 
     With `save_last`, Lightning refreshes `last.ckpt` whenever a step checkpoint or a validation saves. This
     subclass also writes it when training ends (the final step need not be a checkpoint step) and when
-    SIGTERM or SIGINT (see `GracefulInterrupt`) stops the run at a batch end, so that `ckpt_path=last`
-    always continues from the newest state. Other exceptions (e.g. a NaN loss) save nothing, so the newest
-    checkpoint stays the last good one.
+    SIGTERM, SIGINT or a scheduler's warning stops every rank at a step end (`GracefulStop`), so that
+    `ckpt_path=last` continues from the newest state. A KeyboardInterrupt (an abort) saves only a
+    single-process run: with several ranks it reaches them at different points, and a collective save
+    would hang. Other exceptions (e.g. a NaN loss) save nothing, so the newest checkpoint stays the last good
+    one.
     """
 
     def _write_last(self, trainer: L.Trainer) -> str | None:
@@ -201,9 +207,10 @@ class RunCheckpoint(ModelCheckpoint):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        """On SIGTERM / SIGINT write `last.ckpt` and say how to resume; other exceptions keep the old one."""
+        """On a graceful stop write `last.ckpt` and say how to resume; other exceptions keep the old one."""
         super().on_exception(trainer, pl_module, exception)  # honours save_on_exception if a user sets it
-        if not isinstance(exception, SIGTERMException | KeyboardInterrupt):
+        aborted_alone = isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1
+        if not (isinstance(exception, SIGTERMException) or aborted_alone):
             return
         path = self._write_last(trainer)
         if path:
@@ -213,40 +220,122 @@ class RunCheckpoint(ModelCheckpoint):
             )
 
 
-class GracefulInterrupt(L.Callback):
-    """SIGINT (Ctrl+C) takes SIGTERM's path: finish the current batch, save `last.ckpt`, exit.
+#: Environment variable by which submitit overrides its preemption signal (`core/job_environment.py`).
+SUBMITIT_SIGNAL_VAR = "SUBMITIT_PREEMPT_SIGNAL"
 
-    Lightning turns SIGTERM into a `SIGTERMException` at the next batch end, from which `RunCheckpoint`
-    saves. A plain Ctrl+C would raise KeyboardInterrupt in the middle of a step instead, so while training
-    this callback answers SIGINT by sending the process SIGTERM, through Lightning's own public handler.
+
+def scheduler_warning_signal(environ: dict[str, str] | None = None) -> signal.Signals | None:
+    """The signal a scheduler sends ahead of a time limit or preemption, or None outside one.
+
+    Under submitit (hydra's `submitit_slurm` / `submitit_local` launchers) it is SIGUSR2, or the signal
+    named by `SUBMITIT_PREEMPT_SIGNAL`, which submitit asks SLURM for (`--signal=USR2@<signal_delay_s>`); in
+    a plain SLURM job it is SIGUSR1, which is what `#SBATCH --signal=USR1@<seconds>` asks for.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("SUBMITIT_EXECUTOR") or env.get("SUBMITIT_FOLDER"):
+        name = env.get(SUBMITIT_SIGNAL_VAR, "SIGUSR2")
+        return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+    if env.get("SLURM_JOB_ID"):
+        return signal.SIGUSR1
+    return None
+
+
+class GracefulStop(L.Callback):
+    """Stops every rank at the same optimizer step, where `RunCheckpoint` saves `last.ckpt`, on SIGTERM (what
+    torchrun, SLURM and Kubernetes send before they kill), SIGINT (Ctrl+C, which torchrun forwards) and a
+    scheduler's early warning (`scheduler_warning_signal`), on every rank.
+
+    A handler only records the signal: a rank cannot save alone (DeepSpeed's save and Lightning's barrier are
+    collective) and must not run a collective from inside a handler, which may interrupt another one (as
+    Lightning's own SIGTERM handler does: it broadcasts from whichever ranks got the signal). At every
+    optimizer-step boundary the ranks all-reduce (max) whether any of them has one, on a gloo group so that
+    a GPU run does not wait on its stream; then every rank takes Lightning's SIGTERM path at the end of that
+    batch. After the save, a scheduler's warning is handed to the handler it displaced (submitit's
+    checkpoint-and-requeue; in a plain SLURM job, `scontrol requeue` from global rank 0) by `hand_over()`.
+    A second SIGINT more than `abort_after_s` after the first aborts at once (nothing is saved then when
+    several ranks run).
     """
 
-    def __init__(self) -> None:
-        self._previous: Any = None
+    def __init__(self, abort_after_s: float = 2.0) -> None:
+        self.abort_after_s = abort_after_s
+        self.received: signal.Signals | None = None
+        self.stopped_at: int | None = None
+        self._first_sigint: float | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+        self._group: Any = None
+        self._last_step = -1
+        self._warning = scheduler_warning_signal()
+
+    def _signals(self) -> list[signal.Signals]:
+        return [signal.SIGTERM, signal.SIGINT, *([self._warning] if self._warning else [])]
+
+    def _install(self, signums: list[signal.Signals]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # e.g. inside a notebook worker thread: Lightning's own handling stays
+        for signum in signums:
+            previous = signal.signal(signum, self._on_signal)
+            if previous is not self._on_signal and signum not in self._previous:
+                self._previous[signum] = previous
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        sig = signal.Signals(signum)
+        if sig == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > self.abort_after_s:
+                raise KeyboardInterrupt
+            self._first_sigint = self._first_sigint or now
+        if self.received is None or sig == self._warning:
+            self.received = sig
+        rank_zero_info(f"{sig.name} received: stopping every rank after this optimizer step and saving.")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # before Lightning registers its own: it then keeps ours for SIGUSR1 instead of its SLURM requeue
+        if stage == "fit":
+            self._install(self._signals())
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning registers its SIGTERM handler after on_fit_start, before on_train_start.
-        if trainer.is_global_zero or trainer.world_size == 1:
-            try:
-                self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-            except ValueError:  # not the main thread (e.g. inside a notebook worker)
-                self._previous = None
+        # Lightning replaced SIGTERM's handler (after setup) with one that broadcasts inside the handler
+        self._install([signal.SIGTERM])
+        self._last_step = trainer.global_step
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
-    @staticmethod
-    def _on_sigint(signum: int, frame: Any) -> None:
-        rank_zero_info("SIGINT received: stopping after this batch and saving a checkpoint.")
-        os.kill(os.getpid(), signal.SIGTERM)
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._last_step:
+            return  # inside a gradient accumulation: only whole optimizer steps are saved
+        self._last_step = trainer.global_step
+        wanted = torch.tensor([0 if self.received is None else int(self.received)], dtype=torch.int32)
+        if self._group is not None:
+            dist.all_reduce(wanted, op=dist.ReduceOp.MAX, group=self._group)
+        if int(wanted) == 0:
+            return
+        if self.received is None:  # another rank got it: take the same path
+            self.received = signal.Signals(int(wanted))
+        self.stopped_at = trainer.global_step
+        # Lightning then raises SIGTERMException at the end of this batch, on every rank alike
+        trainer._signal_connector.received_sigterm = True
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
+    def hand_over(self, trainer: L.Trainer) -> None:
+        """After the save: pass a scheduler's warning on to the handler it displaced (submitit requeues the
+        job and exits from there), or, in a plain SLURM job, requeue it from global rank 0."""
+        if self.received is None or self.received != self._warning:
+            return
+        previous = self._previous.get(self.received)
+        if callable(previous):
+            previous(int(self.received), None)
+        elif trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
+            job = os.environ["SLURM_JOB_ID"]
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if done.returncode == 0:
+                rank_zero_info(f"Requeued SLURM job {job}.")
+            else:
+                rank_zero_warn(f"scontrol requeue {job} failed ({done.stderr.strip()}); resubmit the job.")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, previous)
+        self._previous = {}
 
 
 class ValidateAtStart(L.Callback):

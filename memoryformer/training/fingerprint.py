@@ -134,9 +134,23 @@ def run_fingerprint(cfg: DictConfig, max_steps: int) -> dict[str, Any]:
     return settings
 
 
+def zero_stage(strategy: Any) -> int | None:
+    """The DeepSpeed ZeRO stage of `trainer.strategy` (a mapping with `name: deepspeed`, or a Lightning
+    name such as `deepspeed_stage_3`), or None for any other strategy."""
+    if OmegaConf.is_config(strategy):
+        strategy = OmegaConf.to_container(strategy, resolve=True)
+    if isinstance(strategy, dict) and "deepspeed" in str(strategy.get("name", "")):
+        return int(((strategy.get("config") or {}).get("zero_optimization") or {}).get("stage", 0))
+    if isinstance(strategy, str) and strategy.startswith("deepspeed"):
+        digits = [c for c in strategy if c.isdigit()]
+        return int(digits[0]) if digits else 2  # Lightning's "deepspeed" is stage 2
+    return None
+
+
 def fingerprint_record(cfg: DictConfig, max_steps: int, world_size: int) -> dict[str, Any]:
-    """What a checkpoint stores: the fingerprint (`settings`) and, for the log only, the step budget, the
-    number of processes and the precision it was saved with (`context`, never compared)."""
+    """What a checkpoint stores: the fingerprint (`settings`) and, for the log and the check of what can
+    load it, the step budget, the number of processes, the precision and the DeepSpeed ZeRO stage (None
+    without DeepSpeed) it was saved with (`context`, never compared as settings)."""
     return {
         "version": FORMAT_VERSION,
         "settings": run_fingerprint(cfg, max_steps),
@@ -144,6 +158,7 @@ def fingerprint_record(cfg: DictConfig, max_steps: int, world_size: int) -> dict
             "max_steps": int(max_steps),
             "world_size": int(world_size),
             "precision": str(cfg.trainer.get("precision")),
+            "zero_stage": zero_stage(cfg.trainer.get("strategy")),
         },
     }
 

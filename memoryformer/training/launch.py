@@ -15,6 +15,11 @@ folder once for the whole launch instead:
 
 The ranks Lightning itself starts (`trainer.devices=N` without a launcher) get the launching process's
 folder on their command line from Lightning, so they never resolve it.
+
+`check_torchrun_restarts` refuses `torchrun --max-restarts N` with the rendezvous store shared across
+rounds (torch's default): a restarted group then finds the keys of the group before it in that store, and
+its process group never forms (gloo: "Connection refused" to the dead workers' addresses, then a hang).
+`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` gives every round its own store.
 """
 
 from __future__ import annotations
@@ -34,6 +39,21 @@ def is_launching_process(environ: Mapping[str, str] | None = None) -> bool:
     """True unless a rank variable (`LOCAL_RANK`, `RANK`, `NODE_RANK`, ...) says this is a worker."""
     env = os.environ if environ is None else environ
     return all(env.get(var, "0") in ("", "0") for var in RANK_VARS)
+
+
+def check_torchrun_restarts(environ: Mapping[str, str] | None = None) -> None:
+    """Raise `ConfigError` (one sentence) for a torchrun launch with restarts whose rendezvous store is
+    shared across rounds; see the module docstring."""
+    env = os.environ if environ is None else environ
+    restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and "TORCHELASTIC_RUN_ID" in env and env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
+        from memoryformer.errors import ConfigError
+
+        raise ConfigError(
+            f"torchrun --max-restarts {restarts} restarts the worker group into the rendezvous store of the "
+            f"group before it, where the new process group never forms; export "
+            f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (each restart then gets its own store)."
+        )
 
 
 def slurm_launch_id(environ: Mapping[str, str]) -> str | None:

@@ -20,15 +20,18 @@ optimizer state on load). `RunFingerprint` is the callback that writes the finge
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from memoryformer.atomic_io import TMP_PREFIX
+from memoryformer.atomic_io import TMP_PREFIX, replace_directory
 from memoryformer.checkpoint import (
     CheckpointError,
     check_deepspeed_dir,
@@ -37,6 +40,7 @@ from memoryformer.checkpoint import (
     weights_mismatch,
 )
 from memoryformer.config import ConfigError, ModelConfig, check_choice
+from memoryformer.file_lock import build_once
 from memoryformer.training.fingerprint import (
     CHECKPOINT_KEY,
     HORIZON,
@@ -82,6 +86,7 @@ class CheckpointInfo:
     record: dict[str, Any] | None = None
     zero_world_size: int | None = None
     zero_stage: int | None = None
+    universal: bool = False
 
 
 def _is_under(path: Path, folder: str | os.PathLike | None) -> bool:
@@ -98,14 +103,7 @@ def find_checkpoints(
     """
     seen: dict[Path, Candidate] = {}
     for root in roots:
-        base = Path(root)
-        if not base.is_dir():
-            continue
-        for p in base.rglob("*.ckpt"):
-            if any(part.startswith(TMP_PREFIX) for part in p.parts):
-                continue
-            if p.is_dir() and any(parent.suffix == ".ckpt" for parent in p.parents):
-                continue
+        for p in _walk_checkpoints(Path(root)):
             real = p.resolve()
             if real not in seen:
                 try:
@@ -113,6 +111,18 @@ def find_checkpoints(
                 except OSError:  # removed while we looked (top-k pruning of a live run)
                     continue
     return sorted(seen.values(), key=lambda c: (not _is_under(c.path, first), -c.mtime))
+
+
+def _walk_checkpoints(root: Path) -> Iterator[Path]:
+    """Every `*.ckpt` file or folder under `root`, without entering a checkpoint folder, a `.tmp-*` folder
+    (a save or conversion in progress, which another rank may delete while we look) or a universal copy."""
+    for folder, dirs, files in os.walk(root, onerror=lambda err: None):
+        here = Path(folder)
+        dirs[:] = [d for d in dirs if not d.startswith(TMP_PREFIX) and ".universal-step" not in d]
+        for name in [*dirs, *files]:
+            if name.endswith(".ckpt") and not name.startswith(TMP_PREFIX):
+                yield here / name
+        dirs[:] = [d for d in dirs if not d.endswith(".ckpt")]
 
 
 def check_checkpoint(
@@ -160,6 +170,7 @@ def _check_deepspeed(p: Path, trust_checkpoint: bool) -> CheckpointInfo:
         layout.states.get(CHECKPOINT_KEY),
         layout.dp_world_size if layout.zero_stage > 0 else None,
         layout.zero_stage,
+        layout.universal,
     )
 
 
@@ -182,16 +193,124 @@ def settings_mismatch(info: CheckpointInfo, record: dict[str, Any]) -> str | Non
     return describe(diffs) if diffs else None
 
 
-def _check_zero_world_size(path: Path, info: CheckpointInfo, record: dict[str, Any] | None) -> None:
-    world = (record or {}).get("context", {}).get("world_size")
-    if info.zero_world_size is None or world is None or info.zero_world_size == world:
-        return
-    raise ConfigError(
-        f"ckpt_path: {path} holds ZeRO optimizer state split over {info.zero_world_size} data-parallel ranks "
-        f"and this run has {world}, which DeepSpeed cannot load without converting it to a universal "
-        f"checkpoint (python -m deepspeed.checkpoint.ds_to_universal), a format this project does not resume "
-        f"from yet; resume with trainer.devices x trainer.num_nodes = {info.zero_world_size}."
+def _trainer_named(stage: int | None) -> str:
+    if stage is None:
+        return "trainer=cpu|gpu|ddp"
+    return f"trainer=deepspeed_zero{stage}" if stage else "DeepSpeed without ZeRO"
+
+
+def continuable(path: Path, info: CheckpointInfo, record: dict[str, Any] | None) -> Path:
+    """The checkpoint this run loads to continue `path` (this run's own state): `path` itself, or a
+    universal copy when DeepSpeed saved it at another number of ranks or ZeRO stage; raises `ConfigError`
+    (one sentence naming the trainer to use) when this run's strategy cannot load it at all.
+
+    Called on every rank before any process group starts. DeepSpeed splits ZeRO optimizer state over the
+    data-parallel ranks and cannot re-partition it on load; its universal format (one file per parameter,
+    `deepspeed.checkpoint.ds_to_universal`) loads at any number of ranks and stage (`universal_copy`). A
+    Lightning `.ckpt` (one device, DDP) and a DeepSpeed folder hold optimizer state in formats the other
+    strategy does not read, so a change between them is refused.
+    """
+    context = (record or {}).get("context", {})
+    if "zero_stage" not in context:
+        return path  # a record from before strategies were recorded: nothing to check against
+    here, world = context["zero_stage"], context.get("world_size")
+    there = info.zero_stage
+    if (there is None) != (here is None):
+        saved = "a Lightning .ckpt file" if there is None else f"a DeepSpeed ZeRO-{there} checkpoint"
+        run = f"DeepSpeed ZeRO-{here}" if here is not None else "a strategy without DeepSpeed"
+        raise ConfigError(
+            f"ckpt_path: {path} is {saved} and this run uses {run}, which cannot read its optimizer state; "
+            f"resume it with {_trainer_named(there)} (the trainer it was saved with), or start a fresh run "
+            f"in another folder (name=...)."
+        )
+    if there is None or info.universal:
+        return path
+    if there == here and info.zero_world_size in (None, world):
+        return path
+    return universal_copy(path, info, here, world)
+
+
+def universal_copy(path: Path, info: CheckpointInfo, stage: int, world: int | None) -> Path:
+    """`path` converted to DeepSpeed's universal checkpoint beside it (`<name>.universal-step<N>`, made once
+    per shared file system: the other ranks wait for it), for a run at ZeRO stage `stage` on `world` ranks."""
+    target = path.parent / f"{path.name}.universal-step{info.step}"
+    done = lambda: (target / "latest_universal").is_file()  # noqa: E731
+    if not done():
+        rank_zero_info(
+            f"{path} was saved by {info.zero_world_size} rank(s) at ZeRO-{info.zero_stage} and this run has "
+            f"{world} at ZeRO-{stage}: converting it to a universal checkpoint in {target}."
+        )
+    convert = lambda: _convert_to_universal(path, target)  # noqa: E731
+    build_once(done, convert, f"{target}.lock", f"the universal copy {target}")
+    return target
+
+
+def _convert_to_universal(path: Path, target: Path) -> None:
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    layout = deepspeed_layout(path)
+    staged = path.parent / f"{TMP_PREFIX}{target.name}.{os.getpid()}"
+    args = argparse.Namespace(
+        input_folder=str(layout.tag_dir),
+        output_folder=str(staged / layout.tag_dir.name),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # DeepSpeed's default universal info (Megatron adds its own; we have none)
     )
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress bars and prints
+        ds_to_universal.main(args)
+    tag = staged / layout.tag_dir.name
+    _loadable_by_every_stage(tag)
+    replace_directory(staged, target)
+
+
+def _loadable_by_every_stage(tag: Path) -> None:
+    """Complete a universal checkpoint (`tag` folder) converted from one ZeRO stage so that the other stages'
+    loaders read it too (DeepSpeed 0.19 writes each stage's own variant):
+
+    - rank 0's model states under both names: a ZeRO-3 engine reads `zero_pp_rank_0_mp_rank_00_...`,
+      ZeRO 1-2 read `mp_rank_00_...`;
+    - the Adam step: ZeRO 1-2 read it from each parameter's `step.pt` (which a ZeRO-3 conversion omits),
+      ZeRO-3 from `optimizer_state_dict` in `zero/optimizer_state.pt` (which a ZeRO 1-2 conversion omits),
+      beside the parameter groups; ZeRO 1-2 also want the DeepSpeed version there;
+    - each parameter's tensors: ZeRO 1-2 read `{"param": tensor}`, which a ZeRO-3 conversion writes bare.
+    """
+    import deepspeed
+
+    states = [tag / n for n in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    present = next(f for f in states if f.exists())
+    for f in states:
+        if not f.exists():
+            shutil.copy2(present, f)
+    zero = tag / "zero"
+    # written a moment ago by DeepSpeed's converter from files that passed the checkpoint checks
+    optim = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    params = [d for d in sorted(zero.iterdir()) if d.is_dir()]
+    if "optimizer_state_dict" in optim:  # from ZeRO-3
+        step = optim["optimizer_state_dict"]["state"][0]["step"]
+        for d in params:
+            if not (d / "step.pt").exists():
+                torch.save(step.clone() if torch.is_tensor(step) else step, d / "step.pt")
+            for f in d.glob("*.pt"):  # ZeRO 1-2 read {"param": tensor}, ZeRO-3 either that or the tensor
+                held = torch.load(f, map_location="cpu", weights_only=False)
+                if torch.is_tensor(held) and f.name != "step.pt":
+                    torch.save({"param": held}, f)
+    else:  # from ZeRO 1-2
+        step = torch.load(params[0] / "step.pt", map_location="cpu", weights_only=False)
+        groups = optim["param_groups"]
+        copy = lambda: step.clone() if torch.is_tensor(step) else step  # noqa: E731 (one tensor per group)
+        optim["optimizer_state_dict"] = {
+            "state": {i: {"step": copy()} for i, _ in enumerate(groups)},
+            "param_groups": groups,
+        }
+    optim.setdefault("ds_version", deepspeed.__version__)
+    torch.save(optim, zero / "optimizer_state.pt")
 
 
 def _run_folder(path: Path) -> Path:
@@ -276,9 +395,8 @@ def resolve_ckpt_path(
                 rank_zero_info(f"ckpt_path={ckpt_path}: skipping {folder} ({reason})")
         if matches:
             path, info = max(matches, key=_newest)
-            _check_zero_world_size(path, info, record)  # this run's own state: refuse, not skip
             rank_zero_info(_resuming_line(path, info, record))
-            return str(path)
+            return str(continuable(path, info, record))  # this run's own state: refuse, not skip
     _nothing_found(ckpt_path, roots, skipped)
     return None
 
@@ -303,7 +421,6 @@ def _explicit(
     except CheckpointError as err:
         raise ConfigError(f"ckpt_path: {err}") from err
     if record is not None:
-        _check_zero_world_size(path, info, record)
         reason = settings_mismatch(info, record)
         if reason and mismatch != "allow":
             raise ConfigError(
@@ -314,7 +431,7 @@ def _explicit(
         if reason:
             rank_zero_warn(f"resume_mismatch=allow: resuming {path} although its settings differ ({reason}).")
     rank_zero_info(_resuming_line(path, info, record))
-    return str(path)
+    return str(continuable(path, info, record))
 
 
 def _nothing_found(ckpt_path: str, roots: list, skipped: dict[Path, str]) -> None:

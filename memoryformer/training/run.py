@@ -20,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from memoryformer.atomic_io import atomic_write_text
@@ -28,16 +29,19 @@ from memoryformer.config import ConfigError, ModelConfig, to_plain
 from memoryformer.data.config import DataConfig, files_unchecked
 from memoryformer.training import memory_plan
 from memoryformer.training.batch_plan import check_micro_batch_spec, device_memory, resolve_batch
-from memoryformer.training.callbacks import TokenThroughputMonitor, ValidateAtStart
+from memoryformer.training.callbacks import GracefulStop, TokenThroughputMonitor, ValidateAtStart
 from memoryformer.training.checkpoint_io import SafeCheckpointIO
 from memoryformer.training.fingerprint import fingerprint_record
+from memoryformer.training.launch import check_torchrun_restarts, is_launching_process
 from memoryformer.training.module import LMTrainingModule
 from memoryformer.training.resume import SEARCH_VALUES, RunFingerprint, resume_checkpoint
-from memoryformer.training.launch import is_launching_process
 from memoryformer.training.run_lock import run_lock
 from memoryformer.training.strategy import build_strategy, is_deepspeed
 
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
+#: How the launching process hands its resume choice to the ranks Lightning starts (`agreed_checkpoint`).
+RESUME_FROM_VAR = "MEMORYFORMER_RESUME_FROM"
+log = logging.getLogger(__name__)
 #: Loggers to which Lightning attaches its own console handler when it is imported.
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 
@@ -136,6 +140,7 @@ def check_config(cfg: DictConfig) -> RunPlan:
             f"(1 checkpoints every block, n every n-th block)."
         )
     check_precision(trainer_cfg)
+    check_torchrun_restarts()
     check_loggers(to_plain(cfg.logger))
     ckpt = cfg.ckpt_path
     if ckpt is not None and ckpt not in SEARCH_VALUES and not os.path.exists(str(ckpt)):
@@ -370,9 +375,17 @@ def _fit(cfg: DictConfig, plan: RunPlan, trainer: L.Trainer, module, datamodule,
     trust = bool(cfg.trust_checkpoint)
     if trainer.is_global_zero:
         atomic_write_text(ckpt_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    ckpt_path = resume_checkpoint(cfg, plan.model, plan.max_steps, plan.world_size)
+    ckpt_path = agreed_checkpoint(trainer, cfg, plan)
+    if ckpt_path is not None and (Path(ckpt_path) / "latest_universal").is_file():
+        # DeepSpeed reads its universal format only when its config says so (set before the engine exists)
+        trainer.strategy.config.setdefault("checkpoint", {})["load_universal"] = True
+    stop = next((cb for cb in trainer.callbacks if isinstance(cb, GracefulStop)), None)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
+    except SIGTERMException:
+        if stop is not None:
+            stop.hand_over(trainer)  # a scheduler's warning: requeue now that last.ckpt is written
+        raise
     finally:
         _finish_wandb(trainer)
     at_start = next((cb for cb in trainer.callbacks if isinstance(cb, ValidateAtStart)), None)
@@ -394,6 +407,33 @@ def _fit(cfg: DictConfig, plan: RunPlan, trainer: L.Trainer, module, datamodule,
         eos = plan.data.eos_token
         export_dir = export_model(module.model, output_dir / "model", datamodule.tokenizer, eos_token=eos)
         summary["export_dir"] = str(export_dir)
+
+
+def agreed_checkpoint(trainer: L.Trainer, cfg: DictConfig, plan: RunPlan) -> str | None:
+    """The checkpoint every rank of the run resumes from (None: start fresh), chosen by global rank 0.
+
+    Every rank searches first (`resume_checkpoint`), so that a checkpoint the run cannot continue is
+    refused on every rank before a process group starts. Ranks that a launcher started (torchrun, srun)
+    then start the process group early, through the strategy's own set-up (which `fit` then finds done), and
+    take rank 0's choice; the ranks Lightning itself starts later inherit it from the launching process's
+    environment (`RESUME_FROM_VAR`).
+    """
+    if not is_launching_process() and RESUME_FROM_VAR in os.environ:
+        return os.environ[RESUME_FROM_VAR] or None
+    mine = resume_checkpoint(cfg, plan.model, plan.max_steps, plan.world_size)
+    if plan.world_size <= 1:
+        return mine
+    if not trainer.strategy.cluster_environment.creates_processes_externally:
+        os.environ[RESUME_FROM_VAR] = mine or ""  # the ranks Lightning starts in fit read it
+        return mine
+    trainer.strategy.setup_environment()
+    chosen = trainer.strategy.broadcast(mine, src=0)
+    if chosen != mine:
+        log.warning(
+            f"rank {trainer.global_rank} found {mine} to resume from, global rank 0 found {chosen}; every "
+            f"rank takes rank 0's choice (is the run folder on a file system all nodes share?)."
+        )
+    return chosen
 
 
 def _finish_wandb(trainer: L.Trainer) -> None:

@@ -150,6 +150,15 @@ class DeepSpeedAnyAcceleratorStrategy(DeepSpeedStrategy):
             replace_directory(staged, target)
         self.barrier("memoryformer.save_checkpoint.renamed")
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, then, for a universal checkpoint under ZeRO-3, the repair of what the ZeRO-3
+        universal load of DeepSpeed 0.19 (`stage3.py`, `load_hp_checkpoint_state_from_checkpoint_dir_stage3`)
+        gets wrong (`repair_zero3_universal_load`)."""
+        state = super().load_checkpoint(checkpoint_path, weights_only)
+        if self.zero_stage_3 and (Path(checkpoint_path) / "latest_universal").is_file():
+            repair_zero3_universal_load(self.deepspeed_engine.optimizer.optimizer, Path(checkpoint_path))
+        return state
+
     def remove_checkpoint(self, filepath: Any) -> None:
         """Remove an old checkpoint folder (top-k pruning) in one visible step: renamed away, then deleted,
         so that a kill mid-removal never leaves a partial folder under a `.ckpt` name."""
@@ -164,6 +173,33 @@ class DeepSpeedAnyAcceleratorStrategy(DeepSpeedStrategy):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_CLIPPING_HOOK_WARNING)
             super().init_deepspeed()
+
+
+def repair_zero3_universal_load(optimizer: torch.optim.Optimizer, universal: Path) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load in the torch `optimizer` it filled:
+
+    - it copies the first parameter group's hyper-parameters onto every group (the norms and biases took the
+      tables' weight decay): each group gets back its own, from `<tag>/zero/optimizer_state.pt`;
+    - it gives every group's state one shared `step` tensor, which Adam then advances once per group and
+      step (3 groups: 6, 9, 12, ... for steps 1, 2, 3 after the load, so its bias correction is off): each
+      group gets its own copy.
+    """
+    tag = (universal / "latest_universal").read_text().strip()
+    from memoryformer.checkpoint import deepspeed_safe_globals, safe_torch_load
+
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        saved = safe_torch_load(universal / tag / "zero" / "optimizer_state.pt", "cpu")
+    groups = saved["optimizer_state_dict"]["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ConfigError(
+            f"{universal} holds {len(groups)} optimizer parameter groups and this run "
+            f"{len(optimizer.param_groups)}; resume it with the optimizer settings it was saved with."
+        )
+    for group, stored in zip(optimizer.param_groups, groups, strict=True):
+        group.update({k: v for k, v in stored.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def offloads_optimizer(strategy: Any) -> bool:
