@@ -279,7 +279,7 @@ def logits_and_loss_bytes(
     """(kept, transient) bytes of the logits and the cross-entropy for `tokens` tokens.
 
     Chunked (the training loss, `memoryformer.nn.chunked_loss`): `kept` is what the loss holds for backward,
-    the gradient of the head (fp32 accumulator, 4 x V x d) and of the hidden states (N x d); `transient` is
+    the fp32 gradients of the head (4 x V x d) and of the hidden states (4 x N x d); `transient` is
     one chunk's logits in the matmul's dtype with their fp32 copy and fp32 gradient, alive only inside the
     loss's forward. Whole (`chunked=False`, ZeRO-3, whose partitioned head is gathered only around its own
     forward): fp32 logits `[N, V]`, whose log-softmax output and the two gradients at the start of backward
@@ -287,9 +287,8 @@ def logits_and_loss_bytes(
     """
     if not chunked:
         return 0, 3 * 4 * tokens * model.vocab_size
-    total = chunked_loss.peak_bytes(tokens, model.vocab_size, model.n_embd, compute_bytes=a.matmul,
-                                    weight_bytes=a.stream)
-    kept = chunked_loss.kept_bytes(tokens, model.vocab_size, model.n_embd, weight_bytes=a.stream)
+    total = chunked_loss.peak_bytes(tokens, model.vocab_size, model.n_embd, compute_bytes=a.matmul)
+    kept = chunked_loss.kept_bytes(tokens, model.vocab_size, model.n_embd)
     return kept, total - kept
 
 
