@@ -89,3 +89,12 @@ def test_bad_strategy_settings_are_refused() -> None:
         )
     with pytest.raises(ConfigError, match="stage=5 must be 0, 1, 2 or 3"):
         deepspeed_config({"config": {"zero_optimization": {"stage": 5}}}, "32")
+
+
+@pytest.mark.parametrize("spec", [{"name": "fsdp"}, "fsdp", "fsdp_cpu_offload"])
+def test_fsdp_is_refused_naming_the_deepspeed_trainers(spec) -> None:
+    # its clipping norm would be per shard (LMTrainingModule.configure_gradient_clipping)
+    with pytest.raises(ConfigError, match=r"fsdp.* is refused because gradient clipping under FSDP would use "
+                       r"each shard's own norm; use trainer=deepspeed_zero1, deepspeed_zero2, "
+                       r"deepspeed_zero2_offload or deepspeed_zero3"):
+        build_strategy(spec, "bf16-mixed")

@@ -1,7 +1,7 @@
 """Turns `trainer.strategy` from the YAML into a Lightning strategy (kept apart from the model).
 
 `trainer.strategy` is either a Lightning strategy name (`auto`, `ddp`, ...) or a mapping with `name`
-(`ddp` | `deepspeed` | `fsdp`) and that strategy's keyword arguments. For DeepSpeed, `config` is the
+(`ddp` | `deepspeed`; `fsdp` is refused) and that strategy's keyword arguments. For DeepSpeed, `config` is the
 DeepSpeed config dict itself (ZeRO stage, bucket sizes, offload) and `fp16_loss_scaling` holds the dynamic
 loss-scale settings, copied into `config["fp16"]` only when `trainer.precision` is 16-bit (DeepSpeed's
 fp16 engine); with bf16 Lightning adds `{"bf16": {"enabled": true}}` itself.
@@ -30,6 +30,12 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 from memoryformer.config import ConfigError
 
 STRATEGY_NAMES = ("ddp", "deepspeed", "fsdp")
+#: FSDP is refused: `LMTrainingModule.configure_gradient_clipping` would take the norm of each rank's shard,
+#: not the global norm (issue #29); the DeepSpeed trainers shard with a global clipping norm.
+FSDP_REFUSED = (
+    "{key}={value} is refused because gradient clipping under FSDP would use each shard's own norm; use "
+    "trainer=deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload or deepspeed_zero3 to shard instead."
+)
 #: Keys Lightning fills in from the Trainer; setting them in the YAML would conflict (or is refused).
 LIGHTNING_OWNED_DEEPSPEED_KEYS = ("gradient_accumulation_steps",)
 
@@ -193,6 +199,8 @@ def build_strategy(
     it is imported (`use_deepspeed_cpu_accelerator`).
     """
     if spec is None or isinstance(spec, str):
+        if "fsdp" in str(spec).lower():
+            raise ConfigError(FSDP_REFUSED.format(key="trainer.strategy", value=spec))
         return spec or "auto"
     spec = dict(spec)
     name = spec.pop("name", None)
@@ -204,9 +212,7 @@ def build_strategy(
     if name == "ddp":
         return DDPStrategy(**spec)
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        return FSDPStrategy(**spec)
+        raise ConfigError(FSDP_REFUSED.format(key="trainer.strategy.name", value=name))
     config = deepspeed_config(spec, precision)
     spec.pop("config", None)
     spec.pop("fp16_loss_scaling", None)
