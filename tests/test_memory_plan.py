@@ -307,3 +307,21 @@ def test_plan_is_within_25_percent_of_a_measured_cpu_step() -> None:
         planned, _ = bench_memory_plan.planned_bytes(shape)
         measured = bench_memory_plan.measure(shape)
         assert planned == pytest.approx(measured, rel=0.25), shape
+
+
+def test_plan_counts_the_bounded_lookup_backward_on_cuda_only() -> None:
+    # MF-tiny at 128 x 2048 tokens: the largest of its three Memory Layers' bounded backward (one chunk's
+    # workspace, at most LOOKUP_BACKWARD_BOUND, and two fp32 table-sized buffers); PyTorch's own backward
+    # would take ~104 GB for the Q/K/V layer alone
+    config, tokens = ModelConfig.from_name("mf_tiny"), 128 * 2048
+    shapes = [(64, 64 * 256, 1536), (64, 64 * 256, 640), (64, 64 * 1024, 512)]  # (K, rows, width)
+    want = max(memory_ops.lookup_backward_bytes(tokens, k, width, rows) for k, rows, width in shapes)
+    cuda = mp.plan_memory(config, 2048, 128, mp.Layout(precision="bf16-mixed", device="cuda"), accumulate=8)
+    assert cuda.breakdown["lookup_backward"] == want
+    assert want < memory_ops.LOOKUP_BACKWARD_BOUND + 2 * 4 * 64 * 1024 * 512
+    assert memory_ops.unbounded_lookup_backward_bytes(tokens, 64, 1536) > 100 * GB
+    cpu = mp.plan_memory(config, 2048, 128, mp.Layout(precision="bf16-mixed", device="cpu"), accumulate=8)
+    assert cpu.breakdown["lookup_backward"] == 0  # the C++ kernel's backward has no per-index workspace
+    pythia = mp.plan_memory(ModelConfig.from_name("pythia_410m"), 2048, 16,
+                            mp.Layout(precision="bf16-mixed", device="cuda"), accumulate=64)
+    assert pythia.breakdown["lookup_backward"] == 0

@@ -11,6 +11,8 @@ sizes, world size). It counts, per device:
   time in backward);
 - the logits and the loss (`logits_and_loss_bytes`: the chunked cross-entropy's peak, or the whole fp32
   logits under ZeRO-3);
+- the workspace of a Memory Layer's lookup backward on CUDA (`lookup_backward_bytes`, bounded by
+  `memory_ops.LOOKUP_BACKWARD_BOUND`);
 - bytes no tensor shows: the CUDA context, the caching allocator's slack, DeepSpeed's communication
   buckets (from the trainer YAML), NCCL's buffers.
 
@@ -28,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from memoryformer.config import ModelConfig
-from memoryformer.nn import chunked_loss
+from memoryformer.nn import chunked_loss, memory_ops
 
 GIB = 2**30
 GB = 10**9
@@ -131,6 +133,22 @@ def _param_counts(frozen: tuple) -> ParamCounts:
     return ParamCounts(total, matmul, largest)
 
 
+@functools.lru_cache(maxsize=64)
+def _memory_layer_shapes(frozen: tuple) -> tuple[tuple[int, int, int], ...]:
+    from memoryformer.flops import build_on_meta
+    from memoryformer.nn import MemoryLayer
+
+    model = build_on_meta(ModelConfig(**dict(frozen)))
+    return tuple(sorted({(m.num_tables, m.tables.shape[0], m.out_features) for m in model.modules()
+                         if isinstance(m, MemoryLayer)}))
+
+
+def memory_layer_shapes(model: ModelConfig) -> tuple[tuple[int, int, int], ...]:
+    """The distinct (K tables, table rows, output width) of `LanguageModel(model)`'s Memory Layers (none for
+    a Pythia model), from the model built on the meta device, cached."""
+    return _memory_layer_shapes(tuple(sorted((k, _hashable(v)) for k, v in model.to_dict().items())))
+
+
 def param_counts(model: ModelConfig) -> ParamCounts:
     """`ParamCounts` of `LanguageModel(model)`, built once on the meta device (no memory) and cached."""
     return _param_counts(tuple(sorted((k, _hashable(v)) for k, v in model.to_dict().items())))
@@ -213,11 +231,12 @@ def _hash_bytes(width: int, num_tables: int, lookups: int, a: ActivationBytes) -
     """One hash of a `width`-wide input into `num_tables` chunks, read by `lookups` Memory Layers.
 
     Kept: the input in fp32 (abs), 2|z| (log-sigmoid's input), log-sigmoid's buffer (CPU only), the exp and
-    the L1 sum ([N, K] each), the rows (int64) and weights (fp32); the CUDA lookup (`F.embedding_bag`) adds
-    an int64 offset2bag per layer.
+    the L1 sum ([N, K] each), the rows (int64) and weights (fp32); the CUDA lookup
+    (`memory_ops.BoundedEmbeddingBag`) keeps no offset2bag, only, with 16-bit tables (DeepSpeed), the weights
+    rounded to the tables' dtype, per layer.
     """
     per_input = 4 * width + 4 * width + (4 * width if a.cpu_buffers else 0)
-    per_chunk = 8 + 8 + 4 + (8 * lookups if a.embedding_bag else 0)
+    per_chunk = 8 + 8 + 4 + (2 * lookups if a.embedding_bag and a.stream < 4 else 0)
     return per_input + per_chunk * num_tables
 
 
@@ -292,6 +311,17 @@ def logits_and_loss_bytes(
     return kept, total - kept
 
 
+def lookup_backward_bytes(model: ModelConfig, tokens: int, a: ActivationBytes) -> int:
+    """Peak extra bytes of one Memory Layer's backward on CUDA for `tokens` tokens, the largest over the
+    model's layers (`memory_ops.lookup_backward_bytes`: one chunk's workspace of PyTorch's embedding-bag
+    backward, at most `memory_ops.LOOKUP_BACKWARD_BOUND`, and two fp32 table-sized buffers); 0 on CPU,
+    whose C++ kernel has no such workspace, and for models without Memory Layers."""
+    if not a.embedding_bag:
+        return 0
+    return max((memory_ops.lookup_backward_bytes(tokens, k, width, rows)
+                for k, rows, width in memory_layer_shapes(model)), default=0)
+
+
 def activation_total(
     model: ModelConfig, tokens: int, a: ActivationBytes, checkpointing: bool, every: int
 ) -> tuple[int, int]:
@@ -353,6 +383,7 @@ def plan_memory(
         model, tokens, a, activation_checkpointing, activation_checkpointing_every
     )
     logits_kept, logits_transient = logits_and_loss_bytes(tokens, model, a, chunked=layout.zero_stage != 3)
+    lookup = lookup_backward_bytes(model, tokens, a)
     # 16-bit copies of the matmul weights that autocast makes and backward keeps (not under DeepSpeed,
     # whose module is 16-bit already)
     casts = 2 * params.matmul if (layout.mixed and not layout.deepspeed) else 0
@@ -360,12 +391,14 @@ def plan_memory(
     # or accumulation over micro-batches; otherwise Lightning frees them after each optimizer step.
     grads_live = accumulate > 1 or layout.strategy != "single"
     head_grad = 4 * model.vocab_size * model.n_embd  # the LM head's gradient, first to appear in backward
-    # The loss's transient logits are gone before the first checkpointed block is recomputed: one or the
-    # other is alive at the peak, never both.
-    recompute_alive = recompute >= logits_transient
+    # The loss's transient logits are gone before any block's backward, where a checkpointed block is
+    # recomputed and a Memory Layer's lookup backward takes its workspace: the plan counts one side or the
+    # other, whichever is larger, never both.
+    recompute_alive = recompute + lookup >= logits_transient
     logits = logits_kept + (0 if recompute_alive else logits_transient)
     activations = stored + (recompute if recompute_alive else 0)
-    in_backward = activations + logits + casts
+    lookup = lookup if recompute_alive else 0
+    in_backward = activations + logits + casts + lookup
     grads_at_backward = states.gradients if grads_live else min(head_grad, states.gradients)
     step_temporaries = 0 if (layout.fused_optimizer or layout.deepspeed) else states.gradients
     backward_peak = grads_at_backward + in_backward
@@ -375,17 +408,18 @@ def plan_memory(
         peak_at = "backward"
         breakdown.update(
             gradients=grads_at_backward, activations=activations, logits_and_loss=logits,
-            autocast_weight_copies=casts, optimizer_step_temporaries=0,
+            lookup_backward=lookup, autocast_weight_copies=casts, optimizer_step_temporaries=0,
         )
     else:
         peak_at = "optimizer step"
         breakdown.update(
-            gradients=states.gradients, activations=0, logits_and_loss=0, autocast_weight_copies=0,
-            optimizer_step_temporaries=step_temporaries,
+            gradients=states.gradients, activations=0, logits_and_loss=0, lookup_backward=0,
+            autocast_weight_copies=0, optimizer_step_temporaries=step_temporaries,
         )
     breakdown["communication_buffers"] = states.buffers
     if layout.device == "cuda":
         dynamic = breakdown["activations"] + breakdown["logits_and_loss"] + breakdown["gradients"]
+        dynamic += breakdown["lookup_backward"]
         breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
         breakdown["nccl"] = NCCL_BYTES if layout.world_size > 1 else 0
         breakdown["allocator_slack"] = int(ALLOCATOR_SLACK * dynamic)
