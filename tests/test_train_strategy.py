@@ -43,6 +43,12 @@ def test_deepspeed_configs_give_the_expected_dict(name: str, stage: int, offload
     if offload:
         assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert "fp16" not in config  # bf16: Lightning adds {"bf16": {"enabled": True}} itself
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}  # micro-batches add up in fp32 (issue #29)
+    assert "data_types" not in deepspeed_config(t["strategy"], "16-mixed")
+    assert "data_types" not in deepspeed_config(t["strategy"], "32-true")
+    zero0 = {**t["strategy"], "config": {**config, "zero_optimization": {**zero, "stage": 0}}}
+    zero0["config"].pop("data_types")
+    assert "data_types" not in deepspeed_config(zero0, "bf16-mixed")  # DeepSpeed refuses bf16 + fp32 there
     assert "gradient_accumulation_steps" not in config  # set by Lightning from accumulate_grad_batches
     # fp16 (the released code's precision): dynamic loss scale 2**12, window 1000, hysteresis 2
     fp16 = deepspeed_config(t["strategy"], "16-mixed")["fp16"]

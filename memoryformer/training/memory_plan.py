@@ -67,6 +67,7 @@ class Layout:
     stage3_max_live_parameters: int = 0
     ddp_bucket_view: bool = True
     fused_optimizer: bool = True
+    grad_accum_fp32: bool = False  # DeepSpeed's data_types.grad_accum_dtype=fp32 under 16-bit weights
 
     @property
     def mixed(self) -> bool:
@@ -92,6 +93,11 @@ def layout_from_trainer(trainer_cfg: dict[str, Any], world_size: int, fused_opti
     if "deepspeed" in name:
         config = (spec.get("config") or {}) if isinstance(spec, dict) else {}
         zero = dict(config.get("zero_optimization") or {})
+        if isinstance(spec, dict) and zero.get("stage") in (0, 1, 2, 3):  # what the run will give DeepSpeed
+            from memoryformer.training.strategy import deepspeed_config
+
+            config = deepspeed_config(spec, common["precision"])
+        accum = (config.get("data_types") or {}).get("grad_accum_dtype")
         offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
         offload_par = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
         return Layout(
@@ -99,7 +105,8 @@ def layout_from_trainer(trainer_cfg: dict[str, Any], world_size: int, fused_opti
             offload_params=offload_par, reduce_bucket_size=int(zero.get("reduce_bucket_size", 5e8)),
             allgather_bucket_size=int(zero.get("allgather_bucket_size", 5e8)),
             stage3_prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", 5e7)),
-            stage3_max_live_parameters=int(zero.get("stage3_max_live_parameters", 1e9)), **common,
+            stage3_max_live_parameters=int(zero.get("stage3_max_live_parameters", 1e9)),
+            grad_accum_fp32=accum in ("fp32", "float32"), **common,
         )
     if world_size > 1 or "ddp" in name:
         view = bool(spec.get("gradient_as_bucket_view", False)) if isinstance(spec, dict) else False
@@ -178,7 +185,10 @@ def model_states(params: ParamCounts, layout: Layout) -> ModelStates:
     DeepSpeed under 16-bit precision keeps 16-bit weights and gradients and fp32 master weights, fp32
     gradients and moments (12 bytes/param, counted as optimizer states) partitioned over the world size
     (ZeRO-1: master weights and moments; ZeRO-2: also the gradients; ZeRO-3: also the weights), as in
-    DeepSpeed's own `estimate_zero2_model_states_mem_needs`.
+    DeepSpeed's own `estimate_zero2_model_states_mem_needs`. With fp32 gradient accumulation
+    (`layout.grad_accum_fp32`, bf16 at stage 1-3) the gradients are those DeepSpeed 0.19 then keeps: ZeRO-1
+    a whole fp32 buffer besides the 16-bit gradients, ZeRO-2 and -3 an fp32 partition instead of the 16-bit
+    one (on the device also with ZeRO-2's optimizer offload).
     """
     p, world = params.total, max(1, layout.world_size)
     if not layout.deepspeed:
@@ -189,6 +199,23 @@ def model_states(params: ParamCounts, layout: Layout) -> ModelStates:
     fp32_grads = 4 if layout.mixed else 0  # fp32 gradient partition the optimizer reads
     weights = w16 * p // world if stage >= 3 else w16 * p
     grads16 = w16 * p // world if stage >= 2 else w16 * p
+    fp32_accum = layout.grad_accum_fp32 and layout.mixed and stage >= 1
+    if fp32_accum:
+        # data_types.grad_accum_dtype=fp32, as DeepSpeed 0.19 allocates it (docs/memory-plan.md):
+        if stage == 1:
+            # BF16_Optimizer (engine._do_optimizer_sanity_check): the 16-bit .grad plus a whole fp32 gradient
+            # buffer (bf16_optimizer.py, fp32_groups_gradients_flat), whose partition the optimizer reads
+            grads16, fp32_grads = w16 * p + 4 * p, 0
+        elif stage == 2:
+            # one fp32 partition replaces the 16-bit one and is the gradient the optimizer reads
+            # (stage_1_and_2.py, _build_compact_grad_partition_buffer; step: .to(fp32) returns it); with
+            # offload it stays on the device and is copied into the host's fp32 gradient at the boundary
+            grads16 = 4 * p // world
+            fp32_grads = 4 if layout.offload_optimizer else 0
+        else:
+            # the gradient partitions' flat buffer is fp32 (stage3.py, grad_partitions_flat_buffer); the
+            # optimizer's flattened fp32 gradient is still made at the step
+            grads16 = 4 * p // world
     sharded = (master + fp32_grads + ADAM_STATE_BYTES) * p // world
     buffers = 2 * layout.reduce_bucket_size * w16  # gradient reduction: two buckets in flight
     if stage in (1, 2):
@@ -197,7 +224,9 @@ def model_states(params: ParamCounts, layout: Layout) -> ModelStates:
         live = min(layout.stage3_max_live_parameters, p) + layout.stage3_prefetch_bucket_size
         buffers += w16 * max(live, params.largest)
     if layout.offload_optimizer:  # gradient partitions go to the host as they are reduced
-        return ModelStates(weights, grads16 if stage < 2 else 0, 0, buffers, sharded)
+        # except ZeRO-2's fp32 accumulation partition, which stays on the device (stage_1_and_2.py)
+        on_device = stage < 2 or (fp32_accum and stage == 2)
+        return ModelStates(weights, grads16 if on_device else 0, 0, buffers, sharded)
     return ModelStates(weights, grads16, sharded, buffers, 0)
 
 

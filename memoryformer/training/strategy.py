@@ -44,7 +44,8 @@ def deepspeed_config(spec: Mapping[str, Any], precision: str | int | None) -> di
     """The DeepSpeed config dict for `spec` (a `trainer.strategy` mapping) at `precision`.
 
     Returns a fresh dict: `spec["config"]`, plus `fp16 = {"enabled": True, **fp16_loss_scaling}` when the
-    precision is 16-bit. Keys Lightning derives from the Trainer (`gradient_accumulation_steps`) are refused.
+    precision is 16-bit, and `data_types = bf16_data_types` (fp32 gradient accumulation) when it is bf16 at
+    ZeRO stage 1-3. Keys Lightning derives from the Trainer (`gradient_accumulation_steps`) are refused.
     """
     config = copy.deepcopy(dict(spec.get("config") or {}))
     for key in LIGHTNING_OWNED_DEEPSPEED_KEYS:
@@ -58,6 +59,10 @@ def deepspeed_config(spec: Mapping[str, Any], precision: str | int | None) -> di
         raise ConfigError(f"trainer.strategy.config.zero_optimization.stage={stage!r} must be 0, 1, 2 or 3.")
     if str(precision).startswith("16") and "fp16" not in config:
         config["fp16"] = {"enabled": True, **dict(spec.get("fp16_loss_scaling") or {})}
+    if str(precision).startswith("bf16") and stage >= 1 and spec.get("bf16_data_types"):
+        # DeepSpeed adds micro-batches up in the model's dtype unless told (engine.get_data_types); stage 0
+        # refuses bf16 weights with fp32 accumulation (engine._do_optimizer_sanity_check), so it gets none
+        config["data_types"] = {**dict(spec["bf16_data_types"]), **dict(config.get("data_types") or {})}
     return config
 
 
@@ -216,6 +221,7 @@ def build_strategy(
     config = deepspeed_config(spec, precision)
     spec.pop("config", None)
     spec.pop("fp16_loss_scaling", None)
+    spec.pop("bf16_data_types", None)
     if str(accelerator) == "cpu":
         use_deepspeed_cpu_accelerator()
     try:
