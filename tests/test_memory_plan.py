@@ -325,3 +325,15 @@ def test_plan_counts_the_bounded_lookup_backward_on_cuda_only() -> None:
     pythia = mp.plan_memory(ModelConfig.from_name("pythia_410m"), 2048, 16,
                             mp.Layout(precision="bf16-mixed", device="cuda"), accumulate=64)
     assert pythia.breakdown["lookup_backward"] == 0
+
+
+def test_zero3_plan_counts_one_chunk_of_logits() -> None:
+    # the loss runs inside the LM head's forward, which ZeRO-3 gathers the head around (ChunkedLossHead)
+    config, tokens = ModelConfig.from_name("mf_base"), 8 * 2048
+    layout = mp.Layout(strategy="deepspeed", precision="bf16-mixed", world_size=8, zero_stage=3)
+    plan = mp.plan_memory(config, 2048, 8, layout, accumulate=16)
+    v, d = config.vocab_size, config.n_embd
+    kept = 4 * v * d + 4 * tokens * d  # fp32 gradients of the head and of the hidden states
+    one_chunk = 1024 * v * (2 + 4 + 4)  # bf16 matmul out, fp32 copy, fp32 gradient
+    assert plan.breakdown["logits_and_loss"] in (kept, kept + one_chunk)
+    assert plan.breakdown["logits_and_loss"] < 3 * 4 * tokens * v / 10  # the whole fp32 logits: 9.2 GiB

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 #: Tokens per chunk: at V = 50304 one chunk's fp32 logits are 206 MB; the matmuls stay large.
 DEFAULT_CHUNK_TOKENS = 1024
@@ -152,3 +153,23 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         raise ValueError(f"chunk_tokens={chunk_tokens} must be a positive number of tokens.")
     return _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                       ignore_index, chunk_tokens)
+
+
+class ChunkedLossHead(nn.Linear):
+    """The LM head: `nn.Linear(d, V, bias=False)` whose forward, given targets, returns the chunked training
+    loss instead of the logits: `hidden` `[..., d]` -> logits `[..., V]`, or with `targets` `[...]` the
+    scalar `chunked_cross_entropy`.
+
+    The loss runs inside the head's own forward because DeepSpeed ZeRO-3 gathers a partitioned weight only
+    around its module's forward (and backward): there the whole weight exists while the chunks are
+    computed, so ZeRO-3 too holds one chunk's logits instead of the whole fp32 `[N, V]`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100,
+                chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+        if targets is None:
+            return super().forward(hidden)
+        return chunked_cross_entropy(hidden, self.weight, targets, ignore_index, chunk_tokens)

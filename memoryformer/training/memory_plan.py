@@ -9,8 +9,7 @@ sizes, world size). It counts, per device:
 - activations kept for backward, tensor by tensor for each block (`block_activation_bytes`), with
   activation checkpointing counted (a checkpointed block keeps its input and recomputes one block at a
   time in backward);
-- the logits and the loss (`logits_and_loss_bytes`: the chunked cross-entropy's peak, or the whole fp32
-  logits under ZeRO-3);
+- the logits and the loss (`logits_and_loss_bytes`: the chunked cross-entropy's peak, also under ZeRO-3);
 - the workspace of a Memory Layer's lookup backward on CUDA (`lookup_backward_bytes`, bounded by
   `memory_ops.LOOKUP_BACKWARD_BOUND`);
 - bytes no tensor shows: the CUDA context, the caching allocator's slack, DeepSpeed's communication
@@ -321,20 +320,15 @@ def head_activation_bytes(model: ModelConfig, a: ActivationBytes) -> int:
     return norm + a.matmul * d + 16
 
 
-def logits_and_loss_bytes(
-    tokens: int, model: ModelConfig, a: ActivationBytes, chunked: bool = True
-) -> tuple[int, int]:
+def logits_and_loss_bytes(tokens: int, model: ModelConfig, a: ActivationBytes) -> tuple[int, int]:
     """(kept, transient) bytes of the logits and the cross-entropy for `tokens` tokens.
 
-    Chunked (the training loss, `memoryformer.nn.chunked_loss`): `kept` is what the loss holds for backward,
-    the fp32 gradients of the head (4 x V x d) and of the hidden states (4 x N x d); `transient` is
-    one chunk's logits in the matmul's dtype with their fp32 copy and fp32 gradient, alive only inside the
-    loss's forward. Whole (`chunked=False`, ZeRO-3, whose partitioned head is gathered only around its own
-    forward): fp32 logits `[N, V]`, whose log-softmax output and the two gradients at the start of backward
-    are alive together, 3 x 4 bytes per logit, all transient (freed before the blocks' backward).
+    The training loss is chunked (`memoryformer.nn.chunked_loss`), under every strategy: ZeRO-3 too, since
+    the loss runs inside the LM head's forward (`ChunkedLossHead`), around which ZeRO-3 gathers the head's
+    weight. `kept` is what the loss holds for backward, the fp32 gradients of the head (4 x V x d) and of the
+    hidden states (4 x N x d); `transient` is one chunk's logits in the matmul's dtype with their fp32 copy
+    and fp32 gradient, alive only inside the loss's forward.
     """
-    if not chunked:
-        return 0, 3 * 4 * tokens * model.vocab_size
     total = chunked_loss.peak_bytes(tokens, model.vocab_size, model.n_embd, compute_bytes=a.matmul)
     kept = chunked_loss.kept_bytes(tokens, model.vocab_size, model.n_embd)
     return kept, total - kept
@@ -411,7 +405,7 @@ def plan_memory(
     stored, recompute = activation_total(
         model, tokens, a, activation_checkpointing, activation_checkpointing_every
     )
-    logits_kept, logits_transient = logits_and_loss_bytes(tokens, model, a, chunked=layout.zero_stage != 3)
+    logits_kept, logits_transient = logits_and_loss_bytes(tokens, model, a)
     lookup = lookup_backward_bytes(model, tokens, a)
     # 16-bit copies of the matmul weights that autocast makes and backward keeps (not under DeepSpeed,
     # whose module is 16-bit already)
