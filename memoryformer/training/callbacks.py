@@ -254,13 +254,32 @@ class StepProgressBar(RichProgressBar):
 
     Runs here are sized by `max_steps` with `max_epochs=-1`, so Lightning's own bar would read `Epoch 0/-2`
     and count micro-batches of one epoch; this one shows the run's real progress.
+
+    The metrics beside it (`prog_bar=True`: train/loss, train/tokens_per_s) are read from the Trainer only
+    at the logging cadence during training (`get_metrics`): Lightning turns each into a Python number with
+    `.item()`, a device-to-host sync, and its own bar does so after every micro-batch.
     """
+
+    _shown: dict[str, Any] | None = None
+    _shown_step = -1
 
     @property
     def total_train_batches(self) -> int | float:
         """The bar's total: `max_steps` when the run is sized in steps, else Lightning's batch count."""
         max_steps = self.trainer.max_steps
         return max_steps if max_steps and max_steps > 0 else super().total_train_batches
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Lightning's bar metrics, read again during training only when the optimizer step count reaches a
+        new multiple of `trainer.log_every_n_steps` (in the micro-batch that completes that step, where
+        Lightning logs and `LossPrinter` prints too); otherwise the numbers last read."""
+        if trainer.training and self._shown is not None:
+            step, every = trainer.global_step, max(1, int(trainer.log_every_n_steps or 1))
+            if step == self._shown_step or step % every:
+                return self._shown
+        self._shown = super().get_metrics(trainer, pl_module)
+        self._shown_step = trainer.global_step
+        return self._shown
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
