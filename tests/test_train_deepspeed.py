@@ -138,7 +138,7 @@ def test_deepspeed_trainer_runs_on_cpu_through_train(trainer, tmp_path, poison_a
     assert all(blocks[s] == pytest.approx(0.5 * embeddings[s]) for s in blocks), (blocks, embeddings)
 
 
-# two runs of 3 steps through train(cfg), ~30 s each on 2 CPU cores (DeepSpeed engines, ZeRO-3's hooks)
+# two runs of 3 steps through train(cfg): seconds once DeepSpeed is warm, ~28 s cold on 2 shared CPU cores
 @pytest.mark.slow
 def test_zero3_runs_the_chunked_loss_inside_the_gathered_head_and_matches_zero2(tmp_path, monkeypatch):
     from memoryformer.nn import chunked_loss
