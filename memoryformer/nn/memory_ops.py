@@ -84,16 +84,22 @@ LOOKUP_BACKWARD_BOUND = 2**30
 #: sorted indices and their original positions (aten/src/ATen/native/cuda/EmbeddingBag.cu,
 #: `embedding_bag_backward_cuda_sum_avg`), segment offsets, partials per segment, their exclusive sum and
 #: the partial segments' offsets (EmbeddingBackwardKernel.cu, `embedding_backward_cuda_kernel`, each
-#: `at::empty({numel})`), plus the chunk's offset2bag that `BoundedEmbeddingBag` passes in.
-_INDEX_ARRAYS = 7
+#: `at::empty({numel})`).
+_INDEX_ARRAYS = 6
+
+
+def _pytorch_index_bytes(width: int) -> int:
+    # `grad_weight_per_segment`, `at::empty({numel, stride})` in fp32 (EmbeddingBackwardKernel.cu: sized at
+    # its upper bound, one row per index, so that no host sync is needed), and the int64 index arrays
+    return 4 * width + 8 * _INDEX_ARRAYS
 
 
 def lookup_backward_index_bytes(width: int) -> int:
-    """Bytes per looked-up index of PyTorch's CUDA embedding-bag backward for a `width`-wide output:
-    `grad_weight_per_segment`, `at::empty({numel, stride})` in fp32 (EmbeddingBackwardKernel.cu: sized at
-    its upper bound, one row per index, so that no host sync is needed), the int64 index arrays
-    (`_INDEX_ARRAYS`) and the fp32 per-sample weight."""
-    return 4 * width + 8 * _INDEX_ARRAYS + 4
+    """Bytes per looked-up index of one chunk of `BoundedEmbeddingBag`'s backward for a `width`-wide output:
+    PyTorch's CUDA embedding-bag backward (`_pytorch_index_bytes`: an fp32 row of the output width and six
+    int64 index arrays), the chunk's int64 offset2bag that we pass it, and the fp32 per-sample weight and
+    its gradient."""
+    return _pytorch_index_bytes(width) + 8 + 4 + 4
 
 
 def _lookup_backward_token_bytes(num_tables: int, width: int) -> int:
@@ -118,9 +124,9 @@ def lookup_backward_bytes(tokens: int, num_tables: int, width: int, rows: int,
 
 def unbounded_lookup_backward_bytes(tokens: int, num_tables: int, width: int) -> int:
     """Bytes PyTorch's own CUDA `F.embedding_bag` backward allocates for `tokens` x `num_tables` indices
-    beyond the table gradient it returns (`lookup_backward_index_bytes` per index, without our offset2bag);
-    what `BoundedEmbeddingBag` replaces, for docs and tests."""
-    return tokens * num_tables * (lookup_backward_index_bytes(width) - 8)
+    beyond the table gradient it returns (`_pytorch_index_bytes` per index); what `BoundedEmbeddingBag`
+    replaces, for docs and tests."""
+    return tokens * num_tables * _pytorch_index_bytes(width)
 
 
 class BoundedEmbeddingBag(torch.autograd.Function):
