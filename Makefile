@@ -57,7 +57,7 @@ throughput: $(STAMP) ## training tokens/s of the paper rows on this device -> do
 	$(PY) benchmarks/bench_throughput.py --record
 	$(PY) scripts/update_docs.py
 
-gpu-check: $(STAMP) ## CUDA checks (Memory Layer vs float64, MF-tiny ZeRO-2 bf16 fit, GB/s, MFU) -> docs/gpu_check.json
+gpu-check: $(STAMP) ## CUDA checks (Memory Layer vs float64, lookup backward peak vs plan, MF-tiny ZeRO-2 bf16 fit, GB/s, MFU) -> docs/gpu_check.json
 	$(PY) scripts/gpu_check.py
 
 eval: $(STAMP) ## zero-shot evaluation of a checkpoint: make eval CKPT=path

@@ -11,10 +11,16 @@
    AdamW) at PLAN_MICRO_BATCH x PLAN_SEQ_LEN against the memory plan's estimate for the same micro-batch
    (`plan_peak_bytes`, the one call into `memoryformer.training.memory_plan`); pass within PLAN_TOLERANCE
    (15%); a missing plan module fails.
-5. throughput_mf_tiny: the fit's tokens/s and MFU (multiply-adds from
+5. lookup_backward_peak: the extra memory of one Memory Layer's lookup backward on CUDA
+   (`torch.cuda.max_memory_allocated` during the backward, less what was allocated before it and the
+   gradients it returns), for each of MF-tiny's Memory Layer shapes at the micro-batch that
+   `micro_batch_size=auto` picks for `experiment=mf_tiny trainer=gpu` on this device (`planned_lookup`),
+   against the plan's `lookup_backward` term for that layer (`memory_ops.lookup_backward_bytes`); pass
+   when no layer exceeds it by more than LOOKUP_TOLERANCE (15%).
+6. throughput_mf_tiny: the fit's tokens/s and MFU (multiply-adds from
    `memoryformer.flops.training_flops_per_token`, x2 FLOPs, over `memoryformer.flops.PEAK_BF16_TFLOPS`),
    recorded beside docs/benchmarks.md's MFU estimate for MF-tiny; pass when all three are there.
-6. Everything goes to docs/gpu_check.json (device, torch / CUDA versions, timestamps, pass/fail per check).
+7. Everything goes to docs/gpu_check.json (device, torch / CUDA versions, timestamps, pass/fail per check).
 
 Without CUDA it prints one sentence and exits 2. The parts are functions so that tests can run the
 comparison and report logic on CPU tensors (tests/test_gpu_check.py).
@@ -63,6 +69,10 @@ BANDWIDTH_SHARE = 0.5
 PLAN_TOLERANCE = 0.15
 #: the micro-batch of the plan-against-measurement check (MF-tiny, bf16 autocast, fused AdamW)
 PLAN_MICRO_BATCH, PLAN_SEQ_LEN = 4, 2048
+#: the lookup backward's measured extra memory may exceed the plan's term by at most this share
+LOOKUP_TOLERANCE = 0.15
+#: `experiment=mf_tiny trainer=gpu`: global batch (sequences), sequence length, one GPU, bf16-mixed
+MF_TINY_GLOBAL_BATCH, MF_TINY_SEQ_LEN = 1024, 2048
 #: MF-tiny's Memory Layer shape (K = 64 tables of 2**8 rows, 512 wide) and one micro-batch of tokens
 BANDWIDTH_SHAPE = {"tokens": 16384, "num_tables": 64, "code_length": 8, "width": 512}
 
@@ -282,6 +292,69 @@ def plan_verdict(planned: int | None, measured: int, tolerance: float = PLAN_TOL
     return {**record, "relative_error": rel, "passed": rel <= tolerance}
 
 
+def planned_lookup(device_bytes: int) -> dict:
+    """The micro-batch `micro_batch_size=auto` picks for `experiment=mf_tiny trainer=gpu` on a device of
+    `device_bytes` (the run's own `resolve_batch` and `plan_memory`), and the plan's lookup-backward bytes
+    of each of MF-tiny's Memory Layer shapes (K, rows, width) at that micro-batch."""
+    from memoryformer.config import ModelConfig
+    from memoryformer.nn import memory_ops
+    from memoryformer.training import memory_plan
+    from memoryformer.training.batch_plan import DeviceMemory, resolve_batch
+
+    model = ModelConfig.from_name("mf_tiny")
+    layout = memory_plan.Layout(precision="bf16-mixed", device="cuda", fused_optimizer=True)
+
+    def plan_for(micro: int, accumulate: int) -> memory_plan.MemoryPlan:
+        return memory_plan.plan_memory(model, MF_TINY_SEQ_LEN, micro, layout, accumulate=accumulate)
+
+    memory = DeviceMemory(device_bytes, "gpu_check")
+    micro, _ = resolve_batch("auto", MF_TINY_GLOBAL_BATCH, 1, None, memory, plan_for)
+    tokens = micro * MF_TINY_SEQ_LEN
+    layers = [{"num_tables": k, "rows": rows, "width": width,
+               "planned_bytes": memory_ops.lookup_backward_bytes(tokens, k, width, rows)}
+              for k, rows, width in memory_plan.memory_layer_shapes(model)]
+    return {"micro_batch": micro, "seq_len": MF_TINY_SEQ_LEN, "tokens": tokens, "layers": layers,
+            "plan_term_bytes": plan_for(micro, MF_TINY_GLOBAL_BATCH // micro).breakdown["lookup_backward"]}
+
+
+def measure_lookup_backward(device: str, tokens: int, num_tables: int, rows: int, width: int) -> int:
+    """Extra bytes of one lookup backward on CUDA (the path `memory_impl=auto` takes there; fp32 tables, as
+    under bf16 autocast): the allocator's peak during `autograd.grad`, less what was allocated before it and
+    the two gradients it returns."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    tables = (0.02 * torch.randn(rows, width, device=device, generator=gen)).requires_grad_(True)
+    per_table = rows // num_tables
+    offsets = torch.arange(num_tables, device=device) * per_table
+    idx = torch.randint(0, per_table, (tokens, num_tables), device=device, generator=gen) + offsets
+    weights = torch.rand(tokens, num_tables, device=device, generator=gen).requires_grad_(True)
+    out = weighted_lookup(idx, weights, tables)
+    grad_out = torch.randn_like(out)
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    grad_weights, grad_tables = torch.autograd.grad(out, [weights, tables], grad_out)
+    _sync(device)
+    returned = sum(g.numel() * g.element_size() for g in (grad_weights, grad_tables))
+    extra = torch.cuda.max_memory_allocated() - before - returned
+    del tables, idx, weights, out, grad_out, grad_weights, grad_tables
+    torch.cuda.empty_cache()
+    return extra
+
+
+def lookup_backward_verdict(planned: dict, measured: list[int], tolerance: float = LOOKUP_TOLERANCE) -> dict:
+    """Pass when every layer's measured extra bytes are at most (1 + `tolerance`) x its planned bytes
+    (`planned` from `planned_lookup`, `measured` in the order of its layers)."""
+    layers = [{**layer, "measured_bytes": got, "over_plan": got / layer["planned_bytes"] - 1.0}
+              for layer, got in zip(planned["layers"], measured, strict=True)]
+    return {
+        "criterion": f"measured <= (1 + {tolerance:.0%}) x the plan's lookup_backward bytes, every layer",
+        "micro_batch": planned["micro_batch"], "seq_len": planned["seq_len"],
+        "plan_term_bytes": planned["plan_term_bytes"], "layers": layers,
+        "passed": bool(layers) and all(r["measured_bytes"] <= (1 + tolerance) * r["planned_bytes"]
+                                       for r in layers),
+    }
+
+
 def documented_mfu_estimate(path: Path = ROOT / "docs" / "benchmarks.md", row: str = "mf_tiny"
                             ) -> float | None:
     """The MFU docs/benchmarks.md estimates for `row` (its cost table's MFU column), as a fraction."""
@@ -492,6 +565,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_verdict(None, measured, error=str(err))
     report["checks"]["plan_peak_memory"] = {**plan, "micro_batch": PLAN_MICRO_BATCH,
                                             "seq_len": PLAN_SEQ_LEN, "seconds": time.time() - part}
+    write_report(report, args.out)
+
+    part = time.time()
+    planned = planned_lookup(torch.cuda.get_device_properties(0).total_memory)
+    measured_lookup = [measure_lookup_backward("cuda", planned["tokens"], r["num_tables"], r["rows"],
+                                               r["width"]) for r in planned["layers"]]
+    report["checks"]["lookup_backward_peak"] = {**lookup_backward_verdict(planned, measured_lookup),
+                                                "seconds": time.time() - part}
     write_report(report, args.out)
 
     if not args.skip_fit:

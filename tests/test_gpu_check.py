@@ -189,3 +189,37 @@ def test_throughput_is_recorded_against_the_documented_estimate(tmp_path: Path) 
 def test_no_check_passes_unconditionally() -> None:
     source = (ROOT / "scripts" / "gpu_check.py").read_text()
     assert '"passed": True' not in source
+
+
+def test_lookup_check_measures_at_the_micro_batch_auto_picks() -> None:
+    # the micro-batch is the dry run's for experiment=mf_tiny trainer=gpu device_memory_gb=80
+    from hydra import compose, initialize_config_dir
+
+    from memoryformer.conf_schema import register_configs
+    from memoryformer.nn import memory_ops
+    from memoryformer.training.run import check_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["paths.output_dir=/tmp/mf_gpu_check_test", "experiment=mf_tiny",
+                                           "trainer=gpu", "device_memory_gb=80", "dry_run=true"])
+    dry = check_config(cfg)
+    planned = gpu_check.planned_lookup(80 * 10**9)
+    assert planned["micro_batch"] == dry.micro_batch_size and planned["tokens"] == dry.micro_batch_size * 2048
+    # MF-tiny's three Memory Layer shapes (d = 512, K = 64, tau = 8, e = 2): Q/K/V 512 -> 1536, the Memory
+    # Block's 512 -> 640 and 640 -> 512 (tau + e = 10 bits: 1024 rows per table)
+    shapes = [(r["num_tables"], r["rows"], r["width"]) for r in planned["layers"]]
+    assert sorted(shapes) == [(64, 64 * 256, 640), (64, 64 * 256, 1536), (64, 64 * 1024, 512)]
+    for r in planned["layers"]:
+        assert r["planned_bytes"] == memory_ops.lookup_backward_bytes(planned["tokens"], r["num_tables"],
+                                                                      r["width"], r["rows"])
+    assert planned["plan_term_bytes"] == max(r["planned_bytes"] for r in planned["layers"])
+
+
+def test_lookup_verdict_fails_above_the_plan_by_more_than_15_percent() -> None:
+    planned = {"micro_batch": 8, "seq_len": 2048, "plan_term_bytes": 2000,
+               "layers": [{"planned_bytes": 1000}, {"planned_bytes": 2000}]}
+    assert gpu_check.lookup_backward_verdict(planned, [1150, 100])["passed"]
+    over = gpu_check.lookup_backward_verdict(planned, [1000, 2301])
+    assert not over["passed"] and over["layers"][1]["over_plan"] == pytest.approx(0.1505)
+    assert not gpu_check.lookup_backward_verdict({**planned, "layers": []}, [])["passed"]

@@ -395,3 +395,65 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_one():
     done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not stale.exists()
+
+
+# ----------------------------------------------------------------------------- the bounded lookup backward
+def _embedding_bag_backward_calls(fn) -> list[int]:
+    """Run `fn` and return the number of indices each of PyTorch's embedding-bag backward ops was given."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = ("_embedding_bag_backward", "_embedding_bag_dense_backward", "_embedding_bag_sparse_backward")
+    calls: list[int] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in names:
+                calls.append(args[1].numel())  # (grad, indices, ...)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return calls
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 50, 64])
+def test_bounded_lookup_backward_equals_embedding_bags_own_in_float64(chunk):
+    # the same F.embedding_bag ops, over chunks of `chunk` tokens (50 tokens: 7 does not divide them)
+    rows, weights, tables, grad_out = make_inputs(50, 4, 13, 6, seed=3)
+    got_w, got_t = weights.double().requires_grad_(True), tables.clone().requires_grad_(True)
+    want_w, want_t = weights.double().requires_grad_(True), tables.clone().requires_grad_(True)
+    got = memory_ops.BoundedEmbeddingBag.apply(rows, got_w, got_t, chunk)
+    want = torch.nn.functional.embedding_bag(rows, want_t, mode="sum", per_sample_weights=want_w)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.backward(grad_out)
+    want.backward(grad_out)
+    torch.testing.assert_close(got_w.grad, want_w.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_t.grad, want_t.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_embedding_bag_path_backward_sees_one_chunk_of_indices_at_a_time(monkeypatch):
+    # the CUDA path's lookup (embedding_bag_lookup) with a bound that fits 5 tokens: each backward op gets at
+    # most 5 x K indices, and all of them once (one pass)
+    tokens, k, width = 23, 4, 16
+    per_token = memory_ops._lookup_backward_token_bytes(k, width)
+    monkeypatch.setattr(memory_ops, "LOOKUP_BACKWARD_BOUND", 5 * per_token + per_token // 2)
+    assert memory_ops.lookup_backward_chunk_tokens(k, width, memory_ops.LOOKUP_BACKWARD_BOUND) == 5
+    rows, weights, tables, grad_out = make_inputs(tokens, k, width, 4, seed=4)
+    weights, tables = weights.float().requires_grad_(True), tables.float().requires_grad_(True)
+    calls = _embedding_bag_backward_calls(
+        lambda: memory_ops.embedding_bag_lookup(rows, weights, tables).backward(grad_out.float()))
+    assert calls == [5 * k] * 4 + [3 * k], calls
+
+
+def test_lookup_backward_bytes_stay_under_the_bound_at_any_micro_batch():
+    # MF-tiny's merged Q/K/V layer: K = 64 tables of 256 rows, 1536 wide
+    k, rows, width = 64, 16384, 1536
+    fixed = 2 * 4 * rows * width  # the fp32 accumulator and one chunk's table gradient
+    for tokens in (1, 2048, 8 * 2048, 128 * 2048, 4096 * 2048):
+        extra = memory_ops.lookup_backward_bytes(tokens, k, width, rows)
+        assert extra - fixed <= memory_ops.LOOKUP_BACKWARD_BOUND
+    # PyTorch's own backward: 4 x 1536 bytes of fp32 workspace per index plus 6 int64 index arrays, ~104 GB
+    # at 128 x 2048 tokens, as EmbeddingBackwardKernel.cu's at::empty({numel, stride}) sizes it
+    unbounded = memory_ops.unbounded_lookup_backward_bytes(128 * 2048, k, width)
+    assert unbounded == 128 * 2048 * 64 * (4 * 1536 + 6 * 8)
+    assert unbounded > 100e9

@@ -307,3 +307,33 @@ def test_plan_is_within_25_percent_of_a_measured_cpu_step() -> None:
         planned, _ = bench_memory_plan.planned_bytes(shape)
         measured = bench_memory_plan.measure(shape)
         assert planned == pytest.approx(measured, rel=0.25), shape
+
+
+def test_plan_counts_the_bounded_lookup_backward_on_cuda_only() -> None:
+    # MF-tiny at 128 x 2048 tokens: the largest of its three Memory Layers' bounded backward (one chunk's
+    # workspace, at most LOOKUP_BACKWARD_BOUND, and two fp32 table-sized buffers); PyTorch's own backward
+    # would take ~104 GB for the Q/K/V layer alone
+    config, tokens = ModelConfig.from_name("mf_tiny"), 128 * 2048
+    shapes = [(64, 64 * 256, 1536), (64, 64 * 256, 640), (64, 64 * 1024, 512)]  # (K, rows, width)
+    want = max(memory_ops.lookup_backward_bytes(tokens, k, width, rows) for k, rows, width in shapes)
+    cuda = mp.plan_memory(config, 2048, 128, mp.Layout(precision="bf16-mixed", device="cuda"), accumulate=8)
+    assert cuda.breakdown["lookup_backward"] == want
+    assert want < memory_ops.LOOKUP_BACKWARD_BOUND + 2 * 4 * 64 * 1024 * 512
+    assert memory_ops.unbounded_lookup_backward_bytes(tokens, 64, 1536) > 100 * GB
+    cpu = mp.plan_memory(config, 2048, 128, mp.Layout(precision="bf16-mixed", device="cpu"), accumulate=8)
+    assert cpu.breakdown["lookup_backward"] == 0  # the C++ kernel's backward has no per-index workspace
+    pythia = mp.plan_memory(ModelConfig.from_name("pythia_410m"), 2048, 16,
+                            mp.Layout(precision="bf16-mixed", device="cuda"), accumulate=64)
+    assert pythia.breakdown["lookup_backward"] == 0
+
+
+def test_zero3_plan_counts_one_chunk_of_logits() -> None:
+    # the loss runs inside the LM head's forward, which ZeRO-3 gathers the head around (ChunkedLossHead)
+    config, tokens = ModelConfig.from_name("mf_base"), 8 * 2048
+    layout = mp.Layout(strategy="deepspeed", precision="bf16-mixed", world_size=8, zero_stage=3)
+    plan = mp.plan_memory(config, 2048, 8, layout, accumulate=16)
+    v, d = config.vocab_size, config.n_embd
+    kept = 4 * v * d + 4 * tokens * d  # fp32 gradients of the head and of the hidden states
+    one_chunk = 1024 * v * (2 + 4 + 4)  # bf16 matmul out, fp32 copy, fp32 gradient
+    assert plan.breakdown["logits_and_loss"] in (kept, kept + one_chunk)
+    assert plan.breakdown["logits_and_loss"] < 3 * 4 * tokens * v / 10  # the whole fp32 logits: 9.2 GiB

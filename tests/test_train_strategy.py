@@ -43,6 +43,12 @@ def test_deepspeed_configs_give_the_expected_dict(name: str, stage: int, offload
     if offload:
         assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert "fp16" not in config  # bf16: Lightning adds {"bf16": {"enabled": True}} itself
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}  # micro-batches add up in fp32 (issue #29)
+    assert "data_types" not in deepspeed_config(t["strategy"], "16-mixed")
+    assert "data_types" not in deepspeed_config(t["strategy"], "32-true")
+    zero0 = {**t["strategy"], "config": {**config, "zero_optimization": {**zero, "stage": 0}}}
+    zero0["config"].pop("data_types")
+    assert "data_types" not in deepspeed_config(zero0, "bf16-mixed")  # DeepSpeed refuses bf16 + fp32 there
     assert "gradient_accumulation_steps" not in config  # set by Lightning from accumulate_grad_batches
     # fp16 (the released code's precision): dynamic loss scale 2**12, window 1000, hysteresis 2
     fp16 = deepspeed_config(t["strategy"], "16-mixed")["fp16"]
@@ -89,3 +95,12 @@ def test_bad_strategy_settings_are_refused() -> None:
         )
     with pytest.raises(ConfigError, match="stage=5 must be 0, 1, 2 or 3"):
         deepspeed_config({"config": {"zero_optimization": {"stage": 5}}}, "32")
+
+
+@pytest.mark.parametrize("spec", [{"name": "fsdp"}, "fsdp", "fsdp_cpu_offload"])
+def test_fsdp_is_refused_naming_the_deepspeed_trainers(spec) -> None:
+    # its clipping norm would be per shard (LMTrainingModule.configure_gradient_clipping)
+    with pytest.raises(ConfigError, match=r"fsdp.* is refused because gradient clipping under FSDP would use "
+                       r"each shard's own norm; use trainer=deepspeed_zero1, deepspeed_zero2, "
+                       r"deepspeed_zero2_offload or deepspeed_zero3"):
+        build_strategy(spec, "bf16-mixed")

@@ -19,7 +19,7 @@ from memoryformer.config import ModelConfig
 from memoryformer.models.blocks import build_block
 from memoryformer.models.init import init_weights
 from memoryformer.models.kv_cache import KVCache
-from memoryformer.nn.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
+from memoryformer.nn.chunked_loss import DEFAULT_CHUNK_TOKENS, ChunkedLossHead
 from memoryformer.nn.norms import build_norm
 from memoryformer.nn.rotary import rotary_cos_sin
 
@@ -30,7 +30,8 @@ class LanguageModel(nn.Module):
     """A causal language model: ids `[B, T]` -> logits `[B, T, vocab_size]`.
 
     Parts: `wte` (nn.Embedding), `blocks` (nn.ModuleList of `config.n_layer` blocks), `norm_f` (final norm:
-    `config.norm` for MemoryFormer, LayerNorm for Pythia) and `lm_head` (nn.Linear, no bias, untied).
+    `config.norm` for MemoryFormer, LayerNorm for Pythia) and `lm_head` (`ChunkedLossHead`: nn.Linear, no
+    bias, untied, which also computes the training loss).
     Parameters are initialised as in the released code (`memoryformer.models.init`).
 
     Incremental decoding (evaluation, `generate`): `cache = model.new_kv_cache()`, then
@@ -47,7 +48,7 @@ class LanguageModel(nn.Module):
             self.norm_f = build_norm(config.norm, config.n_embd, config.resolved_norm_eps)
         else:
             self.norm_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = ChunkedLossHead(config.n_embd, config.vocab_size)
         #: tokens per chunk of the training loss (see `forward`); a plain attribute, not a config value
         self.loss_chunk_tokens = DEFAULT_CHUNK_TOKENS
         init_weights(self, config)
@@ -86,14 +87,8 @@ class LanguageModel(nn.Module):
         hidden = self.norm_f(x)
         if targets is None:
             return self.lm_head(hidden), None
-        if hasattr(self.lm_head.weight, "ds_id"):
-            # DeepSpeed ZeRO-3 gathers a partitioned weight only around the module's own forward
-            logits = self.lm_head(hidden).float().flatten(0, -2)
-            return None, F.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        loss = chunked_cross_entropy(
-            hidden, self.lm_head.weight, targets, IGNORE_INDEX, chunk_tokens=self.loss_chunk_tokens
-        )
-        return None, loss
+        # inside the head's forward, around which DeepSpeed ZeRO-3 gathers its partitioned weight
+        return None, self.lm_head(hidden, targets, IGNORE_INDEX, self.loss_chunk_tokens)
 
     # ------------------------------------------------------------------ utilities
     def new_kv_cache(self, max_len: int | None = None) -> KVCache:

@@ -60,16 +60,134 @@ def reference_lookup(rows: torch.Tensor, weights: torch.Tensor, tables: torch.Te
 
 
 def embedding_bag_lookup(rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """`F.embedding_bag(mode="sum", per_sample_weights=...)`: `[N, K]` rows and weights -> `[N, D]`.
+    """`F.embedding_bag(mode="sum", per_sample_weights=...)`: `[N, K]` rows and weights -> `[N, D]`, with
+    the bounded backward of `BoundedEmbeddingBag` when a gradient is needed.
 
     On CPU, low-precision tables are read through an fp32 copy so that the sum accumulates in fp32; on
     CUDA the kernel accumulates in fp32 itself, but the weights are rounded to the tables' dtype.
     """
     if tables.device.type == "cpu" and tables.dtype != torch.float32 and tables.dtype != torch.float64:
-        return F.embedding_bag(rows, tables.float(), mode="sum", per_sample_weights=weights.float()).to(
-            tables.dtype
-        )
+        return embedding_bag_lookup(rows, weights.float(), tables.float()).to(tables.dtype)
+    if torch.is_grad_enabled() and (weights.requires_grad or tables.requires_grad):
+        return BoundedEmbeddingBag.apply(rows, weights, tables, None)
     return F.embedding_bag(rows, tables, mode="sum", per_sample_weights=weights.to(tables.dtype))
+
+
+# ----------------------------------------------------------------------------- the bounded lookup backward
+#: The most memory one lookup's backward takes beyond fixed table-sized buffers, at any micro-batch, on the
+#: `F.embedding_bag` path (CUDA). PyTorch's own backward of `F.embedding_bag` allocates about one fp32 row of
+#: the output width per looked-up index (`lookup_backward_index_bytes`): N x K x (4 D + 48) bytes, ~100 GB
+#: for MF-tiny's merged Q/K/V at 128 x 2048 tokens (docs/memory-plan.md).
+LOOKUP_BACKWARD_BOUND = 2**30
+
+#: int64 arrays of one index alive in PyTorch's CUDA embedding-bag backward, read in pytorch/pytorch:
+#: sorted indices and their original positions (aten/src/ATen/native/cuda/EmbeddingBag.cu,
+#: `embedding_bag_backward_cuda_sum_avg`), segment offsets, partials per segment, their exclusive sum and
+#: the partial segments' offsets (EmbeddingBackwardKernel.cu, `embedding_backward_cuda_kernel`, each
+#: `at::empty({numel})`).
+_INDEX_ARRAYS = 6
+
+
+def _pytorch_index_bytes(width: int) -> int:
+    # `grad_weight_per_segment`, `at::empty({numel, stride})` in fp32 (EmbeddingBackwardKernel.cu: sized at
+    # its upper bound, one row per index, so that no host sync is needed), and the int64 index arrays
+    return 4 * width + 8 * _INDEX_ARRAYS
+
+
+def lookup_backward_index_bytes(width: int) -> int:
+    """Bytes per looked-up index of one chunk of `BoundedEmbeddingBag`'s backward for a `width`-wide output:
+    PyTorch's CUDA embedding-bag backward (`_pytorch_index_bytes`: an fp32 row of the output width and six
+    int64 index arrays), the chunk's int64 offset2bag that we pass it, and the fp32 per-sample weight and
+    its gradient."""
+    return _pytorch_index_bytes(width) + 8 + 4 + 4
+
+
+def _lookup_backward_token_bytes(num_tables: int, width: int) -> int:
+    # K indices, plus the token's fp32 gradient row and its int64 bag size and offset
+    return num_tables * lookup_backward_index_bytes(width) + 4 * width + 16
+
+
+def lookup_backward_chunk_tokens(num_tables: int, width: int, bound: int = LOOKUP_BACKWARD_BOUND) -> int:
+    """Tokens per chunk of `BoundedEmbeddingBag`'s backward: the most whose workspace fits in `bound` bytes
+    (at least 1), for `num_tables` (K) lookups per token into a `width`-wide table."""
+    return max(1, bound // _lookup_backward_token_bytes(num_tables, width))
+
+
+def lookup_backward_bytes(tokens: int, num_tables: int, width: int, rows: int,
+                          bound: int = LOOKUP_BACKWARD_BOUND) -> int:
+    """Peak bytes of `BoundedEmbeddingBag`'s backward beyond its inputs and the gradients it returns, for
+    `tokens` tokens looking up `num_tables` rows each of a `rows` x `width` table: one chunk's workspace
+    (at most `bound`) and two fp32 table-sized buffers (the accumulated table gradient and one chunk's)."""
+    chunk = min(tokens, lookup_backward_chunk_tokens(num_tables, width, bound))
+    return chunk * _lookup_backward_token_bytes(num_tables, width) + 2 * 4 * rows * width
+
+
+def unbounded_lookup_backward_bytes(tokens: int, num_tables: int, width: int) -> int:
+    """Bytes PyTorch's own CUDA `F.embedding_bag` backward allocates for `tokens` x `num_tables` indices
+    beyond the table gradient it returns (`_pytorch_index_bytes` per index); what `BoundedEmbeddingBag`
+    replaces, for docs and tests."""
+    return tokens * num_tables * _pytorch_index_bytes(width)
+
+
+class BoundedEmbeddingBag(torch.autograd.Function):
+    """`F.embedding_bag(rows, tables, mode="sum", per_sample_weights=weights)`, `[N, K]` -> `[N, D]`, whose
+    backward runs PyTorch's own embedding-bag backward ops over chunks of tokens (`chunk_tokens`, default
+    from `LOOKUP_BACKWARD_BOUND`) and adds each chunk's table gradient into one fp32 accumulator.
+
+    The same kernels, so the same arithmetic per chunk; one pass over the indices (each chunk sorts only its
+    own), and no dense product over the table's rows. The forward keeps `rows`, the weights as the kernel
+    used them and the tables (no offset2bag, which the plain path keeps per layer).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor,
+                chunk_tokens: int | None) -> torch.Tensor:
+        used = weights.to(tables.dtype)
+        ctx.save_for_backward(rows, used, tables)
+        ctx.chunk_tokens, ctx.weights_dtype = chunk_tokens, weights.dtype
+        return F.embedding_bag(rows, tables, mode="sum", per_sample_weights=used)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, used, tables = ctx.saved_tensors
+        n, k = rows.shape
+        num_rows, width = tables.shape
+        need_weights, need_tables = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        chunk = ctx.chunk_tokens or lookup_backward_chunk_tokens(k, width, LOOKUP_BACKWARD_BOUND)
+        acc = torch.promote_types(tables.dtype, torch.float32)
+        grad_out = grad_out.contiguous()
+        grad_tables = None
+        grad_weights = torch.empty(n, k, dtype=tables.dtype, device=rows.device) if need_weights else None
+        no_max = torch.empty(0, dtype=torch.long, device=rows.device)  # mode "sum" reads no max indices
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            indices = rows[start:start + m].reshape(-1)
+            bag_of_index = torch.arange(m, device=rows.device).repeat_interleave(k)  # offset2bag
+            grad = grad_out[start:start + m]
+            if need_tables:
+                # the fp32 gradient and weights make the kernel write an fp32 table gradient: the chunks are
+                # summed before anything is rounded to the tables' dtype
+                bag_size = torch.full((m,), k, dtype=torch.long, device=rows.device)
+                part = torch.ops.aten._embedding_bag_dense_backward(
+                    grad.to(acc), indices, bag_of_index, bag_size, no_max, num_rows, False, 0,
+                    used[start:start + m].reshape(-1).to(acc), -1,
+                )
+                grad_tables = part if grad_tables is None else grad_tables.add_(part)
+                del part
+            if need_weights:
+                offsets = torch.arange(0, m * k, k, device=rows.device)
+                grad_weights[start:start + m] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    grad, tables, indices, offsets, bag_of_index, 0, -1
+                ).view(m, k)
+        if grad_tables is None and need_tables:  # no tokens
+            grad_tables = torch.zeros(num_rows, width, dtype=acc, device=rows.device)
+        return (
+            None,
+            grad_weights.to(ctx.weights_dtype) if need_weights else None,
+            grad_tables.to(tables.dtype) if need_tables else None,
+            None,
+        )
 
 
 class _CpuFusedLookup(torch.autograd.Function):

@@ -304,13 +304,15 @@ class GracefulStop(L.Callback):
         if trainer.global_step == self._last_step:
             return  # inside a gradient accumulation: only whole optimizer steps are saved
         self._last_step = trainer.global_step
-        wanted = torch.tensor([0 if self.received is None else int(self.received)], dtype=torch.int32)
-        if self._group is not None:
-            dist.all_reduce(wanted, op=dist.ReduceOp.MAX, group=self._group)
-        if int(wanted) == 0:
+        wanted = 0 if self.received is None else int(self.received)
+        if self._group is not None:  # a CPU tensor on a gloo group: reading it waits for no GPU stream
+            flag = torch.tensor([wanted], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            wanted = int(flag)
+        if wanted == 0:
             return
         if self.received is None:  # another rank got it: take the same path
-            self.received = signal.Signals(int(wanted))
+            self.received = signal.Signals(wanted)
         self.stopped_at = trainer.global_step
         # Lightning then raises SIGTERMException at the end of this batch, on every rank alike
         trainer._signal_connector.received_sigterm = True
@@ -366,13 +368,32 @@ class StepProgressBar(RichProgressBar):
 
     Runs here are sized by `max_steps` with `max_epochs=-1`, so Lightning's own bar would read `Epoch 0/-2`
     and count micro-batches of one epoch; this one shows the run's real progress.
+
+    The metrics beside it (`prog_bar=True`: train/loss, train/tokens_per_s) are read from the Trainer only
+    at the logging cadence during training (`get_metrics`): Lightning turns each into a Python number with
+    `.item()`, a device-to-host sync, and its own bar does so after every micro-batch.
     """
+
+    _shown: dict[str, Any] | None = None
+    _shown_step = -1
 
     @property
     def total_train_batches(self) -> int | float:
         """The bar's total: `max_steps` when the run is sized in steps, else Lightning's batch count."""
         max_steps = self.trainer.max_steps
         return max_steps if max_steps and max_steps > 0 else super().total_train_batches
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Lightning's bar metrics, read again during training only when the optimizer step count reaches a
+        new multiple of `trainer.log_every_n_steps` (in the micro-batch that completes that step, where
+        Lightning logs and `LossPrinter` prints too); otherwise the numbers last read."""
+        if trainer.training and self._shown is not None:
+            step, every = trainer.global_step, max(1, int(trainer.log_every_n_steps or 1))
+            if step == self._shown_step or step % every:
+                return self._shown
+        self._shown = super().get_metrics(trainer, pl_module)
+        self._shown_step = trainer.global_step
+        return self._shown
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)

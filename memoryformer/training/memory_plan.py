@@ -9,8 +9,9 @@ sizes, world size). It counts, per device:
 - activations kept for backward, tensor by tensor for each block (`block_activation_bytes`), with
   activation checkpointing counted (a checkpointed block keeps its input and recomputes one block at a
   time in backward);
-- the logits and the loss (`logits_and_loss_bytes`: the chunked cross-entropy's peak, or the whole fp32
-  logits under ZeRO-3);
+- the logits and the loss (`logits_and_loss_bytes`: the chunked cross-entropy's peak, also under ZeRO-3);
+- the workspace of a Memory Layer's lookup backward on CUDA (`lookup_backward_bytes`, bounded by
+  `memory_ops.LOOKUP_BACKWARD_BOUND`);
 - bytes no tensor shows: the CUDA context, the caching allocator's slack, DeepSpeed's communication
   buckets (from the trainer YAML), NCCL's buffers.
 
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from memoryformer.config import ModelConfig
-from memoryformer.nn import chunked_loss
+from memoryformer.nn import chunked_loss, memory_ops
 
 GIB = 2**30
 GB = 10**9
@@ -65,6 +66,7 @@ class Layout:
     stage3_max_live_parameters: int = 0
     ddp_bucket_view: bool = True
     fused_optimizer: bool = True
+    grad_accum_fp32: bool = False  # DeepSpeed's data_types.grad_accum_dtype=fp32 under 16-bit weights
 
     @property
     def mixed(self) -> bool:
@@ -90,6 +92,11 @@ def layout_from_trainer(trainer_cfg: dict[str, Any], world_size: int, fused_opti
     if "deepspeed" in name:
         config = (spec.get("config") or {}) if isinstance(spec, dict) else {}
         zero = dict(config.get("zero_optimization") or {})
+        if isinstance(spec, dict) and zero.get("stage") in (0, 1, 2, 3):  # what the run will give DeepSpeed
+            from memoryformer.training.strategy import deepspeed_config
+
+            config = deepspeed_config(spec, common["precision"])
+        accum = (config.get("data_types") or {}).get("grad_accum_dtype")
         offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
         offload_par = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
         return Layout(
@@ -97,7 +104,8 @@ def layout_from_trainer(trainer_cfg: dict[str, Any], world_size: int, fused_opti
             offload_params=offload_par, reduce_bucket_size=int(zero.get("reduce_bucket_size", 5e8)),
             allgather_bucket_size=int(zero.get("allgather_bucket_size", 5e8)),
             stage3_prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", 5e7)),
-            stage3_max_live_parameters=int(zero.get("stage3_max_live_parameters", 1e9)), **common,
+            stage3_max_live_parameters=int(zero.get("stage3_max_live_parameters", 1e9)),
+            grad_accum_fp32=accum in ("fp32", "float32"), **common,
         )
     if world_size > 1 or "ddp" in name:
         view = bool(spec.get("gradient_as_bucket_view", False)) if isinstance(spec, dict) else False
@@ -131,6 +139,22 @@ def _param_counts(frozen: tuple) -> ParamCounts:
     return ParamCounts(total, matmul, largest)
 
 
+@functools.lru_cache(maxsize=64)
+def _memory_layer_shapes(frozen: tuple) -> tuple[tuple[int, int, int], ...]:
+    from memoryformer.flops import build_on_meta
+    from memoryformer.nn import MemoryLayer
+
+    model = build_on_meta(ModelConfig(**dict(frozen)))
+    return tuple(sorted({(m.num_tables, m.tables.shape[0], m.out_features) for m in model.modules()
+                         if isinstance(m, MemoryLayer)}))
+
+
+def memory_layer_shapes(model: ModelConfig) -> tuple[tuple[int, int, int], ...]:
+    """The distinct (K tables, table rows, output width) of `LanguageModel(model)`'s Memory Layers (none for
+    a Pythia model), from the model built on the meta device, cached."""
+    return _memory_layer_shapes(tuple(sorted((k, _hashable(v)) for k, v in model.to_dict().items())))
+
+
 def param_counts(model: ModelConfig) -> ParamCounts:
     """`ParamCounts` of `LanguageModel(model)`, built once on the meta device (no memory) and cached."""
     return _param_counts(tuple(sorted((k, _hashable(v)) for k, v in model.to_dict().items())))
@@ -160,7 +184,10 @@ def model_states(params: ParamCounts, layout: Layout) -> ModelStates:
     DeepSpeed under 16-bit precision keeps 16-bit weights and gradients and fp32 master weights, fp32
     gradients and moments (12 bytes/param, counted as optimizer states) partitioned over the world size
     (ZeRO-1: master weights and moments; ZeRO-2: also the gradients; ZeRO-3: also the weights), as in
-    DeepSpeed's own `estimate_zero2_model_states_mem_needs`.
+    DeepSpeed's own `estimate_zero2_model_states_mem_needs`. With fp32 gradient accumulation
+    (`layout.grad_accum_fp32`, bf16 at stage 1-3) the gradients are those DeepSpeed 0.19 then keeps: ZeRO-1
+    a whole fp32 buffer besides the 16-bit gradients, ZeRO-2 and -3 an fp32 partition instead of the 16-bit
+    one (on the device also with ZeRO-2's optimizer offload).
     """
     p, world = params.total, max(1, layout.world_size)
     if not layout.deepspeed:
@@ -171,6 +198,23 @@ def model_states(params: ParamCounts, layout: Layout) -> ModelStates:
     fp32_grads = 4 if layout.mixed else 0  # fp32 gradient partition the optimizer reads
     weights = w16 * p // world if stage >= 3 else w16 * p
     grads16 = w16 * p // world if stage >= 2 else w16 * p
+    fp32_accum = layout.grad_accum_fp32 and layout.mixed and stage >= 1
+    if fp32_accum:
+        # data_types.grad_accum_dtype=fp32, as DeepSpeed 0.19 allocates it (docs/memory-plan.md):
+        if stage == 1:
+            # BF16_Optimizer (engine._do_optimizer_sanity_check): the 16-bit .grad plus a whole fp32 gradient
+            # buffer (bf16_optimizer.py, fp32_groups_gradients_flat), whose partition the optimizer reads
+            grads16, fp32_grads = w16 * p + 4 * p, 0
+        elif stage == 2:
+            # one fp32 partition replaces the 16-bit one and is the gradient the optimizer reads
+            # (stage_1_and_2.py, _build_compact_grad_partition_buffer; step: .to(fp32) returns it); with
+            # offload it stays on the device and is copied into the host's fp32 gradient at the boundary
+            grads16 = 4 * p // world
+            fp32_grads = 4 if layout.offload_optimizer else 0
+        else:
+            # the gradient partitions' flat buffer is fp32 (stage3.py, grad_partitions_flat_buffer); the
+            # optimizer's flattened fp32 gradient is still made at the step
+            grads16 = 4 * p // world
     sharded = (master + fp32_grads + ADAM_STATE_BYTES) * p // world
     buffers = 2 * layout.reduce_bucket_size * w16  # gradient reduction: two buckets in flight
     if stage in (1, 2):
@@ -179,7 +223,9 @@ def model_states(params: ParamCounts, layout: Layout) -> ModelStates:
         live = min(layout.stage3_max_live_parameters, p) + layout.stage3_prefetch_bucket_size
         buffers += w16 * max(live, params.largest)
     if layout.offload_optimizer:  # gradient partitions go to the host as they are reduced
-        return ModelStates(weights, grads16 if stage < 2 else 0, 0, buffers, sharded)
+        # except ZeRO-2's fp32 accumulation partition, which stays on the device (stage_1_and_2.py)
+        on_device = stage < 2 or (fp32_accum and stage == 2)
+        return ModelStates(weights, grads16 if on_device else 0, 0, buffers, sharded)
     return ModelStates(weights, grads16, sharded, buffers, 0)
 
 
@@ -213,11 +259,12 @@ def _hash_bytes(width: int, num_tables: int, lookups: int, a: ActivationBytes) -
     """One hash of a `width`-wide input into `num_tables` chunks, read by `lookups` Memory Layers.
 
     Kept: the input in fp32 (abs), 2|z| (log-sigmoid's input), log-sigmoid's buffer (CPU only), the exp and
-    the L1 sum ([N, K] each), the rows (int64) and weights (fp32); the CUDA lookup (`F.embedding_bag`) adds
-    an int64 offset2bag per layer.
+    the L1 sum ([N, K] each), the rows (int64) and weights (fp32); the CUDA lookup
+    (`memory_ops.BoundedEmbeddingBag`) keeps no offset2bag, only, with 16-bit tables (DeepSpeed), the weights
+    rounded to the tables' dtype, per layer.
     """
     per_input = 4 * width + 4 * width + (4 * width if a.cpu_buffers else 0)
-    per_chunk = 8 + 8 + 4 + (8 * lookups if a.embedding_bag else 0)
+    per_chunk = 8 + 8 + 4 + (2 * lookups if a.embedding_bag and a.stream < 4 else 0)
     return per_input + per_chunk * num_tables
 
 
@@ -273,24 +320,29 @@ def head_activation_bytes(model: ModelConfig, a: ActivationBytes) -> int:
     return norm + a.matmul * d + 16
 
 
-def logits_and_loss_bytes(
-    tokens: int, model: ModelConfig, a: ActivationBytes, chunked: bool = True
-) -> tuple[int, int]:
+def logits_and_loss_bytes(tokens: int, model: ModelConfig, a: ActivationBytes) -> tuple[int, int]:
     """(kept, transient) bytes of the logits and the cross-entropy for `tokens` tokens.
 
-    Chunked (the training loss, `memoryformer.nn.chunked_loss`): `kept` is what the loss holds for backward,
-    the gradient of the head (fp32 accumulator, 4 x V x d) and of the hidden states (N x d); `transient` is
-    one chunk's logits in the matmul's dtype with their fp32 copy and fp32 gradient, alive only inside the
-    loss's forward. Whole (`chunked=False`, ZeRO-3, whose partitioned head is gathered only around its own
-    forward): fp32 logits `[N, V]`, whose log-softmax output and the two gradients at the start of backward
-    are alive together, 3 x 4 bytes per logit, all transient (freed before the blocks' backward).
+    The training loss is chunked (`memoryformer.nn.chunked_loss`), under every strategy: ZeRO-3 too, since
+    the loss runs inside the LM head's forward (`ChunkedLossHead`), around which ZeRO-3 gathers the head's
+    weight. `kept` is what the loss holds for backward, the fp32 gradients of the head (4 x V x d) and of the
+    hidden states (4 x N x d); `transient` is one chunk's logits in the matmul's dtype with their fp32 copy
+    and fp32 gradient, alive only inside the loss's forward.
     """
-    if not chunked:
-        return 0, 3 * 4 * tokens * model.vocab_size
-    total = chunked_loss.peak_bytes(tokens, model.vocab_size, model.n_embd, compute_bytes=a.matmul,
-                                    weight_bytes=a.stream)
-    kept = chunked_loss.kept_bytes(tokens, model.vocab_size, model.n_embd, weight_bytes=a.stream)
+    total = chunked_loss.peak_bytes(tokens, model.vocab_size, model.n_embd, compute_bytes=a.matmul)
+    kept = chunked_loss.kept_bytes(tokens, model.vocab_size, model.n_embd)
     return kept, total - kept
+
+
+def lookup_backward_bytes(model: ModelConfig, tokens: int, a: ActivationBytes) -> int:
+    """Peak extra bytes of one Memory Layer's backward on CUDA for `tokens` tokens, the largest over the
+    model's layers (`memory_ops.lookup_backward_bytes`: one chunk's workspace of PyTorch's embedding-bag
+    backward, at most `memory_ops.LOOKUP_BACKWARD_BOUND`, and two fp32 table-sized buffers); 0 on CPU,
+    whose C++ kernel has no such workspace, and for models without Memory Layers."""
+    if not a.embedding_bag:
+        return 0
+    return max((memory_ops.lookup_backward_bytes(tokens, k, width, rows)
+                for k, rows, width in memory_layer_shapes(model)), default=0)
 
 
 def activation_total(
@@ -353,7 +405,8 @@ def plan_memory(
     stored, recompute = activation_total(
         model, tokens, a, activation_checkpointing, activation_checkpointing_every
     )
-    logits_kept, logits_transient = logits_and_loss_bytes(tokens, model, a, chunked=layout.zero_stage != 3)
+    logits_kept, logits_transient = logits_and_loss_bytes(tokens, model, a)
+    lookup = lookup_backward_bytes(model, tokens, a)
     # 16-bit copies of the matmul weights that autocast makes and backward keeps (not under DeepSpeed,
     # whose module is 16-bit already)
     casts = 2 * params.matmul if (layout.mixed and not layout.deepspeed) else 0
@@ -361,12 +414,14 @@ def plan_memory(
     # or accumulation over micro-batches; otherwise Lightning frees them after each optimizer step.
     grads_live = accumulate > 1 or layout.strategy != "single"
     head_grad = 4 * model.vocab_size * model.n_embd  # the LM head's gradient, first to appear in backward
-    # The loss's transient logits are gone before the first checkpointed block is recomputed: one or the
-    # other is alive at the peak, never both.
-    recompute_alive = recompute >= logits_transient
+    # The loss's transient logits are gone before any block's backward, where a checkpointed block is
+    # recomputed and a Memory Layer's lookup backward takes its workspace: the plan counts one side or the
+    # other, whichever is larger, never both.
+    recompute_alive = recompute + lookup >= logits_transient
     logits = logits_kept + (0 if recompute_alive else logits_transient)
     activations = stored + (recompute if recompute_alive else 0)
-    in_backward = activations + logits + casts
+    lookup = lookup if recompute_alive else 0
+    in_backward = activations + logits + casts + lookup
     grads_at_backward = states.gradients if grads_live else min(head_grad, states.gradients)
     step_temporaries = 0 if (layout.fused_optimizer or layout.deepspeed) else states.gradients
     backward_peak = grads_at_backward + in_backward
@@ -376,17 +431,18 @@ def plan_memory(
         peak_at = "backward"
         breakdown.update(
             gradients=grads_at_backward, activations=activations, logits_and_loss=logits,
-            autocast_weight_copies=casts, optimizer_step_temporaries=0,
+            lookup_backward=lookup, autocast_weight_copies=casts, optimizer_step_temporaries=0,
         )
     else:
         peak_at = "optimizer step"
         breakdown.update(
-            gradients=states.gradients, activations=0, logits_and_loss=0, autocast_weight_copies=0,
-            optimizer_step_temporaries=step_temporaries,
+            gradients=states.gradients, activations=0, logits_and_loss=0, lookup_backward=0,
+            autocast_weight_copies=0, optimizer_step_temporaries=step_temporaries,
         )
     breakdown["communication_buffers"] = states.buffers
     if layout.device == "cuda":
         dynamic = breakdown["activations"] + breakdown["logits_and_loss"] + breakdown["gradients"]
+        dynamic += breakdown["lookup_backward"]
         breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
         breakdown["nccl"] = NCCL_BYTES if layout.world_size > 1 else 0
         breakdown["allocator_slack"] = int(ALLOCATOR_SLACK * dynamic)

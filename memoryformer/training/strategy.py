@@ -1,7 +1,7 @@
 """Turns `trainer.strategy` from the YAML into a Lightning strategy (kept apart from the model).
 
 `trainer.strategy` is either a Lightning strategy name (`auto`, `ddp`, ...) or a mapping with `name`
-(`ddp` | `deepspeed` | `fsdp`) and that strategy's keyword arguments. For DeepSpeed, `config` is the
+(`ddp` | `deepspeed`; `fsdp` is refused) and that strategy's keyword arguments. For DeepSpeed, `config` is the
 DeepSpeed config dict itself (ZeRO stage, bucket sizes, offload) and `fp16_loss_scaling` holds the dynamic
 loss-scale settings, copied into `config["fp16"]` only when `trainer.precision` is 16-bit (DeepSpeed's
 fp16 engine); with bf16 Lightning adds `{"bf16": {"enabled": true}}` itself.
@@ -33,6 +33,12 @@ from memoryformer.atomic_io import TMP_PREFIX, remove_directory, replace_directo
 from memoryformer.config import ConfigError
 
 STRATEGY_NAMES = ("ddp", "deepspeed", "fsdp")
+#: FSDP is refused: `LMTrainingModule.configure_gradient_clipping` would take the norm of each rank's shard,
+#: not the global norm (issue #29); the DeepSpeed trainers shard with a global clipping norm.
+FSDP_REFUSED = (
+    "{key}={value} is refused because gradient clipping under FSDP would use each shard's own norm; use "
+    "trainer=deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload or deepspeed_zero3 to shard instead."
+)
 #: Keys Lightning fills in from the Trainer; setting them in the YAML would conflict (or is refused).
 LIGHTNING_OWNED_DEEPSPEED_KEYS = ("gradient_accumulation_steps",)
 
@@ -41,7 +47,8 @@ def deepspeed_config(spec: Mapping[str, Any], precision: str | int | None) -> di
     """The DeepSpeed config dict for `spec` (a `trainer.strategy` mapping) at `precision`.
 
     Returns a fresh dict: `spec["config"]`, plus `fp16 = {"enabled": True, **fp16_loss_scaling}` when the
-    precision is 16-bit. Keys Lightning derives from the Trainer (`gradient_accumulation_steps`) are refused.
+    precision is 16-bit, and `data_types = bf16_data_types` (fp32 gradient accumulation) when it is bf16 at
+    ZeRO stage 1-3. Keys Lightning derives from the Trainer (`gradient_accumulation_steps`) are refused.
     """
     config = copy.deepcopy(dict(spec.get("config") or {}))
     for key in LIGHTNING_OWNED_DEEPSPEED_KEYS:
@@ -55,6 +62,10 @@ def deepspeed_config(spec: Mapping[str, Any], precision: str | int | None) -> di
         raise ConfigError(f"trainer.strategy.config.zero_optimization.stage={stage!r} must be 0, 1, 2 or 3.")
     if str(precision).startswith("16") and "fp16" not in config:
         config["fp16"] = {"enabled": True, **dict(spec.get("fp16_loss_scaling") or {})}
+    if str(precision).startswith("bf16") and stage >= 1 and spec.get("bf16_data_types"):
+        # DeepSpeed adds micro-batches up in the model's dtype unless told (engine.get_data_types); stage 0
+        # refuses bf16 weights with fp32 accumulation (engine._do_optimizer_sanity_check), so it gets none
+        config["data_types"] = {**dict(spec["bf16_data_types"]), **dict(config.get("data_types") or {})}
     return config
 
 
@@ -264,6 +275,8 @@ def build_strategy(
     it is imported (`use_deepspeed_cpu_accelerator`).
     """
     if spec is None or isinstance(spec, str):
+        if "fsdp" in str(spec).lower():
+            raise ConfigError(FSDP_REFUSED.format(key="trainer.strategy", value=spec))
         return spec or "auto"
     spec = dict(spec)
     name = spec.pop("name", None)
@@ -275,12 +288,11 @@ def build_strategy(
     if name == "ddp":
         return DDPStrategy(**spec)
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        return FSDPStrategy(**spec)
+        raise ConfigError(FSDP_REFUSED.format(key="trainer.strategy.name", value=name))
     config = deepspeed_config(spec, precision)
     spec.pop("config", None)
     spec.pop("fp16_loss_scaling", None)
+    spec.pop("bf16_data_types", None)
     if str(accelerator) == "cpu":
         use_deepspeed_cpu_accelerator()
     try:
