@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train test test-fast lint format bench reproduce-cpu throughput gpu-check eval generate export flops docker-build docker-resolve clean
+.PHONY: help setup train test test-fast lint format bench reproduce-cpu throughput cluster-check gpu-check eval generate export flops docker-build docker-resolve clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ reproduce-cpu: $(STAMP) ## the paper's six tables at CPU scale (about an hour; T
 throughput: $(STAMP) ## training tokens/s of the paper rows on this device -> docs/throughput.json + docs/costs.md
 	$(PY) benchmarks/bench_throughput.py --record
 	$(PY) scripts/update_docs.py
+
+cluster-check: $(STAMP) ## faults of a 2-node x 2-process run on this machine (DDP, ZeRO-2, ZeRO-3) -> docs/resume.md table
+	$(PY) scripts/cluster_check.py
 
 gpu-check: $(STAMP) ## CUDA checks (Memory Layer vs float64, lookup backward peak vs plan, MF-tiny ZeRO-2 bf16 fit, GB/s, MFU) -> docs/gpu_check.json
 	$(PY) scripts/gpu_check.py

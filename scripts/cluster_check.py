@@ -16,13 +16,16 @@ fault in turn, each resuming from what the previous one left:
    every rank from the same newest whole checkpoint, redoing at most `ckpt_every_n_steps` steps;
 3. a torn save: SIGKILL to every process while a checkpoint's files are being written; the partial
    checkpoint must never be chosen;
-4. a resize 4 -> 2 ranks (one node) and 5. back 2 -> 4 (two nodes), each preempted and resumed;
+4. a resize 4 -> 2 ranks (one node) and 5. back 2 -> 4 (two nodes), each stopped and resumed, the last by
+   6. Ctrl+C on node 0's terminal: SIGINT to its torchrun agent alone, which forwards it to its workers;
+   every rank of both nodes must stop at the same step, save, and the next launch finish the run;
 
-and compares every step's loss with the reference's: bit for bit on 4 ranks, within `RESIZE_RTOL` once the
-run has trained on another world size. Then the strategy changes (refused before any process group, or
-continued), and a SLURM time limit through submitit's local executor: its preemption signal, a checkpoint,
-the requeue and the resumed job. It prints one table (scenario, strategy, steps redone, largest loss
-difference, wall time) and writes it to `--out` (docs/cluster-check.md by default).
+and compares every step with the reference: at 4 ranks the weights bit for bit and the loss within
+`SAME_WORLD_RTOL`, within `RESIZE_RTOL` once the run has trained on another world size. Then the strategy
+changes (refused before any process group, or continued through a universal copy), and a SLURM time limit
+through submitit's local executor: its preemption signal, a checkpoint, the requeue and the resumed job. It
+prints one table (scenario, strategy, steps redone, largest loss difference, wall time) and writes it into
+`--doc` (docs/resume.md, between its cluster-check markers).
 
     python scripts/cluster_check.py                 # everything (make cluster-check)
     python scripts/cluster_check.py --strategies ddp --scenarios chain
@@ -450,20 +453,40 @@ def run_chain(cluster: Cluster, strategy: str, reference: dict[int, dict[str, An
     check(problems, diff is not None and diff <= RESIZE_RTOL, f"loss off the reference by {diff}")
     rows.append(Row("resize 4 -> 2 ranks", strategy, 0, diff, time.time() - t2, problems))
 
-    # 5. resize 2 -> 4, to the end
+    # 5. resize 2 -> 4, then Ctrl+C on node 0's terminal: only its torchrun agent gets SIGINT (the workers run
+    # in sessions of their own) and forwards it to its two workers; node 1 hears of it from them
     t3 = time.time()
     problems = []
     fourth = cluster.launch(2, 2, base)
     resumed = agreed_start(problems, starts_of(fourth, 4), "resize 2->4")
     check(problems, resumed == saved, f"resumed at {resumed}, saved at {saved}")
-    codes = fourth.wait(600)
-    check(problems, codes == [0, 0], f"exit codes {codes}")
-    final = max((e["step"] for e in fourth.events("step")), default=-1)
-    check(problems, final == STEPS, f"ended at step {final}")
+    fourth.wait_step(resumed + 2)
+    os.killpg(fourth.procs[0].pid, signal.SIGINT)
+    fourth.wait(300)
     diff = loss_diff(fourth.events("step"), reference)
     check(problems, diff is not None and diff <= RESIZE_RTOL, f"loss off the reference by {diff}")
     rows.append(Row("resize 2 -> 4 ranks", strategy, 0, diff, time.time() - t3, problems))
+    t4 = time.time()
+    problems = []
+    stops = fourth.events("stop")
+    check(problems, len({e["rank"] for e in stops}) == 4, f"{len(stops)} of 4 ranks stopped: {stops}")
+    check(problems, {e["exception"] for e in stops} == {"SIGTERMException"}, f"stops: {stops}")
+    saved = max((e["step"] for e in stops), default=-1)
+    check(problems, len({e["step"] for e in stops}) == 1, f"ranks stopped at different steps: {stops}")
+    logged = max(e["step"] for e in fourth.events("step"))
 
+    # 6. the same command once more, to the end
+    fifth = cluster.launch(2, 2, base)
+    resumed = agreed_start(problems, starts_of(fifth, 4), "after Ctrl+C")
+    check(problems, resumed == saved, f"resumed at {resumed}, saved on Ctrl+C at {saved}")
+    codes = fifth.wait(600)
+    check(problems, codes == [0, 0], f"exit codes {codes}")
+    final = max((e["step"] for e in fifth.events("step")), default=-1)
+    check(problems, final == STEPS, f"ended at step {final}")
+    diff = loss_diff(fifth.events("step"), reference)
+    check(problems, diff is not None and diff <= RESIZE_RTOL, f"loss off the reference by {diff}")
+    rows.append(Row("Ctrl+C on node 0's terminal", strategy, logged - resumed, diff, time.time() - t4,
+                    problems))  # fmt: skip
     return rows
 
 
