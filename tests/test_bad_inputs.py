@@ -1,29 +1,36 @@
-"""Every bad input to `train.py` ends in one sentence on stderr and a non-zero exit, never a hang or a
-traceback, and leaves the files it was given untouched.
+"""Every bad input to `train.py` ends in one sentence naming the key or file and the fix, never a hang or a
+traceback, and leaves the files it was given untouched and no plan behind.
 
-Each case runs `train.py experiment=smoke` in a subprocess with a timeout, so a run that hangs (as training
-on an empty .jsonl once did) fails the test instead of blocking the suite. Cases that build a Trainer
-before they fail take ~15 s of imports and set-up and are marked slow; the config cases take a few seconds.
+The cases compose `experiment=smoke` with their overrides and run `train(cfg)` in this process (an alarm
+fails a run that hangs, as training on an empty .jsonl once did); the sentence is what `train.py` prints
+(`memoryformer.errors.sentence_for`). One case, a run folder Hydra cannot create, runs `train.py` in a
+process: it checks the exit-code wrapper itself (status 2, `error: <sentence>`, no traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 
+from memoryformer.conf_schema import register_configs
 from memoryformer.config import ModelConfig
 from memoryformer.data.indexed import MMapIndexedDatasetBuilder
+from memoryformer.errors import sentence_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK = ROOT / "tests" / "fixtures" / "data" / "tokenizer.json"
 TIMEOUT_S = 150  # the slowest case fails in ~20 s on a busy 2-core machine; a hang would run for ever
+register_configs()
 NANO_VOCAB = ModelConfig.from_name("nano").vocab_size  # the smoke experiment's model
 
 
@@ -162,25 +169,23 @@ def case_fp16_on_cpu(tmp: Path):
     return ["trainer.precision=16-mixed"], ["trainer.precision=16-mixed", "bf16-mixed"], []
 
 
-SLOW = pytest.mark.slow
 AS_ROOT = pytest.mark.skipif(
     hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads a chmod 000 file anyway"
 )
 CASES = [
-    pytest.param(case_empty_jsonl, marks=SLOW, id="empty-jsonl"),
-    pytest.param(case_jsonl_shorter_than_a_batch, marks=SLOW, id="jsonl-shorter-than-a-batch"),
-    pytest.param(case_data_file_is_a_folder, marks=SLOW, id="data-file-is-a-folder"),
-    pytest.param(case_unreadable_data_file, marks=[SLOW, AS_ROOT], id="unreadable-data-file"),
-    pytest.param(case_missing_data_file, marks=SLOW, id="missing-data-file"),
-    pytest.param(case_indexed_shorter_than_a_sample, marks=SLOW, id="indexed-shorter-than-a-sample"),
-    pytest.param(case_validation_shorter_than_a_batch, marks=SLOW, id="validation-shorter-than-a-batch"),
-    pytest.param(case_token_id_beyond_vocab, marks=SLOW, id="token-id-beyond-vocab"),
+    pytest.param(case_empty_jsonl, id="empty-jsonl"),
+    pytest.param(case_jsonl_shorter_than_a_batch, id="jsonl-shorter-than-a-batch"),
+    pytest.param(case_data_file_is_a_folder, id="data-file-is-a-folder"),
+    pytest.param(case_unreadable_data_file, marks=AS_ROOT, id="unreadable-data-file"),
+    pytest.param(case_missing_data_file, id="missing-data-file"),
+    pytest.param(case_indexed_shorter_than_a_sample, id="indexed-shorter-than-a-sample"),
+    pytest.param(case_validation_shorter_than_a_batch, id="validation-shorter-than-a-batch"),
+    pytest.param(case_token_id_beyond_vocab, id="token-id-beyond-vocab"),
     pytest.param(case_unknown_model_key, id="unknown-model-key"),
     pytest.param(case_unknown_root_key, id="unknown-root-key"),
     pytest.param(case_unknown_model_preset, id="unknown-model-preset"),
     pytest.param(case_unknown_experiment, id="unknown-experiment"),
-    pytest.param(case_run_dir_not_writable, id="run-dir-not-writable"),
-    pytest.param(case_output_dir_not_writable, marks=SLOW, id="output-dir-not-writable"),
+    pytest.param(case_output_dir_not_writable, id="output-dir-not-writable"),
     pytest.param(case_micro_batch_zero, id="micro-batch-zero"),
     pytest.param(case_global_batch_not_divisible, id="global-batch-not-divisible"),
     pytest.param(case_stated_accumulation_disagrees, id="stated-accumulation-disagrees"),
@@ -194,30 +199,45 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@contextlib.contextmanager
+def _fails_if_longer_than(seconds: int) -> Iterator[None]:
+    def hung(signum, frame):
+        raise TimeoutError(f"the run did not fail within {seconds} s: it hangs")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _refusal(overrides: list[str], tmp_path: Path) -> str:
+    """The sentence `train.py experiment=smoke <overrides>` reports; fails if the run is not refused."""
+    from memoryformer.training.run import train
+
+    own_dir = any(o.startswith("paths.output_dir=") for o in overrides)
+    where = [] if own_dir else [f"paths.output_dir={tmp_path}/run"]
+    with _fails_if_longer_than(TIMEOUT_S):
+        try:
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                cfg = compose("config", overrides=["experiment=smoke", "logger=none", *where, *overrides])
+            train(cfg)
+        except Exception as err:  # noqa: BLE001 - whatever it is, it must be a user error with a sentence
+            sentence = sentence_for(err)
+            assert sentence is not None, f"not a user error but {type(err).__name__}: {err}"
+            return sentence
+    raise AssertionError(f"train.py {' '.join(overrides)} was not refused")
+
+
 @pytest.mark.parametrize("make_case", CASES)
 def test_bad_input_fails_with_one_sentence(make_case: Callable, tmp_path: Path) -> None:
     overrides, expected, kept = make_case(tmp_path)
     before = {p: _digest(p) for p in kept}
-    own_dir = any(o.startswith("hydra.run.dir=") for o in overrides)
-    run_dir = [] if own_dir else [f"hydra.run.dir={tmp_path}/run"]
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}  # Hydra's default reporting
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
-    env.update(TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(
-        [sys.executable, "train.py", "experiment=smoke", *run_dir, *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,  # a hang raises TimeoutExpired: the test fails
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    message = errors[0]
-    assert "\n" not in message and message.endswith("."), message
-    for needle in expected:
+    message = _refusal(overrides, tmp_path)
+    assert "\n" not in message and "Traceback" not in message, message
+    for needle in expected:  # the key or file, and the fix
         assert needle in message, (needle, message)
     for path, digest in before.items():
         assert path.is_file() and _digest(path) == digest, f"{path} changed or vanished"
@@ -225,6 +245,26 @@ def test_bad_input_fails_with_one_sentence(make_case: Callable, tmp_path: Path) 
         # refused before training: no plan. (A bad id past the first 64 documents is found while reading,
         # after the run started; its plan.json, written once the data opened, stays as the run's record.)
         assert not list(tmp_path.rglob("plan.json")), "a refused run wrote its plan"
+
+
+def test_train_py_reports_a_refusal_as_one_line_and_exit_status_2(tmp_path: Path) -> None:
+    """The process level, through `reports_user_errors`: Hydra cannot create the run folder (a file is in
+    its way), which happens before the task runs."""
+    overrides, expected, kept = case_run_dir_not_writable(tmp_path)
+    before = {p: _digest(p) for p in kept}
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}  # Hydra's default reporting
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    env.update(TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "train.py", "experiment=smoke", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert all(needle in errors[0] for needle in expected), errors[0]
+    assert all(_digest(p) == d for p, d in before.items())
 
 
 def test_worker_wrapped_error_is_reported_as_its_own_sentence() -> None:
