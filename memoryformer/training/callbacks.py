@@ -262,6 +262,7 @@ class GracefulStop(L.Callback):
         self.stopped_at: int | None = None
         self._first_sigint: float | None = None
         self._previous: dict[signal.Signals, Any] = {}
+        self._displaced: dict[signal.Signals, Any] = {}
         self._group: Any = None
         self._last_step = -1
         self._warning = scheduler_warning_signal()
@@ -322,7 +323,7 @@ class GracefulStop(L.Callback):
         job and exits from there), or, in a plain SLURM job, requeue it from global rank 0."""
         if self.received is None or self.received != self._warning:
             return
-        previous = self._previous.get(self.received)
+        previous = self._displaced.get(self.received)
         if callable(previous):
             previous(int(self.received), None)
         elif trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
@@ -334,9 +335,16 @@ class GracefulStop(L.Callback):
                 rank_zero_warn(f"scontrol requeue {job} failed ({done.stderr.strip()}); resubmit the job.")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put back the handlers this callback displaced (kept for `hand_over`). Lightning calls no teardown
+        hook after an exception (a graceful stop's included) and, before that, reinstalls the handlers it
+        found at its start, which were ours: whoever runs `fit` calls this once `fit` has returned."""
         for signum, previous in self._previous.items():
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(signum, previous)
+        self._displaced.update(self._previous)
         self._previous = {}
 
 

@@ -384,9 +384,12 @@ def _fit(cfg: DictConfig, plan: RunPlan, trainer: L.Trainer, module, datamodule,
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
     except SIGTERMException:
         if stop is not None:
+            stop.restore()
             stop.hand_over(trainer)  # a scheduler's warning: requeue now that last.ckpt is written
         raise
     finally:
+        if stop is not None:
+            stop.restore()
         _finish_wandb(trainer)
     at_start = next((cb for cb in trainer.callbacks if isinstance(cb, ValidateAtStart)), None)
     if at_start is not None and at_start.val_loss is not None:
