@@ -87,9 +87,10 @@ def test_sigterm_stops_at_a_step_saves_and_ckpt_path_last_continues(tmp_path, mo
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     out = tmp_path / "interrupted"
     budget = ("optim.decay_steps=8", "data.num_samples=32")  # the smoke run's horizon and mapping, pinned
-    with pytest.raises(SIGTERMException), caplog.at_level("INFO"):
+    with pytest.raises(SIGTERMException) as stopped_by, caplog.at_level("INFO"):
         _train_with(monkeypatch, _in_process(out, "ckpt_every_n_steps=null", *budget),
                     SignalAtStep(signal.SIGTERM, 2))  # fmt: skip
+    assert stopped_by.value.code == 128 + signal.SIGTERM  # the exit status of a process the signal ended
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     stopped = ckpt["global_step"]

@@ -383,10 +383,14 @@ def _fit(cfg: DictConfig, plan: RunPlan, trainer: L.Trainer, module, datamodule,
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
     except SIGTERMException:
-        if stop is not None:
-            stop.restore()
-            stop.hand_over(trainer)  # a scheduler's warning: requeue now that last.ckpt is written
-        raise
+        if stop is None or stop.received is None:
+            raise
+        stop.restore()
+        stop.hand_over(trainer)  # a scheduler's warning: requeue now that last.ckpt is written
+        # the shell's status of a process ended by the signal (130 for Ctrl+C, 143 for SIGTERM): not a
+        # finished run. A launcher then sees a failed worker at once (torchrun's other agents would
+        # otherwise wait in their exit barrier for the agent that took the signal)
+        raise SIGTERMException(128 + int(stop.received)) from None
     finally:
         if stop is not None:
             stop.restore()
