@@ -414,3 +414,39 @@ def test_a_resumed_run_keeps_the_csv_rows_of_the_steps_before_its_checkpoint(tmp
     assert [int(r["step"]) for r in rows] == list(range(9))
     assert [float(r["train/loss"]) for r in rows] == [10.0 - s for s in range(6)] + [6.0, 7.0, 8.0]
     assert [r["train/grad_norm"] for r in rows[5:]] == ["", "0.5", "0.5", "0.5"]
+
+
+def test_a_resume_with_another_accumulation_steps_on_whole_global_batches(tmp_path, monkeypatch):
+    """A run saved at step 3 with 1 micro-batch of 4 per step, resumed with 2 micro-batches of 2 (what a
+    resize to half the ranks does): Lightning counts micro-batches, so without rescaling its counters the
+    first step after the resume took one micro-batch, half the global batch. Each resumed step must take
+    2 micro-batches, and the run end on the samples an uninterrupted run ends on."""
+    import lightning as L
+
+    from memoryformer.training import run as run_module
+
+    class MicroBatchesPerStep(L.Callback):
+        def __init__(self) -> None:
+            self.counts, self.n, self.last = [], 0, None
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.last = trainer.global_step
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.n += 1
+            if trainer.global_step != self.last:
+                self.counts.append(self.n)
+                self.n, self.last = 0, trainer.global_step
+
+    probe = MicroBatchesPerStep()
+    pinned = ("optim.decay_steps=5", "data.num_samples=20", "ckpt_every_n_steps=null", "logger=none",
+              "export_final=false", "val_every_n_steps=null", "trainer.limit_val_batches=0")
+    run_module.train(_cfg(f"paths.runs_root={tmp_path / 'a'}", "trainer.max_steps=3", "micro_batch_size=4",
+                          *pinned, out=str(tmp_path / "a")))
+    build = run_module.build_callbacks
+    monkeypatch.setattr(run_module, "build_callbacks", lambda cfg, plan: [*build(cfg, plan), probe])
+    resumed = run_module.train(_cfg(f"paths.runs_root={tmp_path / 'a'}", "trainer.max_steps=5",
+                                    "micro_batch_size=2", "ckpt_path=last", *pinned, out=str(tmp_path / "b")))
+    assert resumed["step"] == 5 and probe.counts == [2, 2], probe.counts
+    state = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["LMDataModule"]["consumed_samples"] == 5 * 4, state["LMDataModule"]

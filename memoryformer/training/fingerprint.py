@@ -147,16 +147,20 @@ def zero_stage(strategy: Any) -> int | None:
     return None
 
 
-def fingerprint_record(cfg: DictConfig, max_steps: int, world_size: int) -> dict[str, Any]:
-    """What a checkpoint stores: the fingerprint (`settings`) and, for the log and the check of what can
-    load it, the step budget, the number of processes, the precision and the DeepSpeed ZeRO stage (None
-    without DeepSpeed) it was saved with (`context`, never compared as settings)."""
+def fingerprint_record(
+    cfg: DictConfig, max_steps: int, world_size: int, accumulate: int | None = None
+) -> dict[str, Any]:
+    """What a checkpoint stores: the fingerprint (`settings`) and, for the log and for what a resume must
+    adapt, the step budget, the number of processes, the micro-batches per optimizer step (`accumulate`),
+    the precision and the DeepSpeed ZeRO stage (None without DeepSpeed) it was saved with (`context`, never
+    compared as settings)."""
     return {
         "version": FORMAT_VERSION,
         "settings": run_fingerprint(cfg, max_steps),
         "context": {
             "max_steps": int(max_steps),
             "world_size": int(world_size),
+            "accumulate": None if accumulate is None else int(accumulate),
             "precision": str(cfg.trainer.get("precision")),
             "zero_stage": zero_stage(cfg.trainer.get("strategy")),
         },

@@ -20,6 +20,7 @@ from memoryformer.config import ModelConfig
 from memoryformer.errors import NonFiniteLossError  # the one NonFiniteLossError, also importable from here
 from memoryformer.models import LanguageModel
 from memoryformer.models.init import init_weights
+from memoryformer.training.fingerprint import CHECKPOINT_KEY
 from memoryformer.training.optim import build_optimizer, build_scheduler, group_lrs
 from memoryformer.training.parallelize import apply_activation_checkpointing, apply_compile
 from memoryformer.training.strategy import is_deepspeed, is_zero3, materialised_zero3, offloads_optimizer
@@ -48,6 +49,27 @@ def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
 def _numpy_state_from_tensors(state: dict[str, Any]) -> tuple:
     keys = state["keys"].numpy().astype(np.uint32)
     return state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]
+
+
+def rescale_micro_batch_progress(checkpoint: dict[str, Any], accumulate: int) -> None:
+    """Express the fit loop's micro-batch counters of `checkpoint` in micro-batches of `accumulate` per
+    optimizer step, when it was saved by a run that took another number (a resume on more or fewer ranks at
+    the same global batch).
+
+    Lightning decides that a micro-batch ends an optimizer step when its count of micro-batches is a multiple
+    of `accumulate_grad_batches`. A run saved at step 3 with 1 micro-batch per step and resumed with 2 would
+    otherwise step after the first micro-batch, on half the global batch (and count validation cadence in
+    the wrong units). Checkpoints are saved at step boundaries, so every count is a whole number of steps.
+    """
+    there = ((checkpoint.get(CHECKPOINT_KEY) or {}).get("context") or {}).get("accumulate")
+    loops = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    progress = loops.get("epoch_loop.batch_progress")
+    if not there or there == accumulate or not progress:
+        return
+    for part in ("total", "current"):
+        counts = progress.get(part) or {}
+        for key, value in counts.items():
+            counts[key] = int(value) // int(there) * accumulate
 
 
 class LMTrainingModule(L.LightningModule):
@@ -262,7 +284,9 @@ class LMTrainingModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the RNG states written by `on_save_checkpoint` (absent in foreign checkpoints)."""
+        """Restore the RNG states written by `on_save_checkpoint` (absent in foreign checkpoints), and count
+        the loop's micro-batches in this run's accumulation (`rescale_micro_batch_progress`)."""
+        rescale_micro_batch_progress(checkpoint, int(self.trainer.accumulate_grad_batches))
         states = checkpoint.get("rng_states")
         if not states:
             return

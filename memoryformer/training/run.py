@@ -272,7 +272,8 @@ def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[L.Callback]:
     if cfg.validate_at_start:
         callbacks.append(ValidateAtStart())
     # every checkpoint records the settings that define the run, so that only this run resumes it
-    callbacks.append(RunFingerprint(fingerprint_record(cfg, plan.max_steps, plan.world_size)))
+    record = fingerprint_record(cfg, plan.max_steps, plan.world_size, plan.accumulate)
+    callbacks.append(RunFingerprint(record))
     return callbacks
 
 
