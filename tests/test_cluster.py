@@ -31,7 +31,7 @@ pytest.importorskip("deepspeed")
 def cluster(tmp_path_factory):
     """Two simulated nodes sharing one runs folder and cache; every process stopped at the end."""
     nodes = Cluster(tmp_path_factory.mktemp("cluster"))
-    nodes.chains = {}
+    nodes.chains, nodes.references = {}, {}
     yield nodes
     nodes.stop_everything()
 
@@ -39,8 +39,8 @@ def cluster(tmp_path_factory):
 def chain(cluster: Cluster, strategy: str) -> list[Row]:
     """The reference and fault chain of `strategy`, run once per module."""
     if strategy not in cluster.chains:
-        reference, _ = run_reference(cluster, strategy)
-        cluster.chains[strategy] = run_chain(cluster, strategy, reference)
+        cluster.references[strategy], _ = run_reference(cluster, strategy)
+        cluster.chains[strategy] = run_chain(cluster, strategy, cluster.references[strategy])
     return cluster.chains[strategy]
 
 
@@ -64,7 +64,7 @@ def test_preemption_dead_rank_torn_save_and_resizes_continue_the_reference(clust
 def test_strategy_changes_are_converted_or_refused_before_any_process_group(cluster):
     chain(cluster, "ddp")
     chain(cluster, "zero2")
-    assert_ok(run_strategy_changes(cluster))
+    assert_ok(run_strategy_changes(cluster, cluster.references["zero2"]))
 
 
 @pytest.mark.slow
