@@ -10,6 +10,10 @@ pending row whose sweep is a grid over `optim.lr` x `optim.block_lr_scale` (Tabl
 point sits on the grid's edge it `grow`s the grid one step beyond that edge, and once resolved it can start
 further pending rows from its best point (`follow`: the second width's lr search, the embedding-lr search).
 Those two are `LineSearch`es: one setting swept at seed 0, grown the same way past an end point.
+
+A run's *budget* multiplies its steps (and so its training tokens and its lr schedule's horizon); Table 1
+(e) is searched again at `Scale.budgets` (`follow` of the (e) searches: the lr around the 1x optimum, then
+the best at its seeds; at the second width the largest budget takes the next one's best lr, unsearched).
 """
 
 from __future__ import annotations
@@ -71,6 +75,16 @@ class Scale:
     width2_grow_limit: int = 2
     # 3 seeds, as at width 128: with 2, the width-256 (e) difference (+0.03) stayed within 2 standard errors
     seeds_width2: tuple[int, ...] = (0, 1, 2)
+    # Table 1 (e) at more training tokens: each budget multiplies the steps (the schedule follows). Width
+    # 128: at every budget the lr is searched at `budget_lr_factors` x the 1x (e) optimum (block and
+    # embedding scales kept), grown by x3 past an end that wins (`budget_grow_limit` points at most), the
+    # best at `seeds_budget`. Width 256: the same at the first budget; at each later one, the previous
+    # budget's best lr at `seeds_budget_width2_unsearched` (a width-256 run of 16x costs about an hour)
+    budgets: tuple[int, ...] = (4, 16)
+    budget_lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)
+    budget_grow_limit: int = 2
+    seeds_budget: tuple[int, ...] = (0, 1, 2)
+    seeds_budget_width2_unsearched: tuple[int, ...] = (0,)
     # The dense model with about the MemoryFormer's parameter count (Table 1's equal-parameter row)
     wide_n_embd: int = 384
     wide_n_layer: int = 4
@@ -80,7 +94,7 @@ class Scale:
 
     @property
     def tokens(self) -> int:
-        """Training tokens of every run."""
+        """Training tokens of a run at budget 1."""
         return self.steps * self.batch * self.seq_len
 
     @property
@@ -116,6 +130,11 @@ SMOKE = Scale(
     width2_lr_factors=(1.0,),
     width2_grow_limit=1,
     seeds_width2=(0,),
+    budgets=(2, 3),
+    budget_lr_factors=(1.0,),
+    budget_grow_limit=1,
+    seeds_budget=(0,),
+    seeds_budget_width2_unsearched=(0,),
     wide_n_embd=64,
     wide_n_layer=1,
     wide_n_head=2,
@@ -137,6 +156,7 @@ class Run:
     argv: tuple[str, ...]
     memoryformer: bool
     variant: tuple[tuple[str, str], ...] = ()  # the overrides beyond the model's own, sorted
+    budget: int = 1  # steps (and training tokens) in units of the scale's `steps`
 
     def setting(self, key: str, default: float = 1.0) -> float:
         """The value of the override `key` (e.g. "optim.block_lr_scale"), or `default` when not set."""
@@ -169,11 +189,20 @@ def _model_args(model: str, scale: Scale) -> list[str]:
     return args
 
 
-def make_run(model: str, lr: float, seed: int, scale: Scale, variant: dict[str, str] | None = None) -> Run:
-    """The run of `model` at `lr` and `seed`, with `variant` overrides (e.g. {"model.expand_bits": "0"})."""
+def make_run(
+    model: str,
+    lr: float,
+    seed: int,
+    scale: Scale,
+    variant: dict[str, str] | None = None,
+    budget: int = 1,
+) -> Run:
+    """The run of `model` at `lr` and `seed`, with `variant` overrides (e.g. {"model.expand_bits": "0"}),
+    trained for `budget` x the scale's steps (validating `budget` x as seldom, so every curve has as many
+    points)."""
     variant = dict(variant or {})
     tag = "".join(f"-{k.split('.')[-1]}{v}" for k, v in sorted(variant.items()))
-    key = f"{model}{tag}-lr{_lr_tag(lr)}-s{seed}"
+    key = f"{model}{tag}-lr{_lr_tag(lr)}{f'-x{budget}' if budget != 1 else ''}-s{seed}"
     argv = (
         *_model_args(model, scale),
         *(f"{k}={v}" for k, v in sorted(variant.items())),
@@ -181,8 +210,8 @@ def make_run(model: str, lr: float, seed: int, scale: Scale, variant: dict[str, 
         f"data.seq_len={scale.seq_len}",
         f"data.val_samples={scale.val_samples}",
         f"global_batch_size={scale.batch}",
-        f"trainer.max_steps={scale.steps}",
-        f"val_every_n_steps={scale.val_every}",
+        f"trainer.max_steps={scale.steps * budget}",
+        f"val_every_n_steps={scale.val_every * budget}",
         f"optim.lr={lr:g}",
         f"optim.warmup_ratio={scale.warmup_ratio:g}",
         f"seed={seed}",
@@ -201,6 +230,7 @@ def make_run(model: str, lr: float, seed: int, scale: Scale, variant: dict[str, 
         tuple(argv),
         memoryformer=model.startswith("mf"),
         variant=tuple(sorted(variant.items())),
+        budget=budget,
     )
 
 
@@ -245,7 +275,7 @@ class Pending:
         """The row at the sweep's lowest final validation loss (seed 0 of every point), at `seeds`."""
         best = self.best(val_loss)
         variant = dict(best.variant)
-        runs = [make_run(self.model, best.lr, s, scale, variant) for s in self.seeds]
+        runs = [make_run(self.model, best.lr, s, scale, variant, best.budget) for s in self.seeds]
         settings = "".join(f", {k.split('.')[-1].replace('_', ' ')} {v}" for k, v in sorted(variant.items()))
         label = f"{self.label} (best lr {best.lr:g}{settings})"
         return Row(self.table, label, runs, best.lr, self.note, source=self)
@@ -320,6 +350,7 @@ class GridSearch(Pending):
                     axis=EMBEDDING,
                     limit=scale.embedding_grow_limit,
                     width2=self.width2,
+                    budgets=scale.budgets,
                 )
             )
         return out
@@ -331,7 +362,8 @@ def _what(model: str) -> str:
 
 def _width2_search(width2: str, best: Run, label: str, scale: Scale, name: str = "") -> LineSearch:
     """The second width's lr search: `width2` at the width-128 best run's lr times `width2_lr_factors`,
-    with its other settings (block and embedding lr scales) carried over; then `seeds_width2` at the best."""
+    with its other settings (block and embedding lr scales) carried over; then `seeds_width2` at the best.
+    The (e) search (`name` ending in "-embedding") goes on to the first token budget (`budgets`)."""
     lrs = sorted({round_lr(best.lr * f) for f in scale.width2_lr_factors})
     sweep = [make_run(width2, lr, 0, scale, dict(best.variant)) for lr in lrs]
     return LineSearch(
@@ -343,6 +375,32 @@ def _width2_search(width2: str, best: Run, label: str, scale: Scale, name: str =
         name=name or width2,
         base=best,
         limit=scale.width2_grow_limit,
+        budgets=scale.budgets[:1] if name.endswith("-embedding") else (),
+    )
+
+
+def _budget_label(model: str, budget: int, scale: Scale) -> str:
+    width = f"width {scale.width2_n_embd}, " if model.endswith("_w2") else ""
+    return f"(e) {width}{budget}x tokens: {_what(model)}"
+
+
+def _budget_search(model: str, best: Run, budget: int, scale: Scale, width2_next: bool) -> LineSearch:
+    """Table 1 (e) at `budget` x the tokens: `model` at `budget_lr_factors` x the 1x optimum `best`'s lr (its
+    block and embedding scales kept), grown past a winning end, the best at `seeds_budget`; at the second
+    width (`width2_next`) the next budget follows with the best lr, unsearched."""
+    lrs = sorted({round_lr(best.lr * f) for f in scale.budget_lr_factors})
+    nxt = [b for b in scale.budgets if b > budget][:1] if width2_next else []
+    return LineSearch(
+        "1",
+        _budget_label(model, budget, scale),
+        model,
+        [make_run(model, lr, 0, scale, dict(best.variant), budget) for lr in lrs],
+        scale.seeds_budget,
+        name=f"{model}-x{budget}",
+        base=best,
+        limit=scale.budget_grow_limit,
+        budget=budget,
+        unsearched=tuple(nxt),
     )
 
 
@@ -352,11 +410,13 @@ EMBEDDING = "optim.embedding_lr_scale"
 @dataclass
 class LineSearch(Pending):
     """One setting of `model` swept at seed 0 around the run `base` (its other settings kept): `optim.lr`
-    (`axis` "lr": the second width's search) or an override such as `optim.embedding_lr_scale`.
+    (`axis` "lr": the second width's and the token budgets' searches) or an override such as
+    `optim.embedding_lr_scale`, at `budget` x the scale's steps.
 
     `grow`: while the best value is an end point of the values tried, the x3 step past it (`_beyond`), at
-    most `limit` added points; then the best run at `seeds` (the row). `follow` (the embedding search): the
-    second width's lr search at the best block and embedding lr scales (row (e) width 256).
+    most `limit` added points; then the best run at `seeds` (the row). `follow`: the second width's lr search
+    at the best block and embedding lr scales (`width2`, row (e) width 256); the lr searched again at each
+    of `budgets`; the best lr trained unsearched at each of `unsearched` (larger budgets).
     """
 
     base: Run | None = None
@@ -364,6 +424,9 @@ class LineSearch(Pending):
     limit: int = 0
     grown: int = 0
     width2: str | None = None  # the embedding search: the second width's lr search at its best, or None
+    budget: int = 1
+    budgets: tuple[int, ...] = ()
+    unsearched: tuple[int, ...] = ()
 
     def value(self, run: Run) -> float:
         return run.lr if self.axis == "lr" else run.setting(self.axis)
@@ -384,14 +447,30 @@ class LineSearch(Pending):
         assert self.base is not None
         variant = dict(self.base.variant)
         if self.axis == "lr":
-            return make_run(self.model, value, 0, scale, variant)
-        return make_run(self.model, self.base.lr, 0, scale, {**variant, self.axis: f"{value:g}"})
+            return make_run(self.model, value, 0, scale, variant, self.budget)
+        return make_run(self.model, self.base.lr, 0, scale, {**variant, self.axis: f"{value:g}"}, self.budget)
 
     def follow(self, best: Run, scale: Scale) -> list[Pending]:
-        if not self.width2:
-            return []
-        label = f"(e) width {scale.width2_n_embd}: {_what(self.model)} at its best embedding lr scale too"
-        return [_width2_search(self.width2, best, label, scale, name=f"{self.width2}-embedding")]
+        out: list[Pending] = []
+        if self.width2:
+            label = f"(e) width {scale.width2_n_embd}: {_what(self.model)} at its best embedding lr scale too"
+            out.append(_width2_search(self.width2, best, label, scale, name=f"{self.width2}-embedding"))
+        for b in self.budgets:
+            out.append(_budget_search(self.model, best, b, scale, width2_next=self.model.endswith("_w2")))
+        for b in self.unsearched:
+            run = make_run(self.model, best.lr, 0, scale, dict(best.variant), b)
+            label = f"{_budget_label(self.model, b, scale)} at the {self.budget}x best lr, unsearched"
+            out.append(
+                Pending(
+                    "1",
+                    label,
+                    self.model,
+                    [run],
+                    scale.seeds_budget_width2_unsearched,
+                    name=f"{self.model}-x{b}",
+                )
+            )
+        return out
 
     def resolve(self, val_loss: Callable[[Run], float], scale: Scale) -> Row:
         row = super().resolve(val_loss, scale)

@@ -128,8 +128,9 @@ def cost(run_dir: Path, seq_len: int) -> dict[str, float]:
 def measure(run: Run, run_dir: Path, scale: Scale, seconds: float) -> dict[str, Any]:
     """The result of a finished run: final validation loss and perplexity, its curve, cost and time."""
     curve = val_curve(run_dir)
-    if not curve or curve[-1][0] != scale.steps:
-        raise RuntimeError(f"{run_dir} has no val/loss at step {scale.steps}; see {run_dir / 'train.log'}.")
+    steps = scale.steps * run.budget
+    if not curve or curve[-1][0] != steps:
+        raise RuntimeError(f"{run_dir} has no val/loss at step {steps}; see {run_dir / 'train.log'}.")
     val_loss = curve[-1][1]
     result = {
         "key": run.key,
@@ -137,8 +138,8 @@ def measure(run: Run, run_dir: Path, scale: Scale, seconds: float) -> dict[str, 
         "seed": run.seed,
         "lr": run.lr,
         "model": run.model,
-        "steps": scale.steps,
-        "tokens": scale.tokens,
+        "steps": steps,
+        "tokens": scale.tokens * run.budget,
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss),
         "val_curve": curve,
@@ -228,7 +229,8 @@ class Runner:
 
         def position(row: Row) -> tuple:
             """Plan order; resolved rows after, by their tag ("(b)".."(e)"), width 128 before the second
-            width, the dense model before the MemoryFormer (not in the order their searches ended)."""
+            width, budget 1 before larger ones, the dense model before the MemoryFormer (not in the order
+            their searches ended)."""
             if row in plan.rows:
                 return row.table, plan.rows.index(row)
             model = row.runs[0].model
@@ -237,6 +239,7 @@ class Runner:
                 len(plan.rows),
                 row.label.split()[0],
                 model.endswith("_w2"),
+                row.runs[0].budget,
                 model.startswith("mf"),
             )
 
@@ -298,7 +301,7 @@ class Runner:
             with self._lock:
                 while not self._queue:
                     self._lock.wait()
-                run = self._queue.pop(0)
+                run = self._queue.pop(self._next_index())
                 if run is None:
                     return
                 self._in_flight.add(run.key)
@@ -316,6 +319,20 @@ class Runner:
                 with self._lock:
                     self._in_flight.discard(run.key)
                     self._lock.notify_all()
+
+    def _next_index(self) -> int:
+        """The queued run to train next (lock held): the stop signal when one is queued; else a search
+        point (seed 0) before another seed, as its result may start more runs; among those, the costliest
+        first (budget x a rough width and model factor), so that an hour-long run does not start last."""
+        if None in self._queue:
+            return self._queue.index(None)  # type: ignore[arg-type]
+
+        def priority(i: int) -> tuple:
+            run = self._queue[i]
+            cost = run.budget * (3 if run.model.endswith("_w2") else 1) * (1.5 if run.memoryformer else 1)
+            return run.seed == 0, cost, -i
+
+        return max(range(len(self._queue)), key=priority)
 
     def _train(self, run: Run) -> dict[str, Any]:
         run_dir = self.run_dir(run)
