@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> Runner:
     results = runner.results
 
     if "1" in tables and not args.no_heldout:
-        t1_runs = {r.key: r for row in rows if row.table == "1" for r in row.runs}
+        # every seed of the 1x rows; the best seed of a larger budget's row (each costs minutes of lm-eval)
+        t1_runs = {r.key: r for row in rows if row.table == "1" for r in _scored_runs(row, results)}
         todo = {k: r for k, r in t1_runs.items() if "heldout" not in results[k]}  # published rows have it
         for run in todo.values():  # a published sweep point that became a row run: no model here to score
             if results[run.key].get("published"):
@@ -82,7 +83,10 @@ def main(argv: list[str] | None = None) -> Runner:
         t1 = [r for r in rows if r.table == "1"]
         figures["1"] = [f"{prefix}_table1_curves.png", f"{prefix}_lr_grid.png", f"{prefix}_buckets.png"]
         # runs taken from the published JSON have no curve or histograms: keep the committed figure then
-        if all("val_curve" in results[r.key] for row in t1 for r in row.runs):
+        if any(r.runs[0].budget > 1 for r in t1):
+            figures["1"].append(f"{prefix}_budgets.png")
+            report.plot_budgets(t1, results, args.docs_dir / f"{prefix}_budgets.png")
+        if all("val_curve" in results[r.key] for row in t1 for r in row.runs if r.budget == 1):
             report.plot_table1(t1, results, args.docs_dir / f"{prefix}_table1_curves.png")
         report.plot_lr_grid(sweeps, results, args.docs_dir / f"{prefix}_lr_grid.png")
         mf = next(r for r in t1 if r.label.startswith("(a) MemoryFormer"))
@@ -119,6 +123,13 @@ def main(argv: list[str] | None = None) -> Runner:
         flush=True,
     )
     return runner
+
+
+def _scored_runs(row: protocol.Row, results: dict) -> list[protocol.Run]:
+    """The runs of a Table 1 row that get held-out bits/byte: every seed at budget 1, else the best."""
+    if row.runs[0].budget == 1:
+        return row.runs
+    return [min(row.runs, key=lambda r: results[r.key]["val_loss"])]
 
 
 if __name__ == "__main__":

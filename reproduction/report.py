@@ -386,7 +386,7 @@ def table_section(table: str, rows: list[Row], sweeps: dict, results: dict, figu
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    out += [_fmt_row(r, results, extra) for r in rows]
+    out += [_fmt_row(r, results, extra) for r in rows if r.runs[0].budget == 1]
     if sweeps:
         out += [
             "",
@@ -405,9 +405,221 @@ def table_section(table: str, rows: list[Row], sweeps: dict, results: dict, figu
                 )
     out += ["", "**Verdict** (a difference counts when it exceeds 2 standard errors over seeds):", ""]
     out += [f"- {v}" for v in verdicts(table, rows, results)]
+    budget_figures = [f for f in figures if f.endswith("_budgets.png")]
+    for fig in [f for f in figures if f not in budget_figures]:
+        out += ["", f"![{Path(fig).stem.replace('_', ' ')}]({fig})"]
+    if table == "1" and any(r.runs[0].budget > 1 for r in rows):
+        out += budget_section(rows, sweeps, results, budget_figures)
+    return out + [""]
+
+
+# --------------------------------------------------------------------------- Table 1 (e) by token budget
+@dataclass
+class BudgetPoint:
+    """One Table 1 (e) row: a model at a width and a token budget (each at its own best settings)."""
+
+    width: int
+    memoryformer: bool
+    budget: int
+    row: Row
+    stat: Stat
+    tokens: int
+    training_flops: float  # FLOPs per token x training tokens (forward + backward, multiply-add = 1)
+    heldout: float | None  # held-out bits/byte of the row's run with the lowest validation loss
+
+    @property
+    def model(self) -> str:
+        return "MemoryFormer" if self.memoryformer else "dense twin"
+
+
+def budget_points(rows: list[Row], results: dict[str, dict]) -> list[BudgetPoint]:
+    """The (e) rows (each model at its best lr, block and embedding lr scales) at every token budget,
+    ordered by width, model and budget."""
+    out = []
+    for row in rows:
+        if not row.label.startswith("(e)"):
+            continue
+        first = results[row.runs[0].key]
+        best = min(row.runs, key=lambda r: results[r.key]["val_loss"])
+        held = results[best.key].get("heldout", {}).get("bits_per_byte")
+        width = int(dict(_override_pairs(first["argv"])).get("model.n_embd", 128))  # model=nano: 128
+        out.append(
+            BudgetPoint(
+                width,
+                row.runs[0].memoryformer,
+                row.runs[0].budget,
+                row,
+                row_stat(row, results),
+                first["tokens"],
+                first["flops_per_token"] * first["tokens"],
+                held,
+            )
+        )
+    return sorted(out, key=lambda p: (p.width, p.memoryformer, p.budget))
+
+
+def _override_pairs(argv: list[str]) -> list[tuple[str, str]]:
+    return [tuple(a.split("=", 1)) for a in argv if "=" in a]  # type: ignore[misc]
+
+
+def _pairs(points: list[BudgetPoint]) -> dict[tuple[int, int], tuple[BudgetPoint, BudgetPoint]]:
+    """{(width, budget): (MemoryFormer point, dense point)} where both ran."""
+    by = {(p.width, p.budget, p.memoryformer): p for p in points}
+    return {(w, b): (by[(w, b, True)], by[(w, b, False)]) for w, b, mf in by if mf and (w, b, False) in by}
+
+
+def budget_verdicts(points: list[BudgetPoint], sweeps: dict[str, list], results: dict) -> list[str]:
+    """Per width: the MemoryFormer - dense gap at each budget with who is ahead (2 standard errors), where
+    the order changes, and how the gap moves from the smallest to the largest budget; then every budget
+    search whose best lr sits at an end of the lrs it tried."""
+    out = []
+    pairs = _pairs(points)
+    word = {"lower": "MemoryFormer ahead", "higher": "dense twin ahead", "within": "within the seed spread"}
+    for width in sorted({w for w, _ in pairs}):
+        budgets = sorted(b for w, b in pairs if w == width)
+        parts, order = [], []
+        for b in budgets:
+            mf, dense = pairs[(width, b)]
+            gap, se = mf.stat.mean - dense.stat.mean, math.sqrt(mf.stat.se() ** 2 + dense.stat.se() ** 2)
+            n = min(mf.stat.n, dense.stat.n)
+            if n == 1:  # no spread to compare with: reported, never counted as resolved
+                parts.append(f"{b}x {gap:+.4f} (one seed each, no spread: not resolved)")
+                continue
+            c = compare(mf.stat, dense.stat)
+            parts.append(f"{b}x {gap:+.4f} ± {se:.4f}, {n} seeds ({word[c]})")
+            order.append((b, c))
+        resolved = [(b, c) for b, c in order if c != "within"]
+        flips = [(a, b) for (a, ca), (b, cb) in zip(resolved, resolved[1:], strict=False) if ca != cb]
+        if flips:
+            change = "; the order changes " + ", ".join(f"between {a}x and {b}x" for a, b in flips)
+        else:
+            change = "; the order does not change" + (
+                f" (every resolved budget has the {word[resolved[0][1]].split(' ahead')[0]} ahead)"
+                if resolved
+                else " (no budget resolves it)"
+            )
+        spread = [b for b, _ in order]
+        if len(spread) < 2:
+            out.append(f"width {width}, MemoryFormer - dense gap by training tokens: {'; '.join(parts)}.")
+            continue
+        lo, hi = pairs[(width, spread[0])], pairs[(width, spread[-1])]
+        g_lo, g_hi = lo[0].stat.mean - lo[1].stat.mean, hi[0].stat.mean - hi[1].stat.mean
+        se = math.sqrt(sum(p.stat.se() ** 2 for p in (*lo, *hi)))
+        moved = "within 2 standard errors" if abs(g_hi - g_lo) <= 2 * se else "beyond 2 standard errors"
+        out.append(
+            f"width {width}, MemoryFormer - dense gap (se) by training tokens: {'; '.join(parts)}{change}. "
+            f"From {spread[0]}x to {spread[-1]}x the gap moves by {g_hi - g_lo:+.4f} ± {se:.4f}, {moved}."
+        )
+    for name, runs in sweeps.items():
+        if "-x" not in name or len({r.lr for r in runs}) < 2:
+            continue
+        best = min(runs, key=lambda r: results[r.key]["val_loss"])
+        lrs = sorted({r.lr for r in runs})
+        if best.lr in (lrs[0], lrs[-1]):
+            end = "lowest" if best.lr == lrs[0] else "highest"
+            out.append(
+                f"the {name} search did not bracket its optimum: its best lr {best.lr:g} is the {end} of "
+                f"{', '.join(f'{x:g}' for x in lrs)} (the growth limit was reached)."
+            )
+    return out
+
+
+def _setting(row: Row) -> str:
+    """`lr 0.03, 0.03 / 3` (lr, block / embedding lr scale), `unsearched` when not chosen by a search."""
+    run = row.runs[0]
+    text = f"{run.lr:g}, {_scale(run, 'block'):g} / {_scale(run, 'embedding'):g}"
+    return text + (" (unsearched)" if "unsearched" in row.label else "")
+
+
+def budget_section(rows: list[Row], sweeps: dict, results: dict, figures: list[str]) -> list[str]:
+    """Table 1 (e) against training tokens: the table, the verdicts and the figure."""
+    points = budget_points(rows, results)
+    pairs = _pairs(points)
+    most, top = max((p.budget, p.tokens) for p in points)
+    out = [
+        "### Table 1 (e) against training tokens",
+        "",
+        "Each model at its own (e) block and embedding lr scales, trained for 1x, 4x and 16x the steps (the "
+        "lr schedule's horizon and warmup follow the budget). At 4x and 16x the lr is searched again at "
+        "x1/3, x1 and x3 of the 1x optimum (seed 0), grown by x3 past an end that wins, and the best is "
+        "trained at every seed listed; where a row says *unsearched*, it is trained at the previous "
+        "budget's best lr. Held-out bits/byte: the row's run with the lowest validation loss (1x rows: the "
+        f"mean over seeds, as above). The corpus has 1.10M training tokens, so {most}x ({top / 1e6:.1f}M "
+        f"tokens) is about {top / 1.10e6:.1f} epochs: every model sees each training sequence that often.",
+        "",
+        "| width | model | tokens | epochs | lr, block / embedding lr scale | seeds | "
+        "final val loss (mean ± sd) | MF - dense (± se) | "
+        "training TFLOPs | held-out bits/byte |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        gap = ""
+        if p.memoryformer and (p.width, p.budget) in pairs:
+            mf, dense = pairs[(p.width, p.budget)]
+            se = math.sqrt(mf.stat.se() ** 2 + dense.stat.se() ** 2)
+            gap = f"{mf.stat.mean - dense.stat.mean:+.4f} ± {se:.4f}"
+        if p.budget == 1:
+            held = (
+                statistics.fmean(
+                    results[r.key]["heldout"]["bits_per_byte"]
+                    for r in p.row.runs
+                    if "heldout" in results[r.key]
+                )
+                if any("heldout" in results[r.key] for r in p.row.runs)
+                else None
+            )
+        else:
+            held = p.heldout
+        out.append(
+            f"| {p.width} | {p.model} | {p.tokens / 1e6:.2f}M ({p.budget}x) | {p.tokens / 1.10e6:.2f} | "
+            f"{_setting(p.row)} | {p.stat.n} | {p.stat.mean:.4f} ± {p.stat.std:.4f} | {gap} | "
+            f"{p.training_flops / 1e12:.2f} | {'-' if held is None else f'{held:.4f}'} |"
+        )
+    out += ["", "**Verdict by token budget:**", ""]
+    out += [f"- {v}" for v in budget_verdicts(points, sweeps, results)]
     for fig in figures:
         out += ["", f"![{Path(fig).stem.replace('_', ' ')}]({fig})"]
-    return out + [""]
+    return out
+
+
+def plot_budgets(rows: list[Row], results: dict, path: Path) -> None:
+    """Final validation loss of the (e) rows against training tokens and against training FLOPs, one line
+    per model and width (mean over seeds, error bars = sample sd; a point with one seed has none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = budget_points(rows, results)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    for ax, (x_of, xlabel) in zip(
+        axes[0],
+        (
+            (lambda p: p.tokens, "training tokens"),
+            (lambda p: p.training_flops, "training FLOPs (forward + backward, multiply-add = 1)"),
+        ),
+        strict=True,
+    ):
+        for width, mf in sorted({(p.width, p.memoryformer) for p in points}):
+            line = [p for p in points if (p.width, p.memoryformer) == (width, mf)]
+            ax.errorbar(
+                [x_of(p) for p in line],
+                [p.stat.mean for p in line],
+                yerr=[p.stat.std for p in line],
+                marker="o" if mf else "s",
+                linestyle="-" if width == min(q.width for q in points) else "--",
+                capsize=3,
+                label=f"{line[0].model}, width {width}",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("final val loss (nats/token)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Table 1 (e) by training tokens, each model at its own best lrs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- figures
@@ -419,7 +631,7 @@ def plot_table1(rows: list[Row], results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for row in rows:
+    for row in [r for r in rows if r.runs[0].budget == 1]:  # the budgets have their own figure
         curves = [results[r.key]["val_curve"] for r in row.runs]
         steps = [s for s, _ in curves[0]]
         tokens = [s * results[row.runs[0].key]["tokens"] / results[row.runs[0].key]["steps"] for s in steps]

@@ -147,8 +147,10 @@ def test_embedding_and_width2_searches_grow_past_an_end_point_then_train_the_bes
         "optim.embedding_lr_scale=9" in r.argv and "optim.block_lr_scale=0.1" in r.argv for r in row.runs
     )
     assert row.label.endswith("(best lr 0.03, block lr scale 0.1, embedding lr scale 9)")
-    # then width 256 searches its lr at both of width 128's best scales (row (e) width 256)
-    (wide,) = embedding.follow(embedding.best(loss), scale)
+    # then width 256 searches its lr at both of width 128's best scales (row (e) width 256), and width 128
+    # searches its lr again at every token budget (tested below)
+    wide, *budgets = embedding.follow(embedding.best(loss), scale)
+    assert [b.budget for b in budgets] == list(scale.budgets)
     assert wide.label.startswith("(e) width 256: MemoryFormer") and wide.seeds == scale.seeds_width2
     assert [r.lr for r in wide.sweep] == sorted(protocol.round_lr(3e-2 * f) for f in scale.width2_lr_factors)
     assert all({"optim.embedding_lr_scale=9", "optim.block_lr_scale=0.1"} <= set(r.argv) for r in wide.sweep)
@@ -164,14 +166,97 @@ def test_embedding_and_width2_searches_grow_past_an_end_point_then_train_the_bes
     assert width2.resolve(low, scale).runs[0].lr == min(r.lr for r in width2.sweep)
 
 
+def test_token_budgets_search_the_lr_around_the_1x_optimum_and_width256_takes_its_last_unsearched() -> None:
+    scale = protocol.Scale()
+    best = protocol.make_run("mf", 3e-2, 0, scale, {"optim.block_lr_scale": "0.03", protocol.EMBEDDING: "3"})
+    embedding = protocol.LineSearch(
+        "1",
+        "(e) MemoryFormer",
+        "mf",
+        [best],
+        (0, 1, 2),
+        name="mf-grid-embedding",
+        base=best,
+        axis=protocol.EMBEDDING,
+        width2="mf_w2",
+        budgets=scale.budgets,
+    )
+    wide, x4, x16 = embedding.follow(best, scale)
+    for search, budget in ((x4, 4), (x16, 16)):
+        assert search.budget == budget and search.seeds == scale.seeds_budget and search.unsearched == ()
+        assert [r.lr for r in search.sweep] == [1e-2, 3e-2, 9e-2]  # x1/3, x1, x3 of the 1x optimum
+        for run in search.sweep:  # the schedule's horizon follows the budget; the scales are kept
+            assert f"trainer.max_steps={scale.steps * budget}" in run.argv and run.key.endswith(
+                f"-x{budget}-s0"
+            )
+            assert {"optim.block_lr_scale=0.03", "optim.embedding_lr_scale=3"} <= set(run.argv)
+    # the 16x optimum below the searched lrs: grown by x3 downwards, within budget_grow_limit points
+    low = _bowl_at(1e-3, 0.03, 3.0)
+    assert [s[0][0] for s in _walk(x16, low, scale)] == [3e-3, 1e-3][: scale.budget_grow_limit]
+    row = x16.resolve(low, scale)
+    assert [r.seed for r in row.runs] == [0, 1, 2] and {r.budget for r in row.runs} == {16}
+    assert row.label.startswith("(e) 16x tokens: MemoryFormer (best lr 0.001")
+    # width 256: the (e) search goes on to the first budget only; that one's best lr trains at the next
+    (x4_wide,) = [p for p in wide.follow(wide.best(low), scale) if p.budget == 4]
+    assert x4_wide.model == "mf_w2" and x4_wide.unsearched == (16,)
+    (x16_wide,) = x4_wide.follow(x4_wide.best(low), scale)
+    assert [r.key for r in x16_wide.sweep] == [x4_wide.best(low).key.replace("-x4-", "-x16-")]
+    assert x16_wide.seeds == scale.seeds_budget_width2_unsearched and "unsearched" in x16_wide.label
+    assert x16_wide.follow(x16_wide.best(low), scale) == []
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(x16_wide.sweep[0].argv))
+    assert cfg.trainer.max_steps == 16 * scale.steps and cfg.val_every_n_steps == 16 * scale.val_every
+    assert cfg.model.n_embd == 256
+
+
+def _point(width: int, mf: bool, budget: int, losses: list[float]):
+    from reproduction.report import BudgetPoint
+
+    run = protocol.make_run("mf" if mf else "dense", 1e-2, 0, protocol.Scale(), budget=budget)
+    row = protocol.Row("1", "(e) x", [run])
+    return BudgetPoint(width, mf, budget, row, Stat.of(losses), 1, 1.0, None)
+
+
+def test_budget_verdict_finds_where_the_order_changes_and_leaves_one_seed_unresolved() -> None:
+    from reproduction.report import budget_verdicts
+
+    points = [
+        _point(128, False, 1, [3.86, 3.87, 3.865]),
+        _point(128, True, 1, [3.88, 3.89, 3.885]),  # dense ahead
+        _point(128, False, 4, [3.50, 3.51, 3.505]),
+        _point(128, True, 4, [3.50, 3.52, 3.49]),  # within
+        _point(128, False, 16, [3.40, 3.41, 3.405]),
+        _point(128, True, 16, [3.30, 3.31, 3.305]),  # MF ahead
+        _point(256, False, 1, [3.85, 3.86]),
+        _point(256, True, 1, [3.86, 3.87]),
+        _point(256, False, 16, [3.3]),
+        _point(256, True, 16, [3.2]),  # one seed each
+    ]
+    narrow, wide = budget_verdicts(points, {}, {})
+    assert "1x +0.0200" in narrow and "(dense twin ahead)" in narrow and "(within the seed spread)" in narrow
+    assert "16x -0.1000" in narrow and "the order changes between 1x and 16x" in narrow
+    assert "moves by -0.1200" in narrow and "beyond 2 standard errors" in narrow
+    assert "16x -0.1000 (one seed each, no spread: not resolved)" in wide and "order" not in wide
+
 
 def test_published_results_are_reused_only_for_an_identical_argv(tmp_path: Path) -> None:
     from reproduction.runner import Runner, published_results
 
     scale = protocol.Scale()
     run = protocol.make_run("mf", 3e-3, 0, scale)
-    doc = {"rows": [{"table": "1", "row": "x", "run": run.key, "argv": list(run.argv), "val_loss": 4.2,
-                     "heldout_bits_per_byte": 2.1, "hash_weight_mean": 0.5}]}
+    doc = {
+        "rows": [
+            {
+                "table": "1",
+                "row": "x",
+                "run": run.key,
+                "argv": list(run.argv),
+                "val_loss": 4.2,
+                "heldout_bits_per_byte": 2.1,
+                "hash_weight_mean": 0.5,
+            }
+        ]
+    }
     (tmp_path / "r.json").write_text(json.dumps(doc))
     published = published_results(tmp_path / "r.json")
     runner = Runner(tmp_path / "out", scale, executor=None, published=published)  # type: ignore[arg-type]
@@ -181,7 +266,6 @@ def test_published_results_are_reused_only_for_an_identical_argv(tmp_path: Path)
     assert other.key == run.key and runner.load_finished(other) is None
     (tmp_path / "out" / "runs" / run.key).mkdir(parents=True)  # interrupted here: retrain, not adopt
     assert runner.load_finished(run) is None
-
 
 
 def test_a_published_run_trained_again_replaces_its_published_result(tmp_path: Path, monkeypatch) -> None:
@@ -240,6 +324,7 @@ def test_a_run_two_rows_resolve_to_while_it_trains_is_trained_once(tmp_path: Pat
     assert [r.key for r in rows[0].runs] == [r.key for r in rows[1].runs] == [a.key, shared.key]
     assert sorted(calls) == sorted([a.key, b.key, shared.key])
 
+
 def test_table_selection_is_checked() -> None:
     assert protocol.parse_tables("4,1") == ["1", "4"]
     assert protocol.parse_tables("") == list(protocol.TABLES)
@@ -269,8 +354,15 @@ def test_every_model_variant_of_the_plan_composes_to_its_scale() -> None:
 
 @pytest.mark.slow
 def test_smoke_protocol_writes_outputs_skips_finished_runs_and_selects_tables(tmp_path: Path) -> None:
-    args = ["--scale", "smoke", "--in-process", "--out-dir", str(tmp_path / "runs"), "--docs-dir",
-            str(tmp_path / "docs")]
+    args = [
+        "--scale",
+        "smoke",
+        "--in-process",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--docs-dir",
+        str(tmp_path / "docs"),
+    ]
     first = reproduce([*args, "--tables", "5,6"])
     trained = set(first.trained)
     assert {k for k in trained if "expand_bits" in k} and {k for k in trained if "gelu" in k}
@@ -294,17 +386,31 @@ def test_smoke_protocol_writes_outputs_skips_finished_runs_and_selects_tables(tm
 
 @pytest.mark.slow
 def test_table1_smoke_resolves_best_lr_rows_with_heldout_and_figures(tmp_path: Path) -> None:
-    args = ["--scale", "smoke", "--tables", "1", "--in-process", "--out-dir", str(tmp_path / "runs"),
-            "--docs-dir", str(tmp_path / "docs")]
+    args = [
+        "--scale",
+        "smoke",
+        "--tables",
+        "1",
+        "--in-process",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--docs-dir",
+        str(tmp_path / "docs"),
+    ]
     reproduce(args)
     doc = json.loads((tmp_path / "docs" / "reproduction_smoke.json").read_text())
     labels = {r["row"] for r in doc["rows"]}
     assert any(lbl.startswith("(b) MemoryFormer (best lr") for lbl in labels)
     assert any(lbl.startswith("(c) dense, about") for lbl in labels)
     assert any(lbl.startswith("(e) MemoryFormer at its best embedding lr scale too (") for lbl in labels)
+    budgets = {(r["run"].split("-")[0], r["steps"]) for r in doc["rows"] if r["row"].startswith("(e)")}
+    assert budgets == {(m, s) for m in ("mf", "dense", "mf_w2", "dense_w2") for s in (2, 4, 6)}
+    assert (
+        "### Table 1 (e) against training tokens" in (tmp_path / "docs" / "reproduction_smoke.md").read_text()
+    )
     t1 = [r for r in doc["rows"] if not r["row"].startswith("lr sweep")]
     assert all(0 < r["heldout_bits_per_byte"] < 20 for r in t1)
-    for name in ("table1_curves", "buckets"):
+    for name in ("table1_curves", "buckets", "budgets"):
         assert (tmp_path / "docs" / f"reproduction_smoke_{name}.png").stat().st_size > 1000
 
 
@@ -315,8 +421,19 @@ def _committed_rows() -> list[dict]:
 
 
 def test_committed_reproduction_argv_compose_and_fields_are_complete() -> None:
-    fields = {"table", "row", "argv", "seed", "steps", "tokens", "val_loss", "val_ppl", "params",
-              "flops_per_token", "train_seconds"}
+    fields = {
+        "table",
+        "row",
+        "argv",
+        "seed",
+        "steps",
+        "tokens",
+        "val_loss",
+        "val_ppl",
+        "params",
+        "flops_per_token",
+        "train_seconds",
+    }
     rows = _committed_rows()
     assert {r["table"] for r in rows} == set(protocol.TABLES)
     for r in rows:
@@ -332,7 +449,10 @@ def test_committed_reproduction_argv_compose_and_fields_are_complete() -> None:
 def _retrain(row: dict, tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "train.py", *row["argv"], f"hydra.run.dir={tmp_path / 'run'}", "export_final=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     losses = re.findall(r"step\s+(\d+) \| val/loss (\d+\.\d+)", out.stdout)
