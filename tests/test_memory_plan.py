@@ -154,6 +154,25 @@ def test_accumulation_is_derived_from_the_micro_batch() -> None:
     assert (plan.micro_batch_size, plan.accumulate) == (2, 4)  # a stated value that agrees is fine
 
 
+def test_accelerator_auto_is_resolved_once_to_the_device_lightning_will_use(monkeypatch) -> None:
+    from memoryformer.training.run import trainer_kwargs
+
+    # no CUDA here: Lightning's auto trains on the CPU, so the plan uses CPU kernels and the host's RAM
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = _compose("experiment=nano_cpu", "trainer=gpu", "trainer.accelerator=auto")
+    plan = check_config(cfg)
+    assert plan.memory["layout"]["device"] == "cpu" and plan.memory["device_memory_source"] == "host RAM"
+    assert trainer_kwargs(cfg, plan)["accelerator"] == "cpu"
+    # with CUDA: the same key gives CUDA kernels and the GPU's own memory, read in one place
+    gpu = type("Props", (), {"total_memory": 80 * GB, "name": "Fake GPU"})()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+    plan = check_config(cfg)
+    assert plan.memory["layout"]["device"] == "cuda" and plan.memory["device_memory_source"] == "Fake GPU"
+    assert trainer_kwargs(cfg, plan)["accelerator"] == "cuda"
+
+
 @pytest.mark.parametrize(
     "overrides, needles",
     [

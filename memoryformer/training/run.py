@@ -58,7 +58,19 @@ class RunPlan:
     micro_batch_size: int
     max_steps: int
     tokens_per_step: int
+    trainer: dict[str, Any]  # `cfg.trainer` as plain values, `accelerator` resolved (`resolve_accelerator`)
     memory: dict[str, Any] | None = None  # the memory plan as plan.json stores it (`plan_run_memory`)
+
+
+def resolve_accelerator(accelerator: Any) -> str:
+    """The accelerator Lightning will train on for `trainer.accelerator`: `auto` becomes `cuda` where CUDA
+    is available and `cpu` elsewhere, as Lightning's own choice does for the devices this project runs on;
+    any other name is kept. Resolved once, so that the memory plan, the device's memory, the precision
+    check and the strategy all see the device the run really uses."""
+    name = str(accelerator or "auto")
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def world_size(trainer_cfg: dict[str, Any]) -> int:
@@ -116,6 +128,7 @@ def check_config(cfg: DictConfig) -> RunPlan:
         data = DataConfig(**to_plain(cfg.data))
     optim = OptimConfig.from_dict(to_plain(cfg.optim))
     trainer_cfg = to_plain(cfg.trainer)
+    trainer_cfg["accelerator"] = resolve_accelerator(trainer_cfg.get("accelerator"))
     if data.seq_len > model.block_size:
         raise ConfigError(
             f"data.seq_len={data.seq_len} exceeds model.block_size={model.block_size}; "
@@ -149,7 +162,9 @@ def check_config(cfg: DictConfig) -> RunPlan:
             f"leave it null."
         )
     micro, accumulate, memory = plan_run_memory(cfg, model, data, optim, trainer_cfg, world)
-    return RunPlan(model, data, optim, world, accumulate, micro, max_steps, tokens_per_step, memory)
+    return RunPlan(
+        model, data, optim, world, accumulate, micro, max_steps, tokens_per_step, trainer_cfg, memory
+    )
 
 
 def plan_run_memory(
@@ -203,9 +218,7 @@ def check_writable_dir(path: Path, key: str) -> None:
 def check_precision(trainer_cfg: dict[str, Any]) -> None:
     """Refuse fp16 (`16-mixed`) on CPU: Lightning has no fp16 AMP there and would silently train in bf16."""
     precision = str(trainer_cfg.get("precision", ""))
-    accelerator = str(trainer_cfg.get("accelerator", "auto"))
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if precision.startswith("16") and on_cpu:
+    if precision.startswith("16") and resolve_accelerator(trainer_cfg.get("accelerator")) == "cpu":
         raise ConfigError(
             f"trainer.precision={precision} needs a CUDA GPU: Lightning has no fp16 mixed precision on "
             f"CPU and would silently train in bf16-mixed instead; on CPU use trainer.precision=bf16-mixed "
@@ -230,7 +243,7 @@ def optim_for_precision(optim: dict[str, Any], trainer_cfg: dict[str, Any]) -> d
 
 def trainer_kwargs(cfg: DictConfig, plan: RunPlan) -> dict[str, Any]:
     """Keyword arguments of `L.Trainer` from `cfg.trainer` plus what the run-level keys imply."""
-    kwargs = dict(to_plain(cfg.trainer))
+    kwargs = dict(plan.trainer)
     kwargs["max_steps"] = plan.max_steps
     kwargs["accumulate_grad_batches"] = plan.accumulate  # derived (batch_plan); a stated value agreed
     kwargs["strategy"] = build_strategy(
@@ -318,7 +331,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = LMDataModule(plan.data, plan.micro_batch_size, plan.model.vocab_size, plan.model.block_size)
     module = LMTrainingModule(
         model=plan.model.to_dict(),
-        optim=optim_for_precision(asdict(plan.optim), to_plain(cfg.trainer)),
+        optim=optim_for_precision(asdict(plan.optim), plan.trainer),
         max_steps=plan.max_steps,
         activation_checkpointing=bool(cfg.activation_checkpointing),
         activation_checkpointing_every=int(cfg.activation_checkpointing_every),
