@@ -7,7 +7,7 @@ checkpointing) a fresh process builds the model in fp32, takes two AdamW steps (
 gradients freed as Lightning does) and reports its peak resident memory minus the resident memory just
 before the model was built (the kernel's high-water mark is reset there through /proc/self/clear_refs),
 with glibc returning freed blocks to the kernel (`MALLOC_ENV`).
-The plan (`memoryformer.training.memory_plan.plan_memory`, CPU layout, 32-true, one process) is computed
+The plan (`memoryformer.training.sizing.plan_memory`, CPU layout, 32-true, one process) is computed
 for the same shape. `--write` replaces this section of docs/benchmarks.md.
 """
 
@@ -54,7 +54,7 @@ def model_config(block: str):
 
 def planned_bytes(shape: dict) -> tuple[int, str]:
     """(peak bytes, peak moment) of the plan for `shape` on this CPU in fp32, one process."""
-    from memoryformer.training.memory_plan import Layout, plan_memory
+    from memoryformer.training.sizing import Layout, plan_memory
 
     layout = Layout(strategy="single", precision="32-true", device="cpu", world_size=1)
     plan = plan_memory(model_config(shape["block"]), SEQ_LEN, shape["micro"], layout, shape["checkpointing"])
@@ -73,12 +73,11 @@ def measure_in_this_process(shape: dict) -> int:
     """Peak resident bytes of two training steps of `shape` above the resident memory before the model."""
     import torch
 
-    from memoryformer.conf_schema import OptimConfig
     from memoryformer.config import ModelConfig
     from memoryformer.models import LanguageModel
     from memoryformer.nn import memory_ops
-    from memoryformer.training.optim import build_optimizer
-    from memoryformer.training.parallelize import apply_activation_checkpointing
+    from memoryformer.training.optim import OptimConfig, build_optimizer
+    from memoryformer.training.parallel import apply_activation_checkpointing
 
     torch.manual_seed(0)
     memory_ops.load_cpu_extension()

@@ -47,11 +47,10 @@ from compute_budget import (  # noqa: E402
     today,
 )
 
-from memoryformer.conf_schema import OptimConfig  # noqa: E402
 from memoryformer.config import PAPER_MODELS, ModelConfig  # noqa: E402
 from memoryformer.flops import model_cost  # noqa: E402
 from memoryformer.models import LanguageModel  # noqa: E402
-from memoryformer.training.optim import build_optimizer  # noqa: E402
+from memoryformer.training.optim import OptimConfig, build_optimizer  # noqa: E402
 
 #: Bytes per parameter held during training: fp32 weight + fp32 grad + two fp32 AdamW moments.
 TRAIN_BYTES_PER_PARAM = 16

@@ -17,80 +17,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from memoryformer.config import PRESETS, ConfigError, ModelConfig, check_choice, field_defaults
+from memoryformer.config import PRESETS, ModelConfig, field_defaults
 from memoryformer.data.config import DataConfig
-from memoryformer.errors import REMOVED_KEYS
-
-OPTIMIZERS = ("adamw", "adam")  # optim.name
-SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer, schedule and clipping (the `optim` group); defaults are the paper's MemoryFormer recipe.
-
-    lr 3e-3 is 3x Pythia-70M's (paper section 3); min lr is 0.01 * lr as in the released configs.
-    """
-
-    name: str = "adamw"  # "adamw" (decoupled decay, the released FusedAdam) | "adam" (L2 decay)
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    # weight decay of the Memory Layer tables; None: weight_decay (the released code decays them), 0: none
-    # (product-key memory's setting). Replaces the removed `decay_tables` (false is table_weight_decay=0).
-    table_weight_decay: float | None = None
-    # Per-group learning rates (memoryformer.training.optim): the blocks' weight matrices and Memory Layer
-    # tables train at lr * block_lr_scale, the token embedding and LM head at lr * embedding_lr_scale, norms
-    # and biases at lr; all under the same warmup and decay. 1.0 and 1.0 is the released recipe.
-    block_lr_scale: float = 1.0
-    embedding_lr_scale: float = 1.0
-    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
-    warmup_ratio: float = 0.01  # share of the decay horizon (decay_steps, else max_steps) spent in warmup
-    warmup_steps: int | None = None  # overrides warmup_ratio when set
-    decay_steps: int | None = None  # cosine decay horizon in steps (lr reaches min lr there); None: max_steps
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    fused: bool = True  # torch's fused (single-kernel) Adam/AdamW step: ~4x faster on CPU, and on GPU
-
-    def validate(self) -> None:
-        """Raise `ConfigError` with one sentence naming the key and the fix for an impossible value.
-
-        `training.run.check_config` and `LMTrainingModule` call it; the schedule's step counts are checked
-        where they are used (`memoryformer.training.optim`), since those need the run's step budget.
-        """
-        check_choice("optim.name", self.name, OPTIMIZERS)
-        check_choice("optim.schedule", self.schedule, SCHEDULES)
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(
-                f"optim.lr={self.lr} must be > 0 and optim.min_lr_ratio={self.min_lr_ratio} in [0, 1]."
-            )
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1).")
-        for key in ("block_lr_scale", "embedding_lr_scale"):
-            if getattr(self, key) < 0:
-                raise ConfigError(
-                    f"optim.{key}={getattr(self, key)} must be >= 0 (a multiple of optim.lr; 1 = the "
-                    f"same lr, 0 freezes the group)."
-                )
-        if self.table_weight_decay is not None and self.table_weight_decay < 0:
-            raise ConfigError(
-                f"optim.table_weight_decay={self.table_weight_decay} must be >= 0, or null for "
-                f"optim.weight_decay."
-            )
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], saved: bool = False) -> OptimConfig:
-        """An `OptimConfig` from a plain dict. The removed `decay_tables` is refused with the sentence naming
-        `table_weight_decay`, unless `saved` (a checkpoint's hyper-parameters, written before it was
-        removed), where it maps to `table_weight_decay` (false -> 0, true -> null)."""
-        values = dict(values)
-        if "decay_tables" in values:
-            if not saved:
-                raise ConfigError(REMOVED_KEYS["optim.decay_tables"])
-            decay = values.pop("decay_tables")
-            values.setdefault("table_weight_decay", None if decay else 0.0)
-        return cls(**values)
+from memoryformer.training.optim import OptimConfig
 
 
 @dataclass
@@ -164,11 +93,11 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
     if not OmegaConf.has_resolver("run_stamp"):
         # `${run_stamp:%Y-%m-%d_%H-%M-%S}`: the time, or the launcher's job id shared by all processes of a
-        # multi-process launch (memoryformer.training.launch); one value per process, as Hydra's `now`
+        # multi-process launch (memoryformer.training.settings); one value per process, as Hydra's `now`
         stamps: dict[str, str] = {}
 
         def stamp(fmt: str) -> str:
-            from memoryformer.training.launch import run_stamp  # imported when resolved: torch loads late
+            from memoryformer.training.settings import run_stamp  # imported when resolved: torch loads late
 
             return stamps.setdefault(fmt, run_stamp(fmt))
 

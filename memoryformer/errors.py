@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 class RunLockError(ConfigError):
     """Another live run holds the output directory; the message names its pid, host and the fix
-    (`memoryformer.training.run_lock`)."""
+    (`memoryformer.file_lock`)."""
 
 
 class DataError(ValueError):

@@ -233,7 +233,7 @@ class Cluster:
             TOKENIZERS_PARALLELISM="false",
             PYTHONUNBUFFERED="1",
             OMP_NUM_THREADS="1",
-            TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",  # torchrun --max-restarts needs it (training/launch.py)
+            TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",  # torchrun --max-restarts needs it (training/settings.py)
             MEMORYFORMER_CACHE=str(self.shared / "cache"),
             PYTHONPATH=os.pathsep.join(paths),
         )

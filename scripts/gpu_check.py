@@ -9,7 +9,7 @@
    at least BANDWIDTH_SHARE (50%) of the same device's bf16 copy bandwidth (bytes read per second).
 4. plan_peak_memory: `torch.cuda.max_memory_allocated` of two MF-tiny training steps (bf16 autocast, fused
    AdamW) at PLAN_MICRO_BATCH x PLAN_SEQ_LEN against the memory plan's estimate for the same micro-batch
-   (`plan_peak_bytes`, the one call into `memoryformer.training.memory_plan`); pass within PLAN_TOLERANCE
+   (`plan_peak_bytes`, the one call into `memoryformer.training.sizing`); pass within PLAN_TOLERANCE
    (15%); a missing plan module fails.
 5. lookup_backward_peak: the extra memory of one Memory Layer's lookup backward on CUDA
    (`torch.cuda.max_memory_allocated` during the backward, less what was allocated before it and the
@@ -235,7 +235,7 @@ def mfu(macs_per_token: float, tokens_per_s: float, peak: float | None) -> float
 
 # ----------------------------------------------------------------------------- plan against measurement
 class PlanMissingError(RuntimeError):
-    """The memory plan module (`memoryformer.training.memory_plan`) is not there or lacks what we call."""
+    """The memory plan module (`memoryformer.training.sizing`) is not there or lacks what we call."""
 
 
 def plan_peak_bytes(micro_batch: int, seq_len: int) -> int:
@@ -248,7 +248,7 @@ def plan_peak_bytes(micro_batch: int, seq_len: int) -> int:
     try:
         from memoryformer.config import ModelConfig
 
-        memory_plan = importlib.import_module("memoryformer.training.memory_plan")
+        memory_plan = importlib.import_module("memoryformer.training.sizing")
     except ImportError as err:
         raise PlanMissingError(f"plan module missing: {err}") from err
     layout = memory_plan.Layout(precision="bf16-mixed", device="cuda", fused_optimizer=True)
@@ -298,8 +298,8 @@ def planned_lookup(device_bytes: int) -> dict:
     of each of MF-tiny's Memory Layer shapes (K, rows, width) at that micro-batch."""
     from memoryformer.config import ModelConfig
     from memoryformer.nn import memory_ops
-    from memoryformer.training import memory_plan
-    from memoryformer.training.batch_plan import DeviceMemory, resolve_batch
+    from memoryformer.training import sizing as memory_plan
+    from memoryformer.training.sizing import DeviceMemory, resolve_batch
 
     model = ModelConfig.from_name("mf_tiny")
     layout = memory_plan.Layout(precision="bf16-mixed", device="cuda", fused_optimizer=True)

@@ -148,7 +148,7 @@ def case_stated_accumulation_disagrees(tmp: Path):
 
 
 def case_plan_larger_than_the_device(tmp: Path):
-    from memoryformer.training.memory_plan import Layout, plan_memory
+    from memoryformer.training.sizing import Layout, plan_memory
 
     # smoke's model (conf/experiment/smoke.yaml) at 64 sequences of 64 tokens: the logits dominate
     smoke = ModelConfig.from_name("nano", n_layer=1, block_size=64)

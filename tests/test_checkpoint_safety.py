@@ -24,10 +24,10 @@ from memoryformer.checkpoint import (  # noqa: E402
     load_model,
 )
 from memoryformer.config import ConfigError  # noqa: E402
-from memoryformer.training.checkpoint_io import SafeCheckpointIO  # noqa: E402
-from memoryformer.training.launch import is_launching_process  # noqa: E402
+from memoryformer.file_lock import LOCK_NAME, RunLockError, run_lock
 from memoryformer.training.resume import resolve_ckpt_path  # noqa: E402
-from memoryformer.training.run_lock import LOCK_NAME, RunLockError, run_lock  # noqa: E402
+from memoryformer.training.run import SafeCheckpointIO
+from memoryformer.training.settings import is_launching_process
 
 
 class Payload:
@@ -219,7 +219,7 @@ def test_lock_held_by_another_live_process_is_refused(tmp_path):
     import subprocess
 
     code = (
-        "import sys, time; from memoryformer.training.run_lock import run_lock\n"
+        "import sys, time; from memoryformer.file_lock import run_lock\n"
         "with run_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)

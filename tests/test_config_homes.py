@@ -13,11 +13,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from memoryformer.conf_schema import OptimConfig, register_configs
+from memoryformer.conf_schema import register_configs
 from memoryformer.config import field_defaults
 from memoryformer.data.config import DataConfig
 from memoryformer.evaluation.config import EvalSettings, EvaluateConfig
 from memoryformer.generation import GenerateConfig
+from memoryformer.training.optim import OptimConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from memoryformer.conf_schema import register_configs
 from memoryformer.config import PAPER_MODELS, ConfigError
-from memoryformer.training.run import check_config, trainer_kwargs
+from memoryformer.training.run import trainer_kwargs
+from memoryformer.training.settings import check_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
@@ -243,7 +244,7 @@ def test_experiments_change_only_what_they_state(experiment: str, changed: dict)
     ],
 )
 def test_bad_optim_values_are_refused_by_the_optim_config(override: str, message: str) -> None:
-    from memoryformer.conf_schema import OptimConfig
+    from memoryformer.training.optim import OptimConfig
 
     cfg = _compose(override)
     with pytest.raises(ConfigError, match=message):

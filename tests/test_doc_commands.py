@@ -179,7 +179,7 @@ def _compose_and_check(cmd: DocCommand, tmp_path: Path, monkeypatch: pytest.Monk
         with open_dict(cfg):
             del cfg["hydra"]  # composed (so hydra/... and hydra.* overrides are checked), not needed after
         if cmd.script == "train":
-            from memoryformer.training.run import check_config
+            from memoryformer.training.settings import check_config
 
             check_config(cfg)
         elif cmd.script == "evaluate":

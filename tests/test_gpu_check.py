@@ -82,7 +82,7 @@ def test_fit_command_composes_and_checks(tmp_path: Path) -> None:
     from hydra import compose, initialize_config_dir
 
     from memoryformer.conf_schema import register_configs
-    from memoryformer.training.run import check_config
+    from memoryformer.training.settings import check_config
 
     register_configs()
     overrides = [a for a in gpu_check.fit_command(tmp_path, peak=989.0)[2:] if not a.startswith("hydra.")]
@@ -159,14 +159,14 @@ def test_plan_within_15_percent_passes_and_a_missing_plan_fails() -> None:
 def test_plan_call_reports_a_missing_module(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    monkeypatch.setitem(sys.modules, "memoryformer.training.memory_plan", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "memoryformer.training.sizing", None)  # import raises ImportError
     with pytest.raises(gpu_check.PlanMissingError, match="^plan module missing"):
         gpu_check.plan_peak_bytes(4, 2048)
 
 
 def test_plan_call_is_the_plan_without_what_the_allocator_does_not_count() -> None:
     from memoryformer.config import ModelConfig
-    from memoryformer.training import memory_plan as mp
+    from memoryformer.training import sizing as mp
 
     plan = mp.plan_memory(ModelConfig.from_name("mf_tiny"), 2048, 4, mp.Layout(precision="bf16-mixed"))
     unseen = plan.breakdown["cuda_context"] + plan.breakdown["allocator_slack"]
@@ -197,7 +197,7 @@ def test_lookup_check_measures_at_the_micro_batch_auto_picks() -> None:
 
     from memoryformer.conf_schema import register_configs
     from memoryformer.nn import memory_ops
-    from memoryformer.training.run import check_config
+    from memoryformer.training.settings import check_config
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

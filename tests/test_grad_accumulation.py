@@ -21,8 +21,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from memoryformer.conf_schema import register_configs
-from memoryformer.training import memory_plan as mp
-from memoryformer.training.strategy import deepspeed_config, use_deepspeed_cpu_accelerator
+from memoryformer.training import sizing as mp
+from memoryformer.training.parallel import deepspeed_config, use_deepspeed_cpu_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()

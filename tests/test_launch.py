@@ -1,4 +1,4 @@
-"""The run folder of a multi-process launch is named once for all its processes (`training/launch.py`)."""
+"""The run folder of a multi-process launch is named once for all its processes (`training/settings.py`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import socket
 import pytest
 from torch.distributed import TCPStore
 
-from memoryformer.training import launch
-from memoryformer.training.launch import run_stamp
+from memoryformer.training import settings as launch
+from memoryformer.training.settings import run_stamp
 
 FMT = "%Y-%m-%d_%H-%M-%S"
 
@@ -60,7 +60,7 @@ def test_torchrun_without_one_shares_the_first_workers_time_through_the_agent_st
 
 def test_torchrun_restarts_into_a_shared_rendezvous_store_are_refused():
     from memoryformer.config import ConfigError
-    from memoryformer.training.launch import check_torchrun_restarts
+    from memoryformer.training.settings import check_torchrun_restarts
 
     env = {"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_MAX_RESTARTS": "1"}
     with pytest.raises(ConfigError, match="export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun"):

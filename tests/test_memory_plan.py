@@ -24,8 +24,8 @@ from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.models import LanguageModel
 from memoryformer.nn import memory_ops
 from memoryformer.nn.rotary import rotary_cos_sin
-from memoryformer.training import memory_plan as mp
-from memoryformer.training.run import check_config
+from memoryformer.training import sizing as mp
+from memoryformer.training.settings import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -21,7 +21,7 @@ from memoryformer.models.blocks import MLP, MemoryBlock, MemoryFormerBlock, Pyth
 from memoryformer.nn.memory_layer import MemoryLayer
 from memoryformer.nn.norms import RMSNorm
 from memoryformer.nn.rotary import apply_rotary, rotary_cos_sin
-from memoryformer.training.parallelize import apply_activation_checkpointing, checkpointed_blocks
+from memoryformer.training.parallel import apply_activation_checkpointing, checkpointed_blocks
 
 
 def tiny(block: str = "memoryformer", **overrides) -> ModelConfig:
@@ -377,8 +377,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(every):
 
 
 def test_training_module_applies_activation_checkpointing_every_nth_block():
-    from memoryformer.conf_schema import OptimConfig
-    from memoryformer.training import LMTrainingModule
+    from memoryformer.training.module import LMTrainingModule
+    from memoryformer.training.optim import OptimConfig
 
     config = tiny(n_layer=3).to_dict()
     optim = dataclasses.asdict(OptimConfig())

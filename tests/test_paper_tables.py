@@ -21,11 +21,11 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from memoryformer.conf_schema import OptimConfig, register_configs
+from memoryformer.conf_schema import register_configs
 from memoryformer.config import PAPER_MODELS, ConfigError, ModelConfig
 from memoryformer.models import LanguageModel
-from memoryformer.training.optim import build_optimizer, build_scheduler
-from memoryformer.training.run import check_config, optim_for_precision
+from memoryformer.training.optim import OptimConfig, build_optimizer, build_scheduler
+from memoryformer.training.settings import check_config, optim_for_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the paper-table printer

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from memoryformer.conf_schema import OptimConfig
 from memoryformer.errors import ConfigError
 from memoryformer.models import build_model
 from memoryformer.nn.memory_layer import MemoryLayer
 from memoryformer.training.optim import (
+    OptimConfig,
     build_optimizer,
     build_scheduler,
     group_lrs,

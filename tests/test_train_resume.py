@@ -27,15 +27,15 @@ from eval_test_helpers import tiny_model  # noqa: E402
 
 from memoryformer.conf_schema import register_configs  # noqa: E402
 from memoryformer.config import ConfigError  # noqa: E402
-from memoryformer.training.fingerprint import (  # noqa: E402
+from memoryformer.training.resume import (
     CHECKPOINT_KEY,
     NOT_COUNTED,
     describe,
     differences,
     fingerprint_record,
+    resolve_ckpt_path,  # noqa: E402
     run_fingerprint,
 )
-from memoryformer.training.resume import resolve_ckpt_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -96,7 +96,7 @@ def test_a_longer_budget_extends_a_run_only_with_its_horizon_and_mapping_pinned(
     pinned = ("optim.decay_steps=20", "data.num_samples=80")
     assert differences(short, _fingerprint(*pinned, max_steps=40)) == []
     # max_tokens gives the same budget as the equivalent trainer.max_steps (4 x 32 tokens per step)
-    from memoryformer.training.run import check_config
+    from memoryformer.training.settings import check_config
 
     by_tokens = _cfg("max_tokens=2560", "logger=none")
     assert check_config(by_tokens).max_steps == 20
@@ -400,7 +400,7 @@ def test_a_killed_multirun_relaunched_with_auto_resumes_each_job_from_its_own_ch
 def test_a_resumed_run_keeps_the_csv_rows_of_the_steps_before_its_checkpoint(tmp_path):
     """Lightning's CSV logger deletes `metrics.csv` in a non-empty folder; ours keeps the rows before the
     first step the resumed run logs, and replaces those it logs again (steps redone after a dead rank)."""
-    from memoryformer.training.csv_logger import CSVLogger
+    from memoryformer.training.run import CSVLogger
 
     first = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
     for step in range(8):

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from memoryformer.conf_schema import register_configs
 from memoryformer.config import ConfigError
-from memoryformer.training.strategy import build_strategy, deepspeed_config
+from memoryformer.training.parallel import build_strategy, deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()

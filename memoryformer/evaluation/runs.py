@@ -73,8 +73,8 @@ def config_value(config: dict[str, Any], dotted: str) -> Any:
 
 
 def _default(dotted: str) -> Any:
-    from memoryformer.conf_schema import OptimConfig
     from memoryformer.config import ModelConfig
+    from memoryformer.training.optim import OptimConfig
 
     group, _, key = dotted.partition(".")
     cls = {"model": ModelConfig, "optim": OptimConfig}.get(group)

@@ -78,7 +78,7 @@ def init_weights(
 
     `whole(params)`: a context in which `params` are whole tensors, entered around the init of each
     module or projection, which overwrites every element of them (DeepSpeed ZeRO-3 holds parameters as
-    shards and materialises one projection's at a time, `memoryformer.training.strategy.materialised_zero3`);
+    shards and materialises one projection's at a time, `memoryformer.training.parallel.materialised_zero3`);
     by default none. The draws come in the same order either way.
     """
     small = small_init_std(config.n_embd)

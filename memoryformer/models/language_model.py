@@ -2,7 +2,7 @@
 
 One class for both architectures; `config.block` picks MemoryFormer or Pythia (GPT-NeoX) blocks. The model
 knows nothing about Lightning, distribution or activation checkpointing: training wraps it
-(`memoryformer.training.parallelize`), evaluation calls `forward` (optionally with a `KVCache`), and
+(`memoryformer.training.parallel`), evaluation calls `forward` (optionally with a `KVCache`), and
 `generate` samples with the cache.
 """
 

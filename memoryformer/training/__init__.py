@@ -1,16 +1,10 @@
-"""Training: the LightningModule, optimizer/schedule, strategy builder, callbacks and the run driver."""
+"""Training, one concept per module:
 
-from memoryformer.training.module import LMTrainingModule, NonFiniteLossError
-from memoryformer.training.optim import build_optimizer, build_scheduler, lr_multiplier, parameter_groups
-from memoryformer.training.strategy import build_strategy, deepspeed_config
-
-__all__ = [
-    "LMTrainingModule",
-    "NonFiniteLossError",
-    "build_optimizer",
-    "build_scheduler",
-    "build_strategy",
-    "deepspeed_config",
-    "lr_multiplier",
-    "parameter_groups",
-]
+- `settings`: the composed config checked and resolved once into a `RunPlan`;
+- `run`: `train(cfg)`, the trainer with its callbacks and loggers, the fit, stopping on a signal, export;
+- `module`: the training loop (`LMTrainingModule`) and the callbacks that watch it;
+- `optim`: `OptimConfig`, parameter groups and the lr schedule;
+- `parallel`: strategies (DDP, DeepSpeed ZeRO), activation checkpointing, compile, ZeRO-3 init;
+- `sizing`: batch arithmetic and the memory plan;
+- `resume`: run fingerprints, the checkpoint search, and the callbacks that save what a resume needs.
+"""

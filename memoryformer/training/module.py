@@ -1,29 +1,46 @@
-"""`LMTrainingModule`: the LightningModule that trains a plain `LanguageModel`.
+"""The training loop: `LMTrainingModule` (the LightningModule around the plain model) and the
+callbacks that watch it (throughput and MFU, Memory Layer bucket usage, the loss lines, validation at step
+0, the progress bar).
 
-It owns the loss bookkeeping, the optimizer and the schedule, and nothing model-specific: the model is
-`self.model` (so checkpoint keys are `model.<model key>`), built from `hyper_parameters["model"]`, a
-`ModelConfig.to_dict()`, which is all a loader needs to rebuild it.
+`LMTrainingModule` owns the loss bookkeeping, the optimizer and the schedule, and nothing model-specific:
+the model is `self.model` (so checkpoint keys are `model.<model key>`), built from
+`hyper_parameters["model"]`, a `ModelConfig.to_dict()`, which is all a loader needs to rebuild it.
+
+FLOP convention: `memoryformer.flops.training_flops_per_token` counts a multiply-add as ONE FLOP (the
+paper's convention); the TFLOP/s and MFU logged here use the usual MFU convention of TWO FLOPs per
+multiply-add, so `train/tflops` is comparable with a GPU's datasheet peak (e.g. H100 SXM bf16 dense 989).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import time
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from memoryformer.conf_schema import OptimConfig
 from memoryformer.config import ModelConfig
 from memoryformer.errors import NonFiniteLossError  # the one NonFiniteLossError, also importable from here
+from memoryformer.flops import FLOPS_PER_MAC
 from memoryformer.models import LanguageModel
 from memoryformer.models.init import init_weights
-from memoryformer.training.fingerprint import CHECKPOINT_KEY
-from memoryformer.training.optim import build_optimizer, build_scheduler, group_lrs
-from memoryformer.training.parallelize import apply_activation_checkpointing, apply_compile
-from memoryformer.training.strategy import is_deepspeed, is_zero3, materialised_zero3, offloads_optimizer
+from memoryformer.nn.bucket_usage import bucket_usage, watch_hashes
+from memoryformer.nn.memory_layer import HashCodes
+from memoryformer.training.optim import OptimConfig, build_optimizer, build_scheduler, group_lrs
+from memoryformer.training.parallel import (
+    apply_activation_checkpointing,
+    apply_compile,
+    is_deepspeed,
+    is_zero3,
+    materialised_zero3,
+    offloads_optimizer,
+)
+from memoryformer.training.resume import CHECKPOINT_KEY
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,3 +312,230 @@ class LMTrainingModule(L.LightningModule):
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _batch_tokens(batch: Any) -> int:
+    ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+    return int(ids.numel())
+
+
+class TokenThroughputMonitor(L.Callback):
+    """Logs `train/tokens_seen`, `train/tokens_per_s`, `train/tflops` and (with a peak) `train/mfu`.
+
+    Measured per optimizer step, all ranks together (`tokens per rank x world size`), wall time between
+    consecutive step ends with validation time excluded. `flops_per_token` is in multiply-adds (paper
+    convention) and is doubled here; `peak_tflops_per_device` uses the same 2-FLOPs-per-MAC convention.
+    Not Lightning's `ThroughputMonitor`: that one needs a batch-size function and logs samples, not tokens.
+    """
+
+    def __init__(
+        self, flops_per_token: float | None = None, peak_tflops_per_device: float | None = None
+    ) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak_tflops_per_device = peak_tflops_per_device
+        self.tokens_seen = 0
+        self._step_tokens = 0
+        self._last_step = -1
+        self._t_last: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._t_last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._step_tokens += _batch_tokens(batch) * trainer.world_size
+        if trainer.global_step == self._last_step:
+            return  # still accumulating gradients
+        self._last_step = trainer.global_step
+        now = time.perf_counter()
+        dt = now - (self._t_last or now)
+        self._t_last = now
+        self.tokens_seen += self._step_tokens
+        metrics = {"train/tokens_seen": float(self.tokens_seen)}
+        if dt > 0:
+            tps = self._step_tokens / dt
+            metrics["train/tokens_per_s"] = tps
+            if self.flops_per_token:
+                tflops = FLOPS_PER_MAC * self.flops_per_token * tps / 1e12
+                metrics["train/tflops"] = tflops
+                if self.peak_tflops_per_device:
+                    metrics["train/mfu"] = tflops / (self.peak_tflops_per_device * trainer.world_size)
+        self._step_tokens = 0
+        pl_module.log(
+            "train/tokens_per_s", metrics.pop("train/tokens_per_s", 0.0), prog_bar=True, on_step=True
+        )
+        pl_module.log_dict(metrics, on_step=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t_last = time.perf_counter()  # validation time is not training throughput
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens_seen = int(state_dict["tokens_seen"])
+
+
+class BucketUsageMonitor(L.Callback):
+    """Every `every_n_steps`, logs per Memory Layer the mean hash weight and the share of buckets used.
+
+    Keys: `hash/<layer>/weight_mean`, `buckets/<layer>/used_min` and `used_mean` (over the K tables), and
+    model-wide `buckets/used_min` and `hash/weight_mean`. A table whose codes collapse onto a few buckets is
+    a training bug, so a table using at most `collapse_share` of its buckets also triggers a warning.
+    """
+
+    def __init__(self, every_n_steps: int = 50, collapse_share: float = 1 / 64) -> None:
+        self.every_n_steps = every_n_steps
+        self.collapse_share = collapse_share
+        self._hooks: list[Any] = []
+        self._stats: dict[str, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.every_n_steps <= 0 or self._hooks or trainer.global_step % self.every_n_steps:
+            return
+        self._hooks = watch_hashes(getattr(pl_module, "model", pl_module), self._record)
+
+    def _record(self, name: str, hashed: HashCodes) -> None:
+        # reduced at once: keeping every layer's codes until the batch ends would cost GPU memory
+        self._stats[name] = {
+            "used": bucket_usage(hashed.codes(), hashed.code_length),
+            "weight_mean": hashed.weights.float().mean(),
+        }
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._hooks:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if not self._stats:
+            return
+        metrics: dict[str, float] = {}
+        for name, s in self._stats.items():
+            metrics[f"buckets/{name}/used_min"] = float(s["used"].min())
+            metrics[f"buckets/{name}/used_mean"] = float(s["used"].mean())
+            metrics[f"hash/{name}/weight_mean"] = float(s["weight_mean"])
+        used_min = min(float(s["used"].min()) for s in self._stats.values())
+        metrics["buckets/used_min"] = used_min
+        metrics["hash/weight_mean"] = sum(float(s["weight_mean"]) for s in self._stats.values()) / len(
+            self._stats
+        )
+        if used_min <= self.collapse_share:
+            worst = min(self._stats, key=lambda n: float(self._stats[n]["used"].min()))
+            rank_zero_warn(
+                f"Memory Layer {worst!r} has a table using only {used_min:.2%} of its buckets at step "
+                f"{trainer.global_step}: its hash has collapsed (check the norm before the hash and the lr)."
+            )
+        self._stats = {}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+@rank_zero_only
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+class LossPrinter(L.Callback):
+    """Prints one plain line every `every_n_steps` optimizer steps and after each validation (rank 0).
+
+    The rich progress bar redraws in place; these lines stay in `make train`'s output and in log files.
+    """
+
+    def __init__(self, every_n_steps: int = 10) -> None:
+        self.every_n_steps = every_n_steps
+        self._last = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last or step % self.every_n_steps:
+            return
+        self._last = step
+        m = trainer.callback_metrics
+        parts = [f"step {step:>6}/{trainer.max_steps}"]
+        for key, fmt in (("train/loss", ".4f"), ("train/lr", ".2e"), ("train/tokens_per_s", ",.0f")):
+            if key in m:
+                parts.append(f"{key.split('/')[-1]} {float(m[key]):{fmt}}")
+        _print(" | ".join(parts))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            _print(f"step {trainer.global_step:>6} | val/loss {float(val):.4f}")
+
+
+class ValidateAtStart(L.Callback):
+    """Validates the untrained model once, inside `fit`, before the first step of a fresh run (`val/loss` at
+    step 0); a resumed run (step > 0) skips it.
+
+    It runs the fit loop's own validation loop on the engine that trains, so every strategy takes the same
+    path on CPU and CUDA. `trainer.validate()` before `fit` would instead make Lightning build a DeepSpeed
+    inference engine first (which fails on DeepSpeed's CPU accelerator for want of a device index, and on
+    CUDA sets ZeRO up twice). `val_loss` holds the result.
+    """
+
+    def __init__(self) -> None:
+        self.val_loss: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > 0:
+            return
+        trainer.validating = True
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
+        val = trainer.callback_metrics.get("val/loss")
+        self.val_loss = None if val is None else float(val)
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich's progress bar counting optimizer steps of `trainer.max_steps`: `step 120/8000`.
+
+    Runs here are sized by `max_steps` with `max_epochs=-1`, so Lightning's own bar would read `Epoch 0/-2`
+    and count micro-batches of one epoch; this one shows the run's real progress.
+
+    The metrics beside it (`prog_bar=True`: train/loss, train/tokens_per_s) are read from the Trainer only
+    at the logging cadence during training (`get_metrics`): Lightning turns each into a Python number with
+    `.item()`, a device-to-host sync, and its own bar does so after every micro-batch.
+    """
+
+    _shown: dict[str, Any] | None = None
+    _shown_step = -1
+
+    @property
+    def total_train_batches(self) -> int | float:
+        """The bar's total: `max_steps` when the run is sized in steps, else Lightning's batch count."""
+        max_steps = self.trainer.max_steps
+        return max_steps if max_steps and max_steps > 0 else super().total_train_batches
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Lightning's bar metrics, read again during training only when the optimizer step count reaches a
+        new multiple of `trainer.log_every_n_steps` (in the micro-batch that completes that step, where
+        Lightning logs and `LossPrinter` prints too); otherwise the numbers last read."""
+        if trainer.training and self._shown is not None:
+            step, every = trainer.global_step, max(1, int(trainer.log_every_n_steps or 1))
+            if step == self._shown_step or step % every:
+                return self._shown
+        self._shown = super().get_metrics(trainer, pl_module)
+        self._shown_step = trainer.global_step
+        return self._shown
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._show_step(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._show_step(trainer)
+
+    def _show_step(self, trainer: L.Trainer) -> None:
+        if self.is_disabled or self.progress is None or self.train_progress_bar_id is None:
+            return
+        total = self.total_train_batches
+        text = f"step {trainer.global_step}/{total}"
+        if self.theme.description:  # the markup Lightning's bar puts around its descriptions
+            text = f"[{self.theme.description}]{text}"
+        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step, total=total,
+                             description=text)
+        self.refresh()

@@ -13,20 +13,95 @@ one of three lr groups named by what it is, `blocks` (weight matrices and Memory
 transformer blocks), `embeddings` (token embedding and LM head) and `other` (norms and biases). A group's lr
 is `optim.lr` times its scale (`block_lr_scale`, `embedding_lr_scale`, 1 for `other`), set as the torch
 group's own `lr`; the one `LambdaLR` multiplier then scales every group's initial lr, so all follow the same
-warmup and decay and keep their ratios at every step.
-"""
+warmup and decay and keep their ratios at every step."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from memoryformer.config import ConfigError, check_choice
+from memoryformer.errors import REMOVED_KEYS
 
-from memoryformer.config import ConfigError
-from memoryformer.nn.memory_layer import MemoryLayer
+# torch is imported where it is used: Hydra's ConfigStore registers `OptimConfig` (conf_schema), and
+# composing a config must not load torch (train.py --help and a misspelt key answer in about a second)
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+OPTIMIZERS = ("adamw", "adam")  # optim.name
+SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule and clipping (the `optim` group); defaults are the paper's MemoryFormer recipe.
+
+    lr 3e-3 is 3x Pythia-70M's (paper section 3); min lr is 0.01 * lr as in the released configs.
+    """
+
+    name: str = "adamw"  # "adamw" (decoupled decay, the released FusedAdam) | "adam" (L2 decay)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # weight decay of the Memory Layer tables; None: weight_decay (the released code decays them), 0: none
+    # (product-key memory's setting). Replaces the removed `decay_tables` (false is table_weight_decay=0).
+    table_weight_decay: float | None = None
+    # Per-group learning rates (memoryformer.training.optim): the blocks' weight matrices and Memory Layer
+    # tables train at lr * block_lr_scale, the token embedding and LM head at lr * embedding_lr_scale, norms
+    # and biases at lr; all under the same warmup and decay. 1.0 and 1.0 is the released recipe.
+    block_lr_scale: float = 1.0
+    embedding_lr_scale: float = 1.0
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
+    warmup_ratio: float = 0.01  # share of the decay horizon (decay_steps, else max_steps) spent in warmup
+    warmup_steps: int | None = None  # overrides warmup_ratio when set
+    decay_steps: int | None = None  # cosine decay horizon in steps (lr reaches min lr there); None: max_steps
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    fused: bool = True  # torch's fused (single-kernel) Adam/AdamW step: ~4x faster on CPU, and on GPU
+
+    def validate(self) -> None:
+        """Raise `ConfigError` with one sentence naming the key and the fix for an impossible value.
+
+        `training.run.check_config` and `LMTrainingModule` call it; the schedule's step counts are checked
+        where they are used (`memoryformer.training.optim`), since those need the run's step budget.
+        """
+        check_choice("optim.name", self.name, OPTIMIZERS)
+        check_choice("optim.schedule", self.schedule, SCHEDULES)
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(
+                f"optim.lr={self.lr} must be > 0 and optim.min_lr_ratio={self.min_lr_ratio} in [0, 1]."
+            )
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1).")
+        for key in ("block_lr_scale", "embedding_lr_scale"):
+            if getattr(self, key) < 0:
+                raise ConfigError(
+                    f"optim.{key}={getattr(self, key)} must be >= 0 (a multiple of optim.lr; 1 = the "
+                    f"same lr, 0 freezes the group)."
+                )
+        if self.table_weight_decay is not None and self.table_weight_decay < 0:
+            raise ConfigError(
+                f"optim.table_weight_decay={self.table_weight_decay} must be >= 0, or null for "
+                f"optim.weight_decay."
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], saved: bool = False) -> OptimConfig:
+        """An `OptimConfig` from a plain dict. The removed `decay_tables` is refused with the sentence naming
+        `table_weight_decay`, unless `saved` (a checkpoint's hyper-parameters, written before it was
+        removed), where it maps to `table_weight_decay` (false -> 0, true -> null)."""
+        values = dict(values)
+        if "decay_tables" in values:
+            if not saved:
+                raise ConfigError(REMOVED_KEYS["optim.decay_tables"])
+            decay = values.pop("decay_tables")
+            values.setdefault("table_weight_decay", None if decay else 0.0)
+        return cls(**values)
+
 
 #: the lr groups, logged as `lr/<name>` every optimizer step
 LR_GROUPS = ("blocks", "embeddings", "other")
@@ -35,6 +110,8 @@ LR_GROUPS = ("blocks", "embeddings", "other")
 def _embedding_ids(model: nn.Module) -> set[int]:
     """ids of the token-embedding and LM-head weights: every `nn.Embedding`'s weight and `model.lm_head`'s
     parameters (one id when the two are tied)."""
+    from torch import nn
+
     ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Module):
@@ -64,6 +141,8 @@ def parameter_groups(
     `tables` belong to `blocks`); empty groups are dropped, a parameter shared by two modules (tied
     weights) is listed once. The dicts are plain torch param groups, so any optimizer accepts them.
     """
+    from memoryformer.nn.memory_layer import MemoryLayer
+
     table_ids = {
         id(m.tables) for m in model.modules() if isinstance(m, MemoryLayer) and m.tables.requires_grad
     }
@@ -133,6 +212,8 @@ def build_optimizer(model: nn.Module, optim: Any, offload: bool = False) -> torc
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=bool(optim.fused))
     # "adam" keeps decay coupled to the gradient (L2), as torch.optim.Adam does; "adamw" decouples it,
     # as the released code's FusedAdam (adam_w_mode) did.
+    import torch
+
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
     return cls(groups, **kwargs)
 
@@ -210,4 +291,6 @@ def build_scheduler(
     """`LambdaLR` following `lr_multiplier`, decaying over `optim.decay_steps` or else `max_steps`."""
     decay_steps = decay_steps_for(optim, max_steps)
     fn = lr_multiplier(optim.schedule, warmup_steps_for(optim, max_steps), decay_steps, optim.min_lr_ratio)
+    import torch
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

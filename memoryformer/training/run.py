@@ -1,244 +1,83 @@
-"""Everything `train.py` does, as functions: check the config, build model/data/trainer, fit, export.
+"""Everything `train.py` does after the settings are resolved: build the trainer, its callbacks and
+loggers, pick the checkpoint every rank resumes from, fit, stop cleanly on a signal, and export.
 
-`train(cfg)` takes a composed `DictConfig` (from `@hydra.main` or Hydra's compose API in tests) and returns
-a summary dict. `check_config(cfg)` runs every start-up check and raises `ConfigError` with one sentence
-naming the key and the fix, before anything is built.
+`train(cfg)` takes a composed `DictConfig` (from `@hydra.main` or Hydra's compose API in tests) and returns a
+summary dict; `settings.check_config` has checked it before anything is built.
+
+## Checkpoint files
+
+`SafeCheckpointIO`: how every Lightning `.ckpt` of a run is written and read back.
+
+Writing: `torch.save` streams into a temporary file beside the target, which is fsynced and renamed over
+it (`memoryformer.atomic_io.atomic_write`), so a process killed mid-save or a disk that fills leaves the
+previous `last.ckpt` / `step-*.ckpt` whole. Lightning's own `TorchCheckpointIO` first serialises the whole
+checkpoint into memory and then writes through an fsspec transaction whose temporary file lives in the
+system temp directory (a copy, not a rename, when that is another file system) and is never fsynced.
+
+Reading (resume through `trainer.fit(ckpt_path=...)`): `memoryformer.checkpoint.safe_torch_load`, i.e.
+`weights_only=True` unless the run sets `trust_checkpoint=true`.
+
+DeepSpeed strategies do not use this class for their checkpoints: DeepSpeed's engine writes the checkpoint
+directory itself (one file per rank, then the `latest` tag file, none of them renamed into place); see the
+README's "Safety and recovery".
+
+## The CSV log
+
+`CSVLogger`: Lightning's CSV logger, except that a resumed run keeps the rows its folder already holds.
+
+Lightning's writer deletes `metrics.csv` when its folder is not empty, so a run that resumes in its own
+folder (a requeued SLURM job, a torchrun group restarted after a dead rank) would lose the history of every
+step before the resume. This one keeps the file and, at its first write, drops only the rows of steps the
+resumed run logs again (those an interrupted run logged after its last checkpoint, which are redone).
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import logging
-import math
-import netrc
 import os
-from dataclasses import asdict, dataclass
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from hydra.utils import instantiate
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from memoryformer.atomic_io import atomic_write_text
-from memoryformer.conf_schema import OptimConfig
-from memoryformer.config import ConfigError, ModelConfig, to_plain
-from memoryformer.data.config import DataConfig, files_unchecked
-from memoryformer.training import memory_plan
-from memoryformer.training.batch_plan import check_micro_batch_spec, device_memory, resolve_batch
-from memoryformer.training.callbacks import GracefulStop, TokenThroughputMonitor, ValidateAtStart
-from memoryformer.training.checkpoint_io import SafeCheckpointIO
-from memoryformer.training.fingerprint import fingerprint_record
-from memoryformer.training.launch import check_torchrun_restarts, is_launching_process
-from memoryformer.training.module import LMTrainingModule
-from memoryformer.training.resume import SEARCH_VALUES, RunFingerprint, resume_checkpoint
-from memoryformer.training.run_lock import run_lock
-from memoryformer.training.strategy import build_strategy, is_deepspeed
+from memoryformer.atomic_io import atomic_write, atomic_write_text
+from memoryformer.checkpoint import safe_torch_load
+from memoryformer.file_lock import run_lock
+from memoryformer.training import sizing
+from memoryformer.training.module import LMTrainingModule, TokenThroughputMonitor, ValidateAtStart
+from memoryformer.training.parallel import build_strategy, is_deepspeed
+from memoryformer.training.resume import RunFingerprint, fingerprint_record, resume_checkpoint
+from memoryformer.training.settings import (
+    RunPlan,
+    check_config,
+    check_writable_dir,
+    is_launching_process,
+    optim_for_precision,
+)
 
-WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
 #: How the launching process hands its resume choice to the ranks Lightning starts (`agreed_checkpoint`).
 RESUME_FROM_VAR = "MEMORYFORMER_RESUME_FROM"
 log = logging.getLogger(__name__)
 #: Loggers to which Lightning attaches its own console handler when it is imported.
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
-
-
-@dataclass
-class RunPlan:
-    """The checked, derived numbers of a run (what `check_config` computed)."""
-
-    model: ModelConfig
-    data: DataConfig
-    optim: OptimConfig
-    world_size: int
-    accumulate: int
-    micro_batch_size: int
-    max_steps: int
-    tokens_per_step: int
-    trainer: dict[str, Any]  # `cfg.trainer` as plain values, `accelerator` resolved (`resolve_accelerator`)
-    memory: dict[str, Any] | None = None  # the memory plan as plan.json stores it (`plan_run_memory`)
-
-
-def resolve_accelerator(accelerator: Any) -> str:
-    """The accelerator Lightning will train on for `trainer.accelerator`: `auto` becomes `cuda` where CUDA
-    is available and `cpu` elsewhere, as Lightning's own choice does for the devices this project runs on;
-    any other name is kept. Resolved once, so that the memory plan, the device's memory, the precision
-    check and the strategy all see the device the run really uses."""
-    name = str(accelerator or "auto")
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def world_size(trainer_cfg: dict[str, Any]) -> int:
-    """Processes in the run: devices per node x `num_nodes` (`devices` may be an int, a list or "auto")."""
-    devices = trainer_cfg.get("devices", "auto")
-    nodes = int(trainer_cfg.get("num_nodes", 1) or 1)
-    if isinstance(devices, list | tuple):
-        per_node = len(devices)
-    elif isinstance(devices, str) and devices.isdigit():
-        per_node = int(devices)
-    elif isinstance(devices, int) and devices > 0:
-        per_node = devices
-    else:  # "auto" or -1: every visible accelerator
-        accelerator = str(trainer_cfg.get("accelerator", "auto"))
-        gpus = torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") else 0
-        per_node = gpus if gpus > 0 else 1
-    return per_node * nodes
-
-
-def _wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        auth = netrc.netrc().authenticators("api.wandb.ai")
-    except (FileNotFoundError, netrc.NetrcParseError):
-        auth = None
-    return auth is not None
-
-
-def check_loggers(logger_cfg: dict[str, Any] | None) -> None:
-    """Refuse a W&B logger that would try to go online without credentials (one sentence, at start)."""
-    for name, spec in (logger_cfg or {}).items():
-        if not isinstance(spec, dict) or spec.get("_target_") != WANDB_TARGET:
-            continue
-        offline = bool(spec.get("offline")) or os.environ.get("WANDB_MODE") in (
-            "offline",
-            "disabled",
-            "dryrun",
-        )
-        if not offline and not _wandb_has_credentials():
-            raise ConfigError(
-                f"logger.{name} is W&B online but no API key is set; export WANDB_API_KEY "
-                f"(or run `wandb login`), "
-                f"or set logger.{name}.offline=true (or WANDB_MODE=offline)."
-            )
-
-
-def check_config(cfg: DictConfig) -> RunPlan:
-    """Validate the composed config and derive the batch arithmetic and step budget (see `RunPlan`)."""
-    model = ModelConfig.from_dict(to_plain(cfg.model))
-    if cfg.get("dry_run"):
-        with files_unchecked():  # a dry run plans for data this machine may not have
-            data = DataConfig(**to_plain(cfg.data))
-    else:
-        data = DataConfig(**to_plain(cfg.data))
-    optim = OptimConfig.from_dict(to_plain(cfg.optim))
-    trainer_cfg = to_plain(cfg.trainer)
-    trainer_cfg["accelerator"] = resolve_accelerator(trainer_cfg.get("accelerator"))
-    if data.seq_len > model.block_size:
-        raise ConfigError(
-            f"data.seq_len={data.seq_len} exceeds model.block_size={model.block_size}; "
-            f"lower data.seq_len or raise model.block_size."
-        )
-    optim.validate()
-    world = world_size(trainer_cfg)
-    gbs = int(cfg.global_batch_size)
-    tokens_per_step = gbs * data.seq_len
-    max_steps = trainer_cfg.get("max_steps", -1)
-    max_steps = -1 if max_steps is None else int(max_steps)
-    if cfg.max_tokens is not None:
-        max_steps = math.ceil(int(cfg.max_tokens) / tokens_per_step)
-    if max_steps <= 0:
-        raise ConfigError(
-            "trainer.max_steps is not set; give trainer.max_steps=N or max_tokens=N "
-            "(the lr schedule needs a horizon)."
-        )
-    if int(cfg.activation_checkpointing_every) < 1:
-        raise ConfigError(
-            f"activation_checkpointing_every={cfg.activation_checkpointing_every} must be >= 1 "
-            f"(1 checkpoints every block, n every n-th block)."
-        )
-    check_precision(trainer_cfg)
-    check_torchrun_restarts()
-    check_loggers(to_plain(cfg.logger))
-    ckpt = cfg.ckpt_path
-    if ckpt is not None and ckpt not in SEARCH_VALUES and not os.path.exists(str(ckpt)):
-        raise ConfigError(
-            f"ckpt_path={ckpt!r} does not exist; give a .ckpt file, ckpt_path=last, ckpt_path=auto or "
-            f"leave it null."
-        )
-    micro, accumulate, memory = plan_run_memory(cfg, model, data, optim, trainer_cfg, world)
-    return RunPlan(
-        model, data, optim, world, accumulate, micro, max_steps, tokens_per_step, trainer_cfg, memory
-    )
-
-
-def plan_run_memory(
-    cfg: DictConfig,
-    model: ModelConfig,
-    data: DataConfig,
-    optim: OptimConfig,
-    trainer_cfg: dict[str, Any],
-    world: int,
-) -> tuple[int, int, dict[str, Any]]:
-    """(micro_batch_size, accumulate, plan.json's dict): the batch arithmetic checked against the memory
-    plan of the device (`memoryformer.training.batch_plan`, `memoryformer.training.memory_plan`)."""
-    spec = check_micro_batch_spec(cfg.get("micro_batch_size"))
-    nodes = int(trainer_cfg.get("num_nodes", 1) or 1)
-    stated = trainer_cfg.get("accumulate_grad_batches")
-    stated = None if stated is None else int(stated)
-    memory = device_memory(cfg.get("device_memory_gb"), trainer_cfg, world // nodes)
-    layout = memory_plan.layout_from_trainer(trainer_cfg, world, fused_optimizer=bool(optim.fused))
-    checkpointing = bool(cfg.activation_checkpointing)
-    every = max(1, int(cfg.activation_checkpointing_every))
-
-    def plan_for(micro: int, accumulate: int) -> memory_plan.MemoryPlan:
-        return memory_plan.plan_memory(
-            model, data.seq_len, micro, layout, checkpointing, every, accumulate=accumulate
-        )
-
-    micro, accumulate = resolve_batch(spec, int(cfg.global_batch_size), world, stated, memory, plan_for)
-    summary = memory_plan.plan_summary(plan_for(micro, accumulate), accumulate, memory.bytes, memory.source)
-    summary.update(devices=world // nodes, num_nodes=nodes)
-    return micro, accumulate, summary
-
-
-def check_writable_dir(path: Path, key: str) -> None:
-    """Create `path` and write a probe file in it, or raise `ConfigError` naming the key and the folder.
-
-    Checked before the model and data are built, so an unwritable folder fails in a second instead of at
-    the first checkpoint (or with a traceback from a logger).
-    """
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"{key}={str(path)!r} cannot be written ({exc.strerror}); point {key} (or hydra.run.dir) "
-            f"at a writable folder."
-        ) from None
-
-
-def check_precision(trainer_cfg: dict[str, Any]) -> None:
-    """Refuse fp16 (`16-mixed`) on CPU: Lightning has no fp16 AMP there and would silently train in bf16."""
-    precision = str(trainer_cfg.get("precision", ""))
-    if precision.startswith("16") and resolve_accelerator(trainer_cfg.get("accelerator")) == "cpu":
-        raise ConfigError(
-            f"trainer.precision={precision} needs a CUDA GPU: Lightning has no fp16 mixed precision on "
-            f"CPU and would silently train in bf16-mixed instead; on CPU use trainer.precision=bf16-mixed "
-            f"or 32-true."
-        )
-
-
-def optim_for_precision(optim: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-    """`optim` with `fused` off when fp16 mixed precision (`16-mixed`) would clip gradients outside DeepSpeed.
-
-    Lightning's fp16 AMP plugin must unscale gradients before clipping them, and refuses an optimizer that
-    unscales internally (torch's fused Adam/AdamW); so under `trainer.precision=16-mixed` with
-    `optim.grad_clip > 0` the step uses torch's foreach implementation, which computes the same update.
-    """
-    precision = str(trainer_cfg.get("precision", ""))
-    deepspeed = is_deepspeed(trainer_cfg.get("strategy"))  # DeepSpeed clips by itself
-    if precision.startswith("16") and optim.get("fused") and optim.get("grad_clip") and not deepspeed:
-        rank_zero_info("trainer.precision=16-mixed with gradient clipping: using the non-fused AdamW step.")
-        return {**optim, "fused": False}
-    return optim
 
 
 def trainer_kwargs(cfg: DictConfig, plan: RunPlan) -> dict[str, Any]:
@@ -360,14 +199,14 @@ def report_plan(plan: RunPlan, output_dir: Path, write: bool) -> None:
     data leaves nothing behind."""
     if plan.memory is None:
         return
-    rank_zero_info(memory_plan.format_plan(plan.memory))
+    rank_zero_info(sizing.format_plan(plan.memory))
     if write and is_launching_process():
         write_plan_file(plan, output_dir)
 
 
 def write_plan_file(plan: RunPlan, output_dir: Path) -> None:
     """`<output_dir>/plan.json`: the memory plan as `plan_summary` states it (atomic write)."""
-    atomic_write_text(output_dir / "plan.json", memory_plan.dumps(plan.memory))
+    atomic_write_text(output_dir / "plan.json", sizing.dumps(plan.memory))
 
 
 class PlanFileWriter(L.Callback):
@@ -462,3 +301,209 @@ def _finish_wandb(trainer: L.Trainer) -> None:
     for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
             logger.experiment.finish()
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Atomic, fsynced `.ckpt` writes and code-free reads (unless `trust_checkpoint`)."""
+
+    def __init__(self, trust_checkpoint: bool = False) -> None:
+        super().__init__()
+        self.trust_checkpoint = trust_checkpoint
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        """Write `checkpoint` to `path` atomically; raises `AtomicWriteError` (old file intact) on failure."""
+        if storage_options is not None:
+            raise TypeError(
+                f"storage_options={storage_options!r} is not supported by SafeCheckpointIO; drop it."
+            )
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Read `path` without unpickling code unless this run trusts its checkpoints.
+
+        Lightning passes `weights_only=None` by default; only an explicit `False` from a caller or
+        `trust_checkpoint=True` on this object enables full unpickling.
+        """
+        trust = self.trust_checkpoint or weights_only is False
+        return safe_torch_load(
+            path, map_location if map_location is not None else "cpu", trust_checkpoint=trust
+        )
+
+
+class KeepingExperimentWriter(ExperimentWriter):
+    """Lightning's `ExperimentWriter` that appends to an existing `metrics.csv` instead of deleting it."""
+
+    def __init__(self, log_dir: str) -> None:
+        self._pending_trim = True
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        """Keep what is there (Lightning's removes `metrics.csv`); read its columns so new rows line up."""
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(header)
+
+    def save(self) -> None:
+        """Write the recorded rows; the first write first drops stored rows at or after its first step."""
+        if self.metrics and self._pending_trim:
+            self._pending_trim = False
+            self._drop_rows_from(min(int(m["step"]) for m in self.metrics))
+        super().save()
+
+    def _drop_rows_from(self, step: int) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step") not in (None, "") and int(r["step"]) < step]
+        tmp = f"{self.metrics_file_path}.tmp{os.getpid()}"
+        with self._fs.open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+
+
+class CSVLogger(LightningCSVLogger):
+    """`lightning.pytorch.loggers.CSVLogger` whose `metrics.csv` survives a resume in the same folder."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """The `KeepingExperimentWriter` of this run's `log_dir`."""
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = KeepingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+#: Environment variable by which submitit overrides its preemption signal (`core/job_environment.py`).
+SUBMITIT_SIGNAL_VAR = "SUBMITIT_PREEMPT_SIGNAL"
+
+
+def scheduler_warning_signal(environ: dict[str, str] | None = None) -> signal.Signals | None:
+    """The signal a scheduler sends ahead of a time limit or preemption, or None outside one.
+
+    Under submitit (hydra's `submitit_slurm` / `submitit_local` launchers) it is SIGUSR2, or the signal
+    named by `SUBMITIT_PREEMPT_SIGNAL`, which submitit asks SLURM for (`--signal=USR2@<signal_delay_s>`); in
+    a plain SLURM job it is SIGUSR1, which is what `#SBATCH --signal=USR1@<seconds>` asks for.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("SUBMITIT_EXECUTOR") or env.get("SUBMITIT_FOLDER"):
+        name = env.get(SUBMITIT_SIGNAL_VAR, "SIGUSR2")
+        return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+    if env.get("SLURM_JOB_ID"):
+        return signal.SIGUSR1
+    return None
+
+
+class GracefulStop(L.Callback):
+    """Stops every rank at the same optimizer step, where `RunCheckpoint` saves `last.ckpt`, on SIGTERM (what
+    torchrun, SLURM and Kubernetes send before they kill), SIGINT (Ctrl+C, which torchrun forwards) and a
+    scheduler's early warning (`scheduler_warning_signal`), on every rank.
+
+    A handler only records the signal: a rank cannot save alone (DeepSpeed's save and Lightning's barrier are
+    collective) and must not run a collective from inside a handler, which may interrupt another one (as
+    Lightning's own SIGTERM handler does: it broadcasts from whichever ranks got the signal). At every
+    optimizer-step boundary the ranks all-reduce (max) whether any of them has one, on a gloo group so that
+    a GPU run does not wait on its stream; then every rank takes Lightning's SIGTERM path at the end of that
+    batch. After the save, a scheduler's warning is handed to the handler it displaced (submitit's
+    checkpoint-and-requeue; in a plain SLURM job, `scontrol requeue` from global rank 0) by `hand_over()`.
+    A second SIGINT more than `abort_after_s` after the first aborts at once (nothing is saved then when
+    several ranks run).
+    """
+
+    def __init__(self, abort_after_s: float = 2.0) -> None:
+        self.abort_after_s = abort_after_s
+        self.received: signal.Signals | None = None
+        self.stopped_at: int | None = None
+        self._first_sigint: float | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+        self._displaced: dict[signal.Signals, Any] = {}
+        self._group: Any = None
+        self._last_step = -1
+        self._warning = scheduler_warning_signal()
+
+    def _signals(self) -> list[signal.Signals]:
+        return [signal.SIGTERM, signal.SIGINT, *([self._warning] if self._warning else [])]
+
+    def _install(self, signums: list[signal.Signals]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # e.g. inside a notebook worker thread: Lightning's own handling stays
+        for signum in signums:
+            previous = signal.signal(signum, self._on_signal)
+            if previous is not self._on_signal and signum not in self._previous:
+                self._previous[signum] = previous
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        sig = signal.Signals(signum)
+        if sig == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > self.abort_after_s:
+                raise KeyboardInterrupt
+            self._first_sigint = self._first_sigint or now
+        if self.received is None or sig == self._warning:
+            self.received = sig
+        rank_zero_info(f"{sig.name} received: stopping every rank after this optimizer step and saving.")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # before Lightning registers its own: it then keeps ours for SIGUSR1 instead of its SLURM requeue
+        if stage == "fit":
+            self._install(self._signals())
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning replaced SIGTERM's handler (after setup) with one that broadcasts inside the handler
+        self._install([signal.SIGTERM])
+        self._last_step = trainer.global_step
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._last_step:
+            return  # inside a gradient accumulation: only whole optimizer steps are saved
+        self._last_step = trainer.global_step
+        wanted = 0 if self.received is None else int(self.received)
+        if self._group is not None:  # a CPU tensor on a gloo group: reading it waits for no GPU stream
+            flag = torch.tensor([wanted], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            wanted = int(flag)
+        if wanted == 0:
+            return
+        if self.received is None:  # another rank got it: take the same path
+            self.received = signal.Signals(wanted)
+        self.stopped_at = trainer.global_step
+        # Lightning then raises SIGTERMException at the end of this batch, on every rank alike
+        trainer._signal_connector.received_sigterm = True
+
+    def hand_over(self, trainer: L.Trainer) -> None:
+        """After the save: pass a scheduler's warning on to the handler it displaced (submitit requeues the
+        job and exits from there), or, in a plain SLURM job, requeue it from global rank 0."""
+        if self.received is None or self.received != self._warning:
+            return
+        previous = self._displaced.get(self.received)
+        if callable(previous):
+            previous(int(self.received), None)
+        elif trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
+            job = os.environ["SLURM_JOB_ID"]
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if done.returncode == 0:
+                rank_zero_info(f"Requeued SLURM job {job}.")
+            else:
+                rank_zero_warn(f"scontrol requeue {job} failed ({done.stderr.strip()}); resubmit the job.")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put back the handlers this callback displaced (kept for `hand_over`). Lightning calls no teardown
+        hook after an exception (a graceful stop's included) and, before that, reinstalls the handlers it
+        found at its start, which were ours: whoever runs `fit` calls this once `fit` has returned."""
+        for signum, previous in self._previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, previous)
+        self._displaced.update(self._previous)
+        self._previous = {}

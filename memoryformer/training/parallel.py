@@ -1,4 +1,8 @@
-"""Turns `trainer.strategy` from the YAML into a Lightning strategy (kept apart from the model).
+"""How a run is spread over devices, kept apart from the model (as torchtitan's `parallelize`).
+
+## Strategies
+
+Turns `trainer.strategy` from the YAML into a Lightning strategy (kept apart from the model).
 
 `trainer.strategy` is either a Lightning strategy name (`auto`, `ddp`, ...) or a mapping with `name`
 (`ddp` | `deepspeed`; `fsdp` is refused) and that strategy's keyword arguments. For DeepSpeed, `config` is the
@@ -9,6 +13,15 @@ fp16 engine); with bf16 Lightning adds `{"bf16": {"enabled": true}}` itself.
 DeepSpeed is built as `DeepSpeedAnyAcceleratorStrategy`: Lightning's `DeepSpeedStrategy`, which also runs with
 `trainer.accelerator=cpu` on DeepSpeed's own CPU accelerator (gloo), for debugging a ZeRO config on a laptop
 and for CI (docs/deepspeed.md).
+
+## Transformations of the model
+
+Training-time transformations of a plain `LanguageModel`, applied from outside as torchtitan's
+`parallelize` does, so that the model's own forward stays pure data flow.
+
+- `apply_activation_checkpointing(model, every)`: blocks 0, n, 2n, ... recompute their activations in
+  backward instead of storing them. Parameter names, `state_dict` keys and numbers are unchanged.
+- `apply_compile(model)`: `torch.compile`, returning the compiled wrapper for the training forward.
 """
 
 from __future__ import annotations
@@ -28,9 +41,12 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from memoryformer.atomic_io import TMP_PREFIX, remove_directory, replace_directory
 from memoryformer.config import ConfigError
+from memoryformer.models.kv_cache import KVCache
 
 STRATEGY_NAMES = ("ddp", "deepspeed", "fsdp")
 #: FSDP is refused: `LMTrainingModule.configure_gradient_clipping` would take the norm of each rank's shard,
@@ -302,3 +318,51 @@ def build_strategy(
             f"trainer.strategy.name=deepspeed needs the deepspeed package ({err}); "
             f"install it with `pip install -e .[deepspeed]`."
         ) from err
+
+
+class _CheckpointedForward:
+    """Stands in for `block.forward`: recomputes the block in backward when training without a KV cache.
+
+    A plain object rather than a closure or a wrapper module: module names stay `blocks.<i>.<...>` (so
+    checkpoints and optimizer groups do not change), and `copy.deepcopy` / pickling of the model copy it
+    with the block it belongs to.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __call__(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        forward = type(self.block).forward
+        # Decoding appends to the cache, which a recompute would do twice; evaluation stores nothing.
+        if self.block.training and kv_cache is None and torch.is_grad_enabled():
+            return checkpoint(forward, self.block, x, cos, sin, use_reentrant=False)
+        return forward(self.block, x, cos, sin, kv_cache)
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> list[int]:
+    """Checkpoint blocks 0, every, 2 * every, ... of `model.blocks`; returns their indices.
+
+    Memory falls by about that share of the blocks' activations while the recompute cost grows by the same
+    share (one more forward of each checkpointed block), so `every` trades the two.
+    """
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"activation checkpointing every={every!r} must be an int >= 1 (1 = every block).")
+    indices = list(range(0, len(model.blocks), every))
+    for i in indices:
+        block = model.blocks[i]
+        if not isinstance(block.__dict__.get("forward"), _CheckpointedForward):  # applying twice is a no-op
+            block.forward = _CheckpointedForward(block)
+    return indices
+
+
+def checkpointed_blocks(model: nn.Module) -> list[int]:
+    """Indices of the blocks of `model.blocks` that recompute their activations in backward."""
+    blocks = enumerate(model.blocks)
+    return [i for i, block in blocks if isinstance(block.__dict__.get("forward"), _CheckpointedForward)]
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    """`torch.compile(model)`: a wrapper sharing `model`'s parameters, to call for the training forward."""
+    return torch.compile(model)

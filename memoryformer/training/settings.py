@@ -1,0 +1,314 @@
+"""The run's settings, checked and resolved once: `check_config` turns the composed config into a
+`RunPlan` (typed groups, the accelerator the run will use, world size, batch split, step budget and memory
+plan) with one sentence naming the key and the fix for anything impossible; and what a multi-process launch
+must agree on before Hydra names the run folder (`run_stamp`, `is_launching_process`).
+
+## One run folder for every process of a launch
+
+Hydra names a run's folder from the clock (`outputs/<name>/<time>`), in every process. The processes of one
+torchrun or srun launch start at slightly different times, on different nodes with different clocks, so each
+would compose its own folder. `run_stamp` (the `${run_stamp:FORMAT}` resolver of `hydra.run.dir`) names the
+folder once for the whole launch instead:
+
+- an srun step of several tasks (SLURM_NTASKS > 1): `slurm-<job id>.<step id>` (`<array job>_<task>` for an
+  array job), which a requeued job keeps, so it finds its own folder again;
+- torchrun with `--rdzv-id ID`: `torchrun-<ID>`;
+- torchrun without one (its run id is then "none"): the time read by the first process to ask, shared
+  through the TCP store that torchrun's agents host for their workers (`TORCHELASTIC_USE_AGENT_STORE`); the
+  store outlives a restart of the worker group, so restarted workers find the same folder;
+- a single process: the time, as Hydra's `${now:FORMAT}`.
+
+The ranks Lightning itself starts (`trainer.devices=N` without a launcher) get the launching process's
+folder on their command line from Lightning, so they never resolve it.
+
+`check_torchrun_restarts` refuses `torchrun --max-restarts N` with the rendezvous store shared across
+rounds (torch's default): a restarted group then finds the keys of the group before it in that store, and
+its process group never forms (gloo: "Connection refused" to the dead workers' addresses, then a hang).
+`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` gives every round its own store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import netrc
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig
+
+from memoryformer.config import ConfigError, ModelConfig, to_plain
+from memoryformer.data.config import DataConfig, files_unchecked
+from memoryformer.training import sizing
+from memoryformer.training.optim import OptimConfig
+from memoryformer.training.parallel import is_deepspeed
+from memoryformer.training.resume import SEARCH_VALUES
+from memoryformer.training.sizing import check_micro_batch_spec, device_memory, resolve_batch
+
+WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
+@dataclass
+class RunPlan:
+    """The checked, derived numbers of a run (what `check_config` computed)."""
+
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    world_size: int
+    accumulate: int
+    micro_batch_size: int
+    max_steps: int
+    tokens_per_step: int
+    trainer: dict[str, Any]  # `cfg.trainer` as plain values, `accelerator` resolved (`resolve_accelerator`)
+    memory: dict[str, Any] | None = None  # the memory plan as plan.json stores it (`plan_run_memory`)
+
+
+def resolve_accelerator(accelerator: Any) -> str:
+    """The accelerator Lightning will train on for `trainer.accelerator`: `auto` becomes `cuda` where CUDA
+    is available and `cpu` elsewhere, as Lightning's own choice does for the devices this project runs on;
+    any other name is kept. Resolved once, so that the memory plan, the device's memory, the precision
+    check and the strategy all see the device the run really uses."""
+    name = str(accelerator or "auto")
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def world_size(trainer_cfg: dict[str, Any]) -> int:
+    """Processes in the run: devices per node x `num_nodes` (`devices` may be an int, a list or "auto")."""
+    devices = trainer_cfg.get("devices", "auto")
+    nodes = int(trainer_cfg.get("num_nodes", 1) or 1)
+    if isinstance(devices, list | tuple):
+        per_node = len(devices)
+    elif isinstance(devices, str) and devices.isdigit():
+        per_node = int(devices)
+    elif isinstance(devices, int) and devices > 0:
+        per_node = devices
+    else:  # "auto" or -1: every visible accelerator
+        accelerator = str(trainer_cfg.get("accelerator", "auto"))
+        gpus = torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") else 0
+        per_node = gpus if gpus > 0 else 1
+    return per_node * nodes
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+    except (FileNotFoundError, netrc.NetrcParseError):
+        auth = None
+    return auth is not None
+
+
+def check_loggers(logger_cfg: dict[str, Any] | None) -> None:
+    """Refuse a W&B logger that would try to go online without credentials (one sentence, at start)."""
+    for name, spec in (logger_cfg or {}).items():
+        if not isinstance(spec, dict) or spec.get("_target_") != WANDB_TARGET:
+            continue
+        offline = bool(spec.get("offline")) or os.environ.get("WANDB_MODE") in (
+            "offline",
+            "disabled",
+            "dryrun",
+        )
+        if not offline and not _wandb_has_credentials():
+            raise ConfigError(
+                f"logger.{name} is W&B online but no API key is set; export WANDB_API_KEY "
+                f"(or run `wandb login`), "
+                f"or set logger.{name}.offline=true (or WANDB_MODE=offline)."
+            )
+
+
+def check_config(cfg: DictConfig) -> RunPlan:
+    """Validate the composed config and derive the batch arithmetic and step budget (see `RunPlan`)."""
+    model = ModelConfig.from_dict(to_plain(cfg.model))
+    if cfg.get("dry_run"):
+        with files_unchecked():  # a dry run plans for data this machine may not have
+            data = DataConfig(**to_plain(cfg.data))
+    else:
+        data = DataConfig(**to_plain(cfg.data))
+    optim = OptimConfig.from_dict(to_plain(cfg.optim))
+    trainer_cfg = to_plain(cfg.trainer)
+    trainer_cfg["accelerator"] = resolve_accelerator(trainer_cfg.get("accelerator"))
+    if data.seq_len > model.block_size:
+        raise ConfigError(
+            f"data.seq_len={data.seq_len} exceeds model.block_size={model.block_size}; "
+            f"lower data.seq_len or raise model.block_size."
+        )
+    optim.validate()
+    world = world_size(trainer_cfg)
+    gbs = int(cfg.global_batch_size)
+    tokens_per_step = gbs * data.seq_len
+    max_steps = trainer_cfg.get("max_steps", -1)
+    max_steps = -1 if max_steps is None else int(max_steps)
+    if cfg.max_tokens is not None:
+        max_steps = math.ceil(int(cfg.max_tokens) / tokens_per_step)
+    if max_steps <= 0:
+        raise ConfigError(
+            "trainer.max_steps is not set; give trainer.max_steps=N or max_tokens=N "
+            "(the lr schedule needs a horizon)."
+        )
+    if int(cfg.activation_checkpointing_every) < 1:
+        raise ConfigError(
+            f"activation_checkpointing_every={cfg.activation_checkpointing_every} must be >= 1 "
+            f"(1 checkpoints every block, n every n-th block)."
+        )
+    check_precision(trainer_cfg)
+    check_torchrun_restarts()
+    check_loggers(to_plain(cfg.logger))
+    ckpt = cfg.ckpt_path
+    if ckpt is not None and ckpt not in SEARCH_VALUES and not os.path.exists(str(ckpt)):
+        raise ConfigError(
+            f"ckpt_path={ckpt!r} does not exist; give a .ckpt file, ckpt_path=last, ckpt_path=auto or "
+            f"leave it null."
+        )
+    micro, accumulate, memory = plan_run_memory(cfg, model, data, optim, trainer_cfg, world)
+    return RunPlan(
+        model, data, optim, world, accumulate, micro, max_steps, tokens_per_step, trainer_cfg, memory
+    )
+
+
+def plan_run_memory(
+    cfg: DictConfig,
+    model: ModelConfig,
+    data: DataConfig,
+    optim: OptimConfig,
+    trainer_cfg: dict[str, Any],
+    world: int,
+) -> tuple[int, int, dict[str, Any]]:
+    """(micro_batch_size, accumulate, plan.json's dict): the batch arithmetic checked against the memory
+    plan of the device (`memoryformer.training.sizing`)."""
+    spec = check_micro_batch_spec(cfg.get("micro_batch_size"))
+    nodes = int(trainer_cfg.get("num_nodes", 1) or 1)
+    stated = trainer_cfg.get("accumulate_grad_batches")
+    stated = None if stated is None else int(stated)
+    memory = device_memory(cfg.get("device_memory_gb"), trainer_cfg, world // nodes)
+    layout = sizing.layout_from_trainer(trainer_cfg, world, fused_optimizer=bool(optim.fused))
+    checkpointing = bool(cfg.activation_checkpointing)
+    every = max(1, int(cfg.activation_checkpointing_every))
+
+    def plan_for(micro: int, accumulate: int) -> sizing.MemoryPlan:
+        return sizing.plan_memory(
+            model, data.seq_len, micro, layout, checkpointing, every, accumulate=accumulate
+        )
+
+    micro, accumulate = resolve_batch(spec, int(cfg.global_batch_size), world, stated, memory, plan_for)
+    summary = sizing.plan_summary(plan_for(micro, accumulate), accumulate, memory.bytes, memory.source)
+    summary.update(devices=world // nodes, num_nodes=nodes)
+    return micro, accumulate, summary
+
+
+def check_writable_dir(path: Path, key: str) -> None:
+    """Create `path` and write a probe file in it, or raise `ConfigError` naming the key and the folder.
+
+    Checked before the model and data are built, so an unwritable folder fails in a second instead of at
+    the first checkpoint (or with a traceback from a logger).
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}={str(path)!r} cannot be written ({exc.strerror}); point {key} (or hydra.run.dir) "
+            f"at a writable folder."
+        ) from None
+
+
+def check_precision(trainer_cfg: dict[str, Any]) -> None:
+    """Refuse fp16 (`16-mixed`) on CPU: Lightning has no fp16 AMP there and would silently train in bf16."""
+    precision = str(trainer_cfg.get("precision", ""))
+    if precision.startswith("16") and resolve_accelerator(trainer_cfg.get("accelerator")) == "cpu":
+        raise ConfigError(
+            f"trainer.precision={precision} needs a CUDA GPU: Lightning has no fp16 mixed precision on "
+            f"CPU and would silently train in bf16-mixed instead; on CPU use trainer.precision=bf16-mixed "
+            f"or 32-true."
+        )
+
+
+def optim_for_precision(optim: dict[str, Any], trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    """`optim` with `fused` off when fp16 mixed precision (`16-mixed`) would clip gradients outside DeepSpeed.
+
+    Lightning's fp16 AMP plugin must unscale gradients before clipping them, and refuses an optimizer that
+    unscales internally (torch's fused Adam/AdamW); so under `trainer.precision=16-mixed` with
+    `optim.grad_clip > 0` the step uses torch's foreach implementation, which computes the same update.
+    """
+    precision = str(trainer_cfg.get("precision", ""))
+    deepspeed = is_deepspeed(trainer_cfg.get("strategy"))  # DeepSpeed clips by itself
+    if precision.startswith("16") and optim.get("fused") and optim.get("grad_clip") and not deepspeed:
+        rank_zero_info("trainer.precision=16-mixed with gradient clipping: using the non-fused AdamW step.")
+        return {**optim, "fused": False}
+    return optim
+
+
+#: Environment variables that mark a process that is not the launching one (any value but 0).
+RANK_VARS = ("LOCAL_RANK", "RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+#: The key under which torchrun's workers share the run stamp in their agents' store.
+STAMP_KEY = "memoryformer/run_stamp"
+STORE_TIMEOUT_S = 300
+
+
+def is_launching_process(environ: Mapping[str, str] | None = None) -> bool:
+    """True unless a rank variable (`LOCAL_RANK`, `RANK`, `NODE_RANK`, ...) says this is a worker."""
+    env = os.environ if environ is None else environ
+    return all(env.get(var, "0") in ("", "0") for var in RANK_VARS)
+
+
+def check_torchrun_restarts(environ: Mapping[str, str] | None = None) -> None:
+    """Raise `ConfigError` (one sentence) for a torchrun launch with restarts whose rendezvous store is
+    shared across rounds; see the module docstring."""
+    env = os.environ if environ is None else environ
+    restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and "TORCHELASTIC_RUN_ID" in env and env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
+        from memoryformer.errors import ConfigError
+
+        raise ConfigError(
+            f"torchrun --max-restarts {restarts} restarts the worker group into the rendezvous store of the "
+            f"group before it, where the new process group never forms; export "
+            f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (each restart then gets its own store)."
+        )
+
+
+def slurm_launch_id(environ: Mapping[str, str]) -> str | None:
+    """`<job>.<step>` of an srun step of several tasks (array jobs `<array job>_<task>.<step>`), else None."""
+    if int(environ.get("SLURM_NTASKS", "1") or 1) <= 1 or not environ.get("SLURM_JOB_ID"):
+        return None
+    job = environ["SLURM_JOB_ID"]
+    if environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return f"{job}.{environ.get('SLURM_STEP_ID', '0')}"
+
+
+def run_stamp(fmt: str, environ: Mapping[str, str] | None = None) -> str:
+    """The last component of the run folder for this launch (see the module docstring); `fmt` is the
+    `strftime` format of the time stamp."""
+    env = os.environ if environ is None else environ
+    slurm = slurm_launch_id(env)
+    if slurm is not None:
+        return f"slurm-{slurm}"
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    if run_id is not None and int(env.get("WORLD_SIZE", "1") or 1) > 1:
+        if run_id not in ("", "none"):
+            return f"torchrun-{run_id}"
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            return _shared_stamp(env, dt.datetime.now().strftime(fmt))
+    return dt.datetime.now().strftime(fmt)
+
+
+def _shared_stamp(env: Mapping[str, str], mine: str) -> str:
+    """The stamp the first worker stored in torchrun's agent store (`mine` if this worker is the first)."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        is_master=False,
+        timeout=dt.timedelta(seconds=STORE_TIMEOUT_S),
+    )
+    shared = store.compare_set(STAMP_KEY, "", mine)
+    return shared.decode() if isinstance(shared, bytes) else str(shared)
