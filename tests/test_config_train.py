@@ -148,6 +148,16 @@ def test_missing_resume_checkpoint_is_refused() -> None:
         check_config(_compose("ckpt_path=/no/such.ckpt"))
 
 
+def test_resume_settings_are_checked_and_fingerprinted_at_start(tmp_path) -> None:
+    # a misspelt resume_mismatch is refused before anything is built, not when a resume is attempted
+    with pytest.raises(ConfigError, match="resume_mismatch"):
+        check_config(_compose("resume_mismatch=alow"))
+    plan = check_config(_compose("ckpt_path=last", "micro_batch_size=4", f"paths.runs_root={tmp_path}"))
+    assert plan.resume.ckpt_path == "last" and plan.resume.runs_root == str(tmp_path)
+    # the record a resume compares is the one every checkpoint stores: one, with this run's accumulation
+    assert plan.record["context"]["accumulate"] == plan.accumulate == 4
+
+
 def test_loggers_compose_together() -> None:
     cfg = _compose("logger=[csv,tensorboard,wandb]", "logger.wandb.offline=true")
     assert set(cfg.logger) == {"csv", "tensorboard", "wandb"}

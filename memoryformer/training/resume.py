@@ -66,7 +66,7 @@ from memoryformer.checkpoint import (
     safe_torch_load,
     weights_mismatch,
 )
-from memoryformer.config import ConfigError, ModelConfig, check_choice
+from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.file_lock import build_once
 from memoryformer.training.optim import decay_steps_for
 
@@ -660,22 +660,30 @@ def current_sweep_dir() -> str | None:
     return str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
-def resume_checkpoint(cfg: DictConfig, model: ModelConfig, max_steps: int, world_size: int) -> str | None:
-    """The checkpoint `cfg.ckpt_path` resolves to for the run `cfg` (None: start fresh), with this run's
-    fingerprint (step budget `max_steps`, `world_size` processes) and `cfg.resume_mismatch`."""
-    mismatch = str(cfg.get("resume_mismatch", "refuse"))
-    check_choice("resume_mismatch", mismatch, MISMATCH_CHOICES)
-    runs_root = cfg.paths.get("runs_root")
-    if OmegaConf.is_config(runs_root):
-        runs_root = OmegaConf.to_container(runs_root, resolve=True)
+@dataclass(frozen=True)
+class ResumeRequest:
+    """What `ckpt_path=` asks for and where to look, as `settings.check_config` resolved it: `ckpt_path`
+    (None, "last", "auto" or a path), `runs_root` (folders searched after this run's own `output_dir`),
+    `trust_checkpoint` and `mismatch` (`resume_mismatch`: "refuse" or "allow")."""
+
+    ckpt_path: str | None
+    runs_root: str | list[str] | None
+    output_dir: str
+    trust_checkpoint: bool
+    mismatch: str
+
+
+def resume_checkpoint(request: ResumeRequest, model: ModelConfig, record: dict[str, Any]) -> str | None:
+    """The checkpoint `request` resolves to for a run of `model` whose fingerprint record is `record`
+    (None: start fresh); see `resolve_ckpt_path`."""
     return resolve_ckpt_path(
-        cfg.ckpt_path,
-        runs_root,
-        str(cfg.paths.output_dir),
+        request.ckpt_path,
+        request.runs_root,
+        request.output_dir,
         model,
-        bool(cfg.trust_checkpoint),
-        record=fingerprint_record(cfg, max_steps, world_size),
-        mismatch=mismatch,
+        request.trust_checkpoint,
+        record=record,
+        mismatch=request.mismatch,
         sweep_dir=current_sweep_dir(),
     )
 

@@ -64,7 +64,7 @@ from memoryformer.file_lock import run_lock
 from memoryformer.training import sizing
 from memoryformer.training.module import LMTrainingModule, TokenThroughputMonitor, ValidateAtStart
 from memoryformer.training.parallel import build_strategy, is_deepspeed
-from memoryformer.training.resume import RunFingerprint, fingerprint_record, resume_checkpoint
+from memoryformer.training.resume import RunFingerprint, resume_checkpoint
 from memoryformer.training.settings import (
     RunPlan,
     check_config,
@@ -124,8 +124,7 @@ def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[L.Callback]:
     if cfg.validate_at_start:
         callbacks.append(ValidateAtStart())
     # every checkpoint records the settings that define the run, so that only this run resumes it
-    record = fingerprint_record(cfg, plan.max_steps, plan.world_size, plan.accumulate)
-    callbacks.append(RunFingerprint(record))
+    callbacks.append(RunFingerprint(plan.record))
     return callbacks
 
 
@@ -280,7 +279,7 @@ def agreed_checkpoint(trainer: L.Trainer, cfg: DictConfig, plan: RunPlan) -> str
     """
     if not is_launching_process() and RESUME_FROM_VAR in os.environ:
         return os.environ[RESUME_FROM_VAR] or None
-    mine = resume_checkpoint(cfg, plan.model, plan.max_steps, plan.world_size)
+    mine = resume_checkpoint(plan.resume, plan.model, plan.record)
     if plan.world_size <= 1:
         return mine
     if not trainer.strategy.cluster_environment.creates_processes_externally:

@@ -42,12 +42,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from memoryformer.config import ConfigError, ModelConfig, to_plain
+from memoryformer.config import ConfigError, ModelConfig, check_choice, to_plain
 from memoryformer.data.config import DataConfig, files_unchecked
 from memoryformer.training import sizing
 from memoryformer.training.optim import OptimConfig
 from memoryformer.training.parallel import is_deepspeed
-from memoryformer.training.resume import SEARCH_VALUES
+from memoryformer.training.resume import MISMATCH_CHOICES, SEARCH_VALUES, ResumeRequest, fingerprint_record
 from memoryformer.training.sizing import check_micro_batch_spec, device_memory, resolve_batch
 
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
@@ -64,6 +64,8 @@ class RunPlan:
     max_steps: int
     tokens_per_step: int
     trainer: dict[str, Any]  # `cfg.trainer` as plain values, `accelerator` resolved (`resolve_accelerator`)
+    resume: ResumeRequest  # what ckpt_path asks for and where to look
+    record: dict[str, Any]  # the fingerprint record: what every checkpoint stores, what a resume must match
     memory: dict[str, Any] | None = None  # the memory plan as plan.json stores it (`plan_run_memory`)
 
 
@@ -166,9 +168,25 @@ def check_config(cfg: DictConfig) -> RunPlan:
             f"ckpt_path={ckpt!r} does not exist; give a .ckpt file, ckpt_path=last, ckpt_path=auto or "
             f"leave it null."
         )
+    mismatch = str(cfg.resume_mismatch)
+    check_choice("resume_mismatch", mismatch, MISMATCH_CHOICES)
+    runs_root = to_plain(cfg.paths.get("runs_root"))
+    resume = ResumeRequest(ckpt, runs_root, str(cfg.paths.output_dir), bool(cfg.trust_checkpoint), mismatch)
     micro, accumulate, memory = plan_run_memory(cfg, model, data, optim, trainer_cfg, world)
+    record = fingerprint_record(cfg, max_steps, world, accumulate)
     return RunPlan(
-        model, data, optim, world, accumulate, micro, max_steps, tokens_per_step, trainer_cfg, memory
+        model,
+        data,
+        optim,
+        world,
+        accumulate,
+        micro,
+        max_steps,
+        tokens_per_step,
+        trainer_cfg,
+        resume,
+        record,
+        memory,
     )
 
 
