@@ -166,6 +166,7 @@ def test_embedding_and_width2_searches_grow_past_an_end_point_then_train_the_bes
     assert width2.resolve(low, scale).runs[0].lr == min(r.lr for r in width2.sweep)
 
 
+
 def test_token_budgets_search_the_lr_around_the_1x_optimum_and_width256_takes_its_last_unsearched() -> None:
     scale = protocol.Scale()
     best = protocol.make_run("mf", 3e-2, 0, scale, {"optim.block_lr_scale": "0.03", protocol.EMBEDDING: "3"})
@@ -244,19 +245,8 @@ def test_published_results_are_reused_only_for_an_identical_argv(tmp_path: Path)
 
     scale = protocol.Scale()
     run = protocol.make_run("mf", 3e-3, 0, scale)
-    doc = {
-        "rows": [
-            {
-                "table": "1",
-                "row": "x",
-                "run": run.key,
-                "argv": list(run.argv),
-                "val_loss": 4.2,
-                "heldout_bits_per_byte": 2.1,
-                "hash_weight_mean": 0.5,
-            }
-        ]
-    }
+    doc = {"rows": [{"table": "1", "row": "x", "run": run.key, "argv": list(run.argv), "val_loss": 4.2,
+                     "heldout_bits_per_byte": 2.1, "hash_weight_mean": 0.5}]}
     (tmp_path / "r.json").write_text(json.dumps(doc))
     published = published_results(tmp_path / "r.json")
     runner = Runner(tmp_path / "out", scale, executor=None, published=published)  # type: ignore[arg-type]
@@ -266,6 +256,7 @@ def test_published_results_are_reused_only_for_an_identical_argv(tmp_path: Path)
     assert other.key == run.key and runner.load_finished(other) is None
     (tmp_path / "out" / "runs" / run.key).mkdir(parents=True)  # interrupted here: retrain, not adopt
     assert runner.load_finished(run) is None
+
 
 
 def test_a_published_run_trained_again_replaces_its_published_result(tmp_path: Path, monkeypatch) -> None:
@@ -324,7 +315,6 @@ def test_a_run_two_rows_resolve_to_while_it_trains_is_trained_once(tmp_path: Pat
     assert [r.key for r in rows[0].runs] == [r.key for r in rows[1].runs] == [a.key, shared.key]
     assert sorted(calls) == sorted([a.key, b.key, shared.key])
 
-
 def test_table_selection_is_checked() -> None:
     assert protocol.parse_tables("4,1") == ["1", "4"]
     assert protocol.parse_tables("") == list(protocol.TABLES)
@@ -354,15 +344,8 @@ def test_every_model_variant_of_the_plan_composes_to_its_scale() -> None:
 
 @pytest.mark.slow
 def test_smoke_protocol_writes_outputs_skips_finished_runs_and_selects_tables(tmp_path: Path) -> None:
-    args = [
-        "--scale",
-        "smoke",
-        "--in-process",
-        "--out-dir",
-        str(tmp_path / "runs"),
-        "--docs-dir",
-        str(tmp_path / "docs"),
-    ]
+    args = ["--scale", "smoke", "--in-process", "--out-dir", str(tmp_path / "runs"), "--docs-dir",
+            str(tmp_path / "docs")]
     first = reproduce([*args, "--tables", "5,6"])
     trained = set(first.trained)
     assert {k for k in trained if "expand_bits" in k} and {k for k in trained if "gelu" in k}
@@ -386,17 +369,8 @@ def test_smoke_protocol_writes_outputs_skips_finished_runs_and_selects_tables(tm
 
 @pytest.mark.slow
 def test_table1_smoke_resolves_best_lr_rows_with_heldout_and_figures(tmp_path: Path) -> None:
-    args = [
-        "--scale",
-        "smoke",
-        "--tables",
-        "1",
-        "--in-process",
-        "--out-dir",
-        str(tmp_path / "runs"),
-        "--docs-dir",
-        str(tmp_path / "docs"),
-    ]
+    args = ["--scale", "smoke", "--tables", "1", "--in-process", "--out-dir", str(tmp_path / "runs"),
+            "--docs-dir", str(tmp_path / "docs")]
     reproduce(args)
     doc = json.loads((tmp_path / "docs" / "reproduction_smoke.json").read_text())
     labels = {r["row"] for r in doc["rows"]}
@@ -421,19 +395,8 @@ def _committed_rows() -> list[dict]:
 
 
 def test_committed_reproduction_argv_compose_and_fields_are_complete() -> None:
-    fields = {
-        "table",
-        "row",
-        "argv",
-        "seed",
-        "steps",
-        "tokens",
-        "val_loss",
-        "val_ppl",
-        "params",
-        "flops_per_token",
-        "train_seconds",
-    }
+    fields = {"table", "row", "argv", "seed", "steps", "tokens", "val_loss", "val_ppl", "params",
+              "flops_per_token", "train_seconds"}
     rows = _committed_rows()
     assert {r["table"] for r in rows} == set(protocol.TABLES)
     for r in rows:
@@ -449,10 +412,7 @@ def test_committed_reproduction_argv_compose_and_fields_are_complete() -> None:
 def _retrain(row: dict, tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "train.py", *row["argv"], f"hydra.run.dir={tmp_path / 'run'}", "export_final=false"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1200,
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     losses = re.findall(r"step\s+(\d+) \| val/loss (\d+\.\d+)", out.stdout)
