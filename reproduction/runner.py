@@ -165,6 +165,7 @@ class Runner:
         workers: int = 2,
         log: Callable[[str], None] = print,
         published: dict[str, dict[str, Any]] | None = None,
+        train: bool = True,
     ) -> None:
         self.out_dir, self.scale, self.executor, self.workers, self.log = (
             out_dir,
@@ -180,6 +181,8 @@ class Runner:
         self._queue: list[Run] = []
         self._in_flight: set[str] = set()  # keys of the runs being trained now
         self._failed: list[str] = []
+        self.train = train  # False: train nothing, settle what the finished runs allow (`execute_plan`)
+        self.unfinished: list[str] = []  # with train=False: the rows that still lack runs, by label
 
     def run_dir(self, run: Run) -> Path:
         return self.out_dir / "runs" / run.key
@@ -195,7 +198,11 @@ class Runner:
         return pub if pub is not None and pub.get("argv") == list(run.argv) else None
 
     def execute_plan(self, plan: Plan) -> list[Row]:
-        """Every row of `plan` with every run finished (resolving pending rows); raises if a run failed."""
+        """Every row of `plan` with every run finished (resolving pending rows); raises if a run failed.
+
+        With `train=False` nothing is trained: the rows whose runs are all finished (on disk or published)
+        are returned, searches settle as far as the finished runs take them, and the labels of the rows
+        still missing runs are left in `unfinished` (what an interrupted invocation can publish)."""
         runs = plan.runs()
         pending = list(plan.pending)
         rows = list(plan.rows)
@@ -206,7 +213,8 @@ class Runner:
             f"reproduction: {len(self.results)} runs finished earlier, {len(self._queue)} to train "
             f"({self.workers} at a time)"
         )
-        threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(self.workers)]
+        workers = self.workers if self.train else 0
+        threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(workers)]
         for t in threads:
             t.start()
         while True:
@@ -214,6 +222,10 @@ class Runner:
                 for p in list(pending):
                     if all(r.key in self.results for r in p.sweep):
                         self._settle(p, pending, rows, plan)
+                if not self.train:
+                    if not any(all(r.key in self.results for r in p.sweep) for p in pending):
+                        break
+                    continue
                 idle = not self._queue and not self._in_flight
                 if idle and (not pending or self._failed):
                     break
@@ -226,6 +238,10 @@ class Runner:
             t.join()
         if self._failed:
             raise RuntimeError("reproduction: these runs failed: " + "; ".join(self._failed))
+        if not self.train:
+            done = [r for r in rows if all(run.key in self.results for run in r.runs)]
+            self.unfinished = [r.label for r in rows if r not in done] + [p.label for p in pending]
+            rows = done
 
         def position(row: Row) -> tuple:
             """Plan order; resolved rows after, by their tag ("(b)".."(e)"), width 128 before the second

@@ -315,6 +315,30 @@ def test_a_run_two_rows_resolve_to_while_it_trains_is_trained_once(tmp_path: Pat
     assert [r.key for r in rows[0].runs] == [r.key for r in rows[1].runs] == [a.key, shared.key]
     assert sorted(calls) == sorted([a.key, b.key, shared.key])
 
+def test_without_training_the_finished_rows_are_settled_and_the_rest_named(tmp_path: Path) -> None:
+    # an invocation that was stopped: its finished runs settle what they can; nothing is trained
+    from reproduction.runner import RESULT, Runner
+
+    scale = dataclasses.replace(protocol.Scale(), steps=1)
+    a, b = (protocol.make_run("dense", lr, 0, scale) for lr in (1e-2, 3e-2))
+    for run, loss in ((a, 4.0), (b, 4.2)):
+        (tmp_path / "runs" / run.key).mkdir(parents=True)
+        (tmp_path / "runs" / run.key / RESULT).write_text(json.dumps({"key": run.key, "val_loss": loss}))
+    seed1, c = protocol.make_run("dense", 1e-2, 1, scale), protocol.make_run("dense", 9e-2, 0, scale)
+    plan = protocol.Plan(sweeps={"dense": [a, b]})
+    plan.rows = [protocol.Row("1", "fixed", [a])]
+    plan.pending = [
+        protocol.Pending("1", "(d) one seed", "dense", [a, b], (0,)),
+        protocol.Pending("1", "(e) two seeds", "dense", [a, b], (0, 1)),  # seed 1 never trained
+        protocol.Pending("1", "(f) waits for c", "dense", [a, c], (0,)),
+    ]
+    runner = Runner(tmp_path, scale, executor=None, train=False, log=lambda m: None)  # type: ignore[arg-type]
+    rows = runner.execute_plan(plan)
+    assert [r.label for r in rows] == ["fixed", "(d) one seed (best lr 0.01)"]
+    assert runner.unfinished == ["(e) two seeds (best lr 0.01)", "(f) waits for c"]
+    assert seed1.key not in runner.results and runner.trained == []
+
+
 def test_table_selection_is_checked() -> None:
     assert protocol.parse_tables("4,1") == ["1", "4"]
     assert protocol.parse_tables("") == list(protocol.TABLES)
