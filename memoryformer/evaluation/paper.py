@@ -26,7 +26,3 @@ def paper_results() -> dict[str, Any]:
     with PAPER_RESULTS.open(encoding="utf-8") as f:
         return yaml.safe_load(f)
 
-
-def paper_row(table: str, model: str) -> dict[str, Any] | None:
-    """The row of `table` ("table1" | "table2" | "table6") for our preset name `model`, or None."""
-    return next((r for r in paper_results()[table] if r.get("model") == model), None)

@@ -1,7 +1,6 @@
 """The paper's six tables from finished runs, our numbers beside the paper's: Markdown and one PNG per table.
 
     python -m memoryformer.evaluation.report RUN_OR_FOLDER ... --out report/
-    (the same tool as `python -m memoryformer.evaluation.report`)
 
 Each path is a training run (train.py's folder: `checkpoints/config.yaml`, `csv/metrics.csv`), an evaluate.py
 run (`results.json`, `run_info.json`), or any folder above them (`outputs/`, `multirun/table4_lr/`); see
@@ -21,7 +20,6 @@ Layers, hidden size and FLOPs per block (s = 2048) of Tables 1 and 2 come from `
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,19 +126,6 @@ def eval_row(run: EvalRun) -> Row:
     return row
 
 
-def run_row(run_dir: str | Path) -> Row:
-    """A row from one evaluate.py output directory (results.json + run_info.json)."""
-    d = Path(run_dir)
-    try:
-        results = json.loads((d / "results.json").read_text())
-        info = json.loads((d / "run_info.json").read_text())
-    except FileNotFoundError as err:
-        raise SystemExit(
-            f"error: {d} is not an evaluate.py run directory ({Path(err.filename).name} is missing)."
-        ) from err
-    return eval_row(EvalRun(path=d, results=results, info=info))
-
-
 def _same_arch(a: ModelConfig | None, b: ModelConfig | None) -> bool:
     if a is None or b is None:
         return False
@@ -235,14 +220,6 @@ def accuracy_rows(table: str, runs: Runs) -> tuple[list[Row], list[Row]]:
 def _placeholder(paper: Row, run: TrainRun | None, status: str) -> Row:
     source = "ours" if run is None else f"ours ({'/'.join(run.path.resolve().parts[-3:])})"
     return Row(label=paper.label, source=source, config=paper.config, status=status)
-
-
-def build_tables(run_dirs: list[str | Path]) -> tuple[list[Row], list[Row]]:
-    """(Table 1 rows, Table 2 rows) for `run_dirs`; evaluation runs that fit no row end Table 1."""
-    runs = find_runs(run_dirs) if run_dirs else Runs()
-    t1, unplaced = accuracy_rows("table1", runs)
-    t2, _ = accuracy_rows("table2", runs)
-    return t1 + unplaced, t2
 
 
 def metric_notes(rows: list[Row]) -> list[str]:
