@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memoryformer.atomic_io import atomic_write_text
 from memoryformer.evaluation import figures as table_figures
 from memoryformer.evaluation import tables
 from memoryformer.evaluation.figures import pyplot, save
@@ -267,9 +268,7 @@ def write_json(path: Path, scale: Scale, rows: list[Row], sweeps: dict, results:
         "train_minutes_all_runs": meta["train_minutes"],
         "rows": json_rows(rows, sweeps, results),
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------- Markdown
