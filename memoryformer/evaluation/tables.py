@@ -90,7 +90,6 @@ def paper_rows(table: str) -> list[Row]:
                 "paper",
                 {**dict(zip(data["tasks"], r["scores"], strict=True)), "avg": r["avg"]},
                 config=ModelConfig.from_name(r["model"]) if r.get("model") else None,
-                metrics=dict.fromkeys(data["tasks"], "paper"),
                 spec=r,
             )
             for r in spec
@@ -117,11 +116,9 @@ def paper_markdown(table: str) -> list[str]:
     rows = paper_rows(table)
     if table in ACCURACY_TABLES:
         head = ["Paper row", "Avg. zero-shot acc.", "FLOPs per block (s = 2048)"]
-        flops = [r.spec.get("flops_total_g") for r in rows]
-        body = [
-            [r.label, f"{r.values['avg']:.3f}", f"{f} G" if f else "-"]
-            for r, f in zip(rows, flops, strict=True)
-        ]
-        return markdown_table(head, body)
+        cells = [(r.label, r.values["avg"], r.spec.get("flops_total_g")) for r in rows]
+        return markdown_table(
+            head, ([label, f"{avg:.3f}", f"{f} G" if f else "-"] for label, avg, f in cells)
+        )
     head = [f"Paper row ({paper_results()[f'table{table}']['title']})", "Val. PPL"]
     return markdown_table(head, [[r.label, str(r.values["val_ppl"])] for r in rows])
