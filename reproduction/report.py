@@ -404,11 +404,19 @@ class BudgetPoint:
     stat: Stat
     tokens: int
     training_flops: float  # FLOPs per token x training tokens (forward + backward, multiply-add = 1)
-    heldout: float | None  # held-out bits/byte of the row's run with the lowest validation loss
+    heldout: float | None  # held-out bits/byte of the row's `scored_runs` (their mean)
 
     @property
     def model(self) -> str:
         return "MemoryFormer" if self.memoryformer else "dense twin"
+
+
+def scored_runs(row: Row, results: dict[str, dict]) -> list[Any]:
+    """The runs of a Table 1 row that get held-out bits/byte (each costs minutes of lm-eval): every seed at
+    budget 1, else the one with the lowest validation loss."""
+    if row.runs[0].budget == 1:
+        return row.runs
+    return [min(row.runs, key=lambda r: results[r.key]["val_loss"])]
 
 
 def budget_points(rows: list[Row], results: dict[str, dict]) -> list[BudgetPoint]:
@@ -419,8 +427,8 @@ def budget_points(rows: list[Row], results: dict[str, dict]) -> list[BudgetPoint
         if not row.label.startswith("(e)"):
             continue
         first = results[row.runs[0].key]
-        best = min(row.runs, key=lambda r: results[r.key]["val_loss"])
-        held = results[best.key].get("heldout", {}).get("bits_per_byte")
+        scored = [results[r.key] for r in scored_runs(row, results)]
+        held = [res["heldout"]["bits_per_byte"] for res in scored if "heldout" in res]
         width = int(dict(_override_pairs(first["argv"])).get("model.n_embd", 128))  # model=nano: 128
         out.append(
             BudgetPoint(
@@ -431,7 +439,7 @@ def budget_points(rows: list[Row], results: dict[str, dict]) -> list[BudgetPoint
                 row_stat(row, results),
                 first["tokens"],
                 first["flops_per_token"] * first["tokens"],
-                held,
+                statistics.fmean(held) if held else None,
             )
         )
     return sorted(out, key=lambda p: (p.width, p.memoryformer, p.budget))
@@ -536,18 +544,6 @@ def budget_section(rows: list[Row], sweeps: dict, results: dict, figures: list[s
             mf, dense = pairs[(p.width, p.budget)]
             se = math.sqrt(mf.stat.se() ** 2 + dense.stat.se() ** 2)
             gap = f"{mf.stat.mean - dense.stat.mean:+.4f} ± {se:.4f}"
-        if p.budget == 1:
-            held = (
-                statistics.fmean(
-                    results[r.key]["heldout"]["bits_per_byte"]
-                    for r in p.row.runs
-                    if "heldout" in results[r.key]
-                )
-                if any("heldout" in results[r.key] for r in p.row.runs)
-                else None
-            )
-        else:
-            held = p.heldout
         body.append(
             [
                 str(p.width),
@@ -559,7 +555,7 @@ def budget_section(rows: list[Row], sweeps: dict, results: dict, figures: list[s
                 f"{p.stat.mean:.4f} ± {p.stat.std:.4f}",
                 gap,
                 f"{p.training_flops / 1e12:.2f}",
-                "-" if held is None else f"{held:.4f}",
+                "-" if p.heldout is None else f"{p.heldout:.4f}",
             ]
         )
     out += [*tables.markdown_table(head, body), "", "**Verdict by token budget:**", ""]
@@ -630,11 +626,9 @@ def plot_sweeps(rows: list[Row], results: dict, path: Path) -> None:
     runs are at CPU scale."""
     ours: dict[str, list[tables.Row]] = {}
     for row in [r for r in rows if r.table in tables.SWEEP_TABLES]:
-        ppl = [math.exp(results[run.key]["val_loss"]) for run in row.runs]
-        sd = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
-        mean = {"val_ppl": statistics.fmean(ppl)}
+        ppl = Stat.of([math.exp(results[run.key]["val_loss"]) for run in row.runs])
         ours.setdefault(row.table, []).append(
-            tables.Row(row.label, "ours", mean, {"val_ppl": sd}, len(ppl), row.setting)
+            tables.Row(row.label, "ours", {"val_ppl": ppl.mean}, {"val_ppl": ppl.std}, ppl.n, row.setting)
         )
     table_figures.plot_sweeps(ours, path, ours_label="ours (CPU scale)", twin=True)
 
