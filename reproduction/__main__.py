@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> Runner:
     results = runner.results
 
     if "1" in tables and not args.no_heldout:
-        # every seed of the 1x rows; the best seed of a larger budget's row (each costs minutes of lm-eval)
-        t1_runs = {r.key: r for row in rows if row.table == "1" for r in _scored_runs(row, results)}
+        t1_runs = {r.key: r for row in rows if row.table == "1" for r in report.scored_runs(row, results)}
         todo = {k: r for k, r in t1_runs.items() if "heldout" not in results[k]}  # published rows have it
         for run in todo.values():  # a published sweep point that became a row run: no model here to score
             if results[run.key].get("published"):
@@ -123,13 +122,6 @@ def main(argv: list[str] | None = None) -> Runner:
         flush=True,
     )
     return runner
-
-
-def _scored_runs(row: protocol.Row, results: dict) -> list[protocol.Run]:
-    """The runs of a Table 1 row that get held-out bits/byte: every seed at budget 1, else the best."""
-    if row.runs[0].budget == 1:
-        return row.runs
-    return [min(row.runs, key=lambda r: results[r.key]["val_loss"])]
 
 
 if __name__ == "__main__":

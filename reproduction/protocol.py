@@ -316,9 +316,9 @@ class GridSearch(Pending):
     def grow(self, best: Run, scale: Scale) -> list[Run]:
         if self.grown >= scale.d_grow_limit:
             return []
-        b = best.setting("optim.block_lr_scale")
-        same_scale = [r.lr for r in self.sweep if r.setting("optim.block_lr_scale") == b]
-        same_lr = [r.setting("optim.block_lr_scale") for r in self.sweep if r.lr == best.lr]
+        b = best.setting(BLOCK)
+        same_scale = [r.lr for r in self.sweep if r.setting(BLOCK) == b]
+        same_lr = [r.setting(BLOCK) for r in self.sweep if r.lr == best.lr]
         points = [(lr, b) for lr in _beyond(best.lr, same_scale)]
         points += [(best.lr, sc) for sc in _beyond(b, same_lr)]
         keys = {r.key for r in self.sweep}
@@ -404,6 +404,7 @@ def _budget_search(model: str, best: Run, budget: int, scale: Scale, width2_next
     )
 
 
+BLOCK = "optim.block_lr_scale"
 EMBEDDING = "optim.embedding_lr_scale"
 
 

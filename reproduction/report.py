@@ -2,7 +2,8 @@
 
 Each table's section holds the paper's rows, the trend the paper claims, our rows (mean and spread over
 seeds) and a verdict computed from the numbers: a difference counts only when it exceeds twice its standard
-error over seeds; otherwise it is "within the seed spread".
+error over seeds; otherwise it is "within the seed spread". Titles, the paper's rows and Tables 3-5's figure
+are those of the evaluation report (`memoryformer.evaluation.tables`, `memoryformer.evaluation.figures`).
 """
 
 from __future__ import annotations
@@ -16,16 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reproduction.protocol import Row, Scale
+from memoryformer.atomic_io import atomic_write_text
+from memoryformer.evaluation import figures as table_figures
+from memoryformer.evaluation import tables
+from memoryformer.evaluation.figures import pyplot, save
+from reproduction.protocol import BLOCK, EMBEDDING, Row, Scale
 
-TITLES = {
-    "1": "Table 1: MemoryFormer against a dense transformer",
-    "2": "Table 2: efficient attentions on the dense model",
-    "3": "Table 3: tau / K at equal width",
-    "4": "Table 4: learning rate",
-    "5": "Table 5: expanding bits in the Memory Block",
-    "6": "Table 6: a GeLU in the Memory Block",
-}
 CLAIMS = {
     "1": "MF-tiny beats Pythia-70M (zero-shot avg 0.404 vs 0.375) with 16x fewer block FLOPs without "
     "attention, trained at 3x Pythia's lr.",
@@ -271,13 +268,11 @@ def write_json(path: Path, scale: Scale, rows: list[Row], sweeps: dict, results:
         "train_minutes_all_runs": meta["train_minutes"],
         "rows": json_rows(rows, sweeps, results),
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------- Markdown
-def _fmt_row(row: Row, results: dict[str, dict], extra: list[str]) -> str:
+def _row_cells(row: Row, results: dict[str, dict], extra: list[str]) -> list[str]:
     st = row_stat(row, results)
     first = results[row.runs[0].key]
     cells = [
@@ -300,24 +295,7 @@ def _fmt_row(row: Row, results: dict[str, dict], extra: list[str]) -> str:
                 else "-"
             )
     cells.append(f"{statistics.fmean(results[r.key]['train_seconds'] for r in row.runs):.0f}")
-    return "| " + " | ".join(cells) + " |"
-
-
-def paper_rows(table: str) -> list[str]:
-    """The paper's printed rows of `table`, as Markdown lines."""
-    from memoryformer.evaluation.paper import paper_results
-
-    pr = paper_results()
-    if table in ("1", "2", "6"):
-        lines = ["| Paper row | Avg. zero-shot acc. | FLOPs per block (s = 2048) |", "|---|---|---|"]
-        for r in pr[f"table{table}"]:
-            flops = r.get("flops_total_g")
-            lines.append(f"| {r['label']} | {r['avg']:.3f} | {f'{flops} G' if flops else '-'} |")
-        return lines
-    spec = pr[f"table{table}"]
-    lines = [f"| Paper row ({spec['title']}) | Val. PPL |", "|---|---|"]
-    lines += [f"| {r['label']} | {r['val_ppl']} |" for r in spec["rows"]]
-    return lines
+    return cells
 
 
 def markdown(
@@ -364,10 +342,6 @@ def markdown(
     return "\n".join(out) + "\n"
 
 
-def _scale(run: Any, group: str) -> float:
-    return float(dict(run.variant).get(f"optim.{group}_lr_scale", 1.0))
-
-
 def table_section(table: str, rows: list[Row], sweeps: dict, results: dict, figures: list[str]) -> list[str]:
     """One table's Markdown: the paper's rows and claim, ours, Table 1's lr sweeps, verdicts, figures."""
     extra = (["heldout"] if table == "1" else []) + ([] if table == "2" else ["hash"])
@@ -375,18 +349,16 @@ def table_section(table: str, rows: list[Row], sweeps: dict, results: dict, figu
     head += [{"heldout": "held-out bits/byte", "hash": "hash weight / buckets used"}[k] for k in extra]
     head.append("seconds per run")
     out = [
-        f"## {TITLES[table]}",
+        f"## {tables.title(table)}",
         "",
         "**The paper:** " + CLAIMS[table],
         "",
-        *paper_rows(table),
+        *tables.paper_markdown(table),
         "",
         "**Here:**",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
+        *tables.markdown_table(head, [_row_cells(r, results, extra) for r in rows if r.runs[0].budget == 1]),
     ]
-    out += [_fmt_row(r, results, extra) for r in rows if r.runs[0].budget == 1]
     if sweeps:
         out += [
             "",
@@ -394,15 +366,22 @@ def table_section(table: str, rows: list[Row], sweeps: dict, results: dict, figu
             "lr scale at width 128; `_w2`: width 256 at the width-128 best block scale; `-embedding`: "
             "embedding lr scale at the best pair, for (e)):",
             "",
-            "| sweep | lr | block lr scale | embedding lr scale | final val loss |",
-            "|---|---|---|---|---|",
         ]
-        for model, runs in sweeps.items():
-            for r in sorted(runs, key=lambda r: (_scale(r, "block"), _scale(r, "embedding"), r.lr)):
-                out.append(
-                    f"| {model} | {r.lr:g} | {_scale(r, 'block'):g} | {_scale(r, 'embedding'):g} | "
-                    f"{results[r.key]['val_loss']:.4f} |"
-                )
+        head = ["sweep", "lr", "block lr scale", "embedding lr scale", "final val loss"]
+        out += tables.markdown_table(
+            head,
+            (
+                [
+                    model,
+                    f"{r.lr:g}",
+                    f"{r.setting(BLOCK):g}",
+                    f"{r.setting(EMBEDDING):g}",
+                    f"{results[r.key]['val_loss']:.4f}",
+                ]
+                for model, runs in sweeps.items()
+                for r in sorted(runs, key=lambda r: (r.setting(BLOCK), r.setting(EMBEDDING), r.lr))
+            ),
+        )
     out += ["", "**Verdict** (a difference counts when it exceeds 2 standard errors over seeds):", ""]
     out += [f"- {v}" for v in verdicts(table, rows, results)]
     budget_figures = [f for f in figures if f.endswith("_budgets.png")]
@@ -425,11 +404,19 @@ class BudgetPoint:
     stat: Stat
     tokens: int
     training_flops: float  # FLOPs per token x training tokens (forward + backward, multiply-add = 1)
-    heldout: float | None  # held-out bits/byte of the row's run with the lowest validation loss
+    heldout: float | None  # held-out bits/byte of the row's `scored_runs` (their mean)
 
     @property
     def model(self) -> str:
         return "MemoryFormer" if self.memoryformer else "dense twin"
+
+
+def scored_runs(row: Row, results: dict[str, dict]) -> list[Any]:
+    """The runs of a Table 1 row that get held-out bits/byte (each costs minutes of lm-eval): every seed at
+    budget 1, else the one with the lowest validation loss."""
+    if row.runs[0].budget == 1:
+        return row.runs
+    return [min(row.runs, key=lambda r: results[r.key]["val_loss"])]
 
 
 def budget_points(rows: list[Row], results: dict[str, dict]) -> list[BudgetPoint]:
@@ -440,8 +427,8 @@ def budget_points(rows: list[Row], results: dict[str, dict]) -> list[BudgetPoint
         if not row.label.startswith("(e)"):
             continue
         first = results[row.runs[0].key]
-        best = min(row.runs, key=lambda r: results[r.key]["val_loss"])
-        held = results[best.key].get("heldout", {}).get("bits_per_byte")
+        scored = [results[r.key] for r in scored_runs(row, results)]
+        held = [res["heldout"]["bits_per_byte"] for res in scored if "heldout" in res]
         width = int(dict(_override_pairs(first["argv"])).get("model.n_embd", 128))  # model=nano: 128
         out.append(
             BudgetPoint(
@@ -452,7 +439,7 @@ def budget_points(rows: list[Row], results: dict[str, dict]) -> list[BudgetPoint
                 row_stat(row, results),
                 first["tokens"],
                 first["flops_per_token"] * first["tokens"],
-                held,
+                statistics.fmean(held) if held else None,
             )
         )
     return sorted(out, key=lambda p: (p.width, p.memoryformer, p.budget))
@@ -527,7 +514,7 @@ def budget_verdicts(points: list[BudgetPoint], sweeps: dict[str, list], results:
 def _setting(row: Row) -> str:
     """`lr 0.03, 0.03 / 3` (lr, block / embedding lr scale), `unsearched` when not chosen by a search."""
     run = row.runs[0]
-    text = f"{run.lr:g}, {_scale(run, 'block'):g} / {_scale(run, 'embedding'):g}"
+    text = f"{run.lr:g}, {run.setting(BLOCK):g} / {run.setting(EMBEDDING):g}"
     return text + (" (unsearched)" if "unsearched" in row.label else "")
 
 
@@ -547,35 +534,31 @@ def budget_section(rows: list[Row], sweeps: dict, results: dict, figures: list[s
         f"mean over seeds, as above). The corpus has 1.10M training tokens, so {most}x ({top / 1e6:.1f}M "
         f"tokens) is about {top / 1.10e6:.1f} epochs: every model sees each training sequence that often.",
         "",
-        "| width | model | tokens | epochs | lr, block / embedding lr scale | seeds | "
-        "final val loss (mean ± sd) | MF - dense (± se) | "
-        "training TFLOPs | held-out bits/byte |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    head = ["width", "model", "tokens", "epochs", "lr, block / embedding lr scale", "seeds"]
+    head += ["final val loss (mean ± sd)", "MF - dense (± se)", "training TFLOPs", "held-out bits/byte"]
+    body = []
     for p in points:
         gap = ""
         if p.memoryformer and (p.width, p.budget) in pairs:
             mf, dense = pairs[(p.width, p.budget)]
             se = math.sqrt(mf.stat.se() ** 2 + dense.stat.se() ** 2)
             gap = f"{mf.stat.mean - dense.stat.mean:+.4f} ± {se:.4f}"
-        if p.budget == 1:
-            held = (
-                statistics.fmean(
-                    results[r.key]["heldout"]["bits_per_byte"]
-                    for r in p.row.runs
-                    if "heldout" in results[r.key]
-                )
-                if any("heldout" in results[r.key] for r in p.row.runs)
-                else None
-            )
-        else:
-            held = p.heldout
-        out.append(
-            f"| {p.width} | {p.model} | {p.tokens / 1e6:.2f}M ({p.budget}x) | {p.tokens / 1.10e6:.2f} | "
-            f"{_setting(p.row)} | {p.stat.n} | {p.stat.mean:.4f} ± {p.stat.std:.4f} | {gap} | "
-            f"{p.training_flops / 1e12:.2f} | {'-' if held is None else f'{held:.4f}'} |"
+        body.append(
+            [
+                str(p.width),
+                p.model,
+                f"{p.tokens / 1e6:.2f}M ({p.budget}x)",
+                f"{p.tokens / 1.10e6:.2f}",
+                _setting(p.row),
+                str(p.stat.n),
+                f"{p.stat.mean:.4f} ± {p.stat.std:.4f}",
+                gap,
+                f"{p.training_flops / 1e12:.2f}",
+                "-" if p.heldout is None else f"{p.heldout:.4f}",
+            ]
         )
-    out += ["", "**Verdict by token budget:**", ""]
+    out += [*tables.markdown_table(head, body), "", "**Verdict by token budget:**", ""]
     out += [f"- {v}" for v in budget_verdicts(points, sweeps, results)]
     for fig in figures:
         out += ["", f"![{Path(fig).stem.replace('_', ' ')}]({fig})"]
@@ -585,11 +568,7 @@ def budget_section(rows: list[Row], sweeps: dict, results: dict, figures: list[s
 def plot_budgets(rows: list[Row], results: dict, path: Path) -> None:
     """Final validation loss of the (e) rows against training tokens and against training FLOPs, one line
     per model and width (mean over seeds, error bars = sample sd; a point with one seed has none)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     points = budget_points(rows, results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
     for ax, (x_of, xlabel) in zip(
@@ -617,19 +596,13 @@ def plot_budgets(rows: list[Row], results: dict, path: Path) -> None:
     axes[0][0].set_ylabel("final val loss (nats/token)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Table 1 (e) by training tokens, each model at its own best lrs", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 # --------------------------------------------------------------------------- figures
 def plot_table1(rows: list[Row], results: dict, path: Path) -> None:
     """Validation loss against training tokens for Table 1's rows (mean over seeds, band = min..max)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for row in [r for r in rows if r.runs[0].budget == 1]:  # the budgets have their own figure
         curves = [results[r.key]["val_curve"] for r in row.runs]
@@ -644,62 +617,26 @@ def plot_table1(rows: list[Row], results: dict, path: Path) -> None:
     ax.set_title("Table 1 at CPU scale: validation loss")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_sweeps(rows: list[Row], results: dict, path: Path) -> None:
-    """Validation perplexity against the swept setting of Tables 3-5 (ours: mean ± sd; the paper's dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from memoryformer.evaluation.paper import paper_results
-
-    tables = [t for t in ("3", "4", "5") if any(r.table == t for r in rows)]
-    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.6), squeeze=False)
-    xlabels = {"3": "tau (K = 128 // tau)", "4": "learning rate", "5": "expanding bits"}
-    for ax, t in zip(axes[0], tables, strict=False):
-        trs = [r for r in rows if r.table == t]
-        xs = [r.setting for r in trs]
-        ppl = [[math.exp(results[run.key]["val_loss"]) for run in r.runs] for r in trs]
-        ax.errorbar(
-            xs,
-            [statistics.fmean(p) for p in ppl],
-            yerr=[statistics.stdev(p) if len(p) > 1 else 0 for p in ppl],
-            marker="o",
-            capsize=3,
-            label="ours (CPU scale)",
+    """Tables 3-5's figure (`memoryformer.evaluation.figures.plot_sweeps`) of our rows: validation
+    perplexity, mean ± sd over seeds, against the swept setting; the paper's on an axis of its own, as our
+    runs are at CPU scale."""
+    ours: dict[str, list[tables.Row]] = {}
+    for row in [r for r in rows if r.table in tables.SWEEP_TABLES]:
+        ppl = Stat.of([math.exp(results[run.key]["val_loss"]) for run in row.runs])
+        ours.setdefault(row.table, []).append(
+            tables.Row(row.label, "ours", {"val_ppl": ppl.mean}, {"val_ppl": ppl.std}, ppl.n, row.setting)
         )
-        ax.set_xlabel(xlabels[t])
-        ax.set_ylabel("val PPL (ours)")
-        if t == "4":
-            ax.set_xscale("log")
-        paper = paper_results()[f"table{t}"]["rows"]
-        twin = ax.twinx()
-        px = [
-            (4, 8, 10)[i] if t == "3" else (float(p["label"]) if t == "4" else int(p["label"]))
-            for i, p in enumerate(paper)
-        ]
-        twin.plot(px, [p["val_ppl"] for p in paper], "k--", marker="s", alpha=0.5, label="paper")
-        twin.set_ylabel("val PPL (paper, MF-tiny, 8000 steps)", fontsize=8)
-        ax.set_title(TITLES[t].split(": ")[1], fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    table_figures.plot_sweeps(ours, path, ours_label="ours (CPU scale)", twin=True)
 
 
 def plot_lr_grid(sweeps: dict[str, list], results: dict, path: Path) -> None:
     """Table 1 (d): final validation loss (seed 0) against lr, one line per block lr scale, for the
     MemoryFormer and its dense twin at width 128 (`<model>-grid` sweeps) and at width 256 (`<model>_w2`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [
         (name, title)
         for name, title in (
@@ -713,9 +650,9 @@ def plot_lr_grid(sweeps: dict[str, list], results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.6 * max(len(panels), 1), 3.6), squeeze=False)
     losses = [results[r.key]["val_loss"] for name, _ in panels for r in sweeps[name]]
     for ax, (name, title) in zip(axes[0], panels, strict=False):
-        runs = [r for r in sweeps[name] if _scale(r, "embedding") == 1.0]
-        for b in sorted({_scale(r, "block") for r in runs}):
-            pts = sorted((r.lr, results[r.key]["val_loss"]) for r in runs if _scale(r, "block") == b)
+        runs = [r for r in sweeps[name] if r.setting(EMBEDDING) == 1.0]
+        for b in sorted({r.setting(BLOCK) for r in runs}):
+            pts = sorted((r.lr, results[r.key]["val_loss"]) for r in runs if r.setting(BLOCK) == b)
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"block scale {b:g}")
         best = min(runs, key=lambda r: results[r.key]["val_loss"])
         ax.plot([best.lr], [results[best.key]["val_loss"]], "k*", markersize=12, label="best")
@@ -727,32 +664,24 @@ def plot_lr_grid(sweeps: dict[str, list], results: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("final val loss, seed 0 (nats/token)")
     fig.suptitle("Table 1 (d): loss against lr and block lr scale (blocks train at lr x scale)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_buckets(hash_result: dict, path: Path, label: str) -> None:
     """Bucket hit counts of the first and last table of each first-block Memory Layer (the paper's Fig. 4)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     hists = hash_result["histograms"]
     names = [n for n in hists if not n.endswith(("k_proj", "v_proj"))]  # Q, K and V share one hash
     fig, axes = plt.subplots(len(names), 2, figsize=(9, 2.2 * len(names)), squeeze=False)
     for i, name in enumerate(names):
-        tables = hash_result["layers"][name]["tables"]
+        last = hash_result["layers"][name]["tables"]
         for j, counts in enumerate(hists[name]):
             ax = axes[i][j]
             ax.bar(range(len(counts)), counts, width=1.0)
             used = sum(c > 0 for c in counts) / len(counts)
             ax.set_title(
-                f"{name} table {1 if j == 0 else tables}: {used:.0%} of {len(counts)} buckets hit", fontsize=8
+                f"{name} table {1 if j == 0 else last}: {used:.0%} of {len(counts)} buckets hit", fontsize=8
             )
             ax.tick_params(labelsize=7)
     fig.suptitle(f"Bucket hits on {hash_result['tokens']} held-out tokens: {label}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, dpi=100)

@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from memoryformer.atomic_io import atomic_write_text
 from reproduction.protocol import Pending, Plan, Row, Run, Scale
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -357,9 +358,7 @@ class Runner:
         start = time.perf_counter()
         self.executor(run.argv, run_dir)
         result = measure(run, run_dir, self.scale, time.perf_counter() - start)
-        tmp = run_dir / (RESULT + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, run_dir / RESULT)
+        atomic_write_text(run_dir / RESULT, json.dumps(result, indent=1) + "\n")
         return result
 
     def _progress(self, run: Run, result: dict[str, Any]) -> None:

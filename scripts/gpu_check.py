@@ -38,7 +38,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python scripts/gpu_check.py` from a checkout
 
+from memoryformer.atomic_io import atomic_write_text  # noqa: E402
 from memoryformer.flops import peak_bf16_tflops  # noqa: E402
 from memoryformer.nn import MemoryLayer  # noqa: E402
 from memoryformer.nn.memory_ops import resolve_impl, weighted_lookup  # noqa: E402
@@ -500,13 +500,7 @@ def environment(device_name: str) -> dict:
 
 def write_report(report: dict, path: Path = REPORT) -> Path:
     """Write `report` as indented JSON, atomically (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 def _now() -> str:

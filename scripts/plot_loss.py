@@ -32,12 +32,9 @@ def main() -> int:
     parser.add_argument("--title", default="make train: nano MemoryFormer on the bundled corpus (CPU)")
     args = parser.parse_args()
 
-    import matplotlib
+    from memoryformer.evaluation.figures import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = pyplot().subplots(figsize=(6.4, 3.6))
     for key, points in loss_series(args.metrics_csv).items():
         if points:
             steps, losses = zip(*points, strict=True)
@@ -47,9 +44,7 @@ def main() -> int:
     ax.set_title(args.title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
-    plt.close(fig)
+    save(fig, args.out)
     print(f"wrote {args.out}")
     return 0
 

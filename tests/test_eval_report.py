@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from memoryformer.config import PAPER_MODELS, PAPER_ROWS, ModelConfig
-from memoryformer.evaluation.paper import paper_results
-from memoryformer.evaluation.report import counter_flops, paper_rows, render
+from memoryformer.evaluation.report import counter_flops, render
+from memoryformer.evaluation.tables import paper_results, paper_rows
 
 S = 2048
 
@@ -86,13 +86,11 @@ def test_report_puts_runs_beside_the_paper_rows_and_writes_png(tmp_path):
     md = render([run], tmp_path / "out")
     lines = md.splitlines()
     i = next(k for k, line in enumerate(lines) if line.startswith("| MF-tiny | paper |"))
-    assert lines[i + 1].startswith(
-        "| mf_tiny | ours (mf_tiny_run) | 6 | 512 | 0.4 G | 4.7 G | 0.610 |"
-    )
+    assert lines[i + 1].startswith("| mf_tiny | ours (mf_tiny_run) | 6 | 512 | 0.4 G | 4.7 G | 0.610 |")
     # a wsc273 number is labelled in its cell and in the average, never passed off as the paper's WSC
     assert "| 0.400 (wsc273) |" in lines[i + 1]
     assert lines[i + 1].endswith(f"| {sum(scores.values()) / 6:.3f} (incl. wsc273) |")
     assert "0.9 G (paper prints 1.0 G)" in md and "wsc: acc (wsc273)" in md
     png = tmp_path / "out" / "table1.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(paper_rows("table2")) == 5
+    assert len(paper_rows("2")) == 5

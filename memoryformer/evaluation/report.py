@@ -1,12 +1,13 @@
 """The paper's six tables from finished runs, our numbers beside the paper's: Markdown and one PNG per table.
 
     python -m memoryformer.evaluation.report RUN_OR_FOLDER ... --out report/
-    (the same tool as `python -m memoryformer.evaluation.report`)
 
 Each path is a training run (train.py's folder: `checkpoints/config.yaml`, `csv/metrics.csv`), an evaluate.py
 run (`results.json`, `run_info.json`), or any folder above them (`outputs/`, `multirun/table4_lr/`); see
 `memoryformer.evaluation.runs`. Tables 1, 2 and 6 report zero-shot accuracy from evaluation runs; Tables 3,
-4 and 5 the last validation perplexity of training runs (`memoryformer.evaluation.ablations`).
+4 and 5 the last validation perplexity of training runs (`memoryformer.evaluation.ablations`). The paper's
+rows, the row model and the titles are those of `memoryformer.evaluation.tables`, which the CPU reproduction
+(`python -m reproduction`) lays out too.
 
 Run -> row: a run belongs to a paper row when its training `name` (every experiment file sets it; the
 multirun jobs of `experiment=table4_lr` are all named table4_lr) is one of the row's `experiments` in
@@ -21,56 +22,41 @@ Layers, hidden size and FLOPs per block (s = 2048) of Tables 1 and 2 come from `
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.evaluation.ablations import ablation_markdown, ablation_rows, plot_ablation
 from memoryformer.evaluation.config import EvalSettings
-from memoryformer.evaluation.paper import COLUMN_TASKS, paper_results
-from memoryformer.evaluation.runs import EvalRun, Runs, TrainRun, config_value, find_runs, same_value
+from memoryformer.evaluation.figures import pyplot, save
+from memoryformer.evaluation.runs import EvalRun, Runs, TrainRun, find_runs, matches
 from memoryformer.evaluation.scores import task_scores
+from memoryformer.evaluation.tables import (
+    ACCURACY_TABLES,
+    COLUMN_TASKS,
+    TITLES,
+    Row,
+    markdown_table,
+    paper_results,
+    paper_rows,
+    title,
+)
 
 GIGA = 1e9
-ACCURACY_TABLES = ("table1", "table2", "table6")
-TITLES = {
-    "table1": "Table 1: zero-shot accuracy and FLOPs per block (s = 2048)",
-    "table2": "Table 2: efficient-attention variants of Pythia-410M",
-    "table3": "Table 3: tau / K at equal width, validation perplexity after 8000 steps",
-    "table4": "Table 4: learning rate, validation perplexity after 8000 steps",
-    "table5": "Table 5: expanding bits of the Memory Block, validation perplexity after 8000 steps",
-    "table6": "Table 6: MF-tiny without / with GeLU in the Memory Block, zero-shot accuracy",
-}
+FLOPS_KEYS = ("flops_wo_attn_g", "flops_total_g")  # a paper row's printed FLOPs: w/o attention, total
 
 
-@dataclass
-class Row:
-    """One table row: a model, where its numbers come from, and its scores per paper column."""
+def uses_wsc273(row: Row) -> bool:
+    """True when the row's WSC cell holds lm-eval's wsc273, not the paper's SuperGLUE WSC."""
+    return "(wsc273)" in row.metrics.get("wsc", "")
 
-    label: str
-    source: str
-    config: ModelConfig | None
-    scores: dict[str, float | None] = field(default_factory=dict)  # paper column -> value
-    metrics: dict[str, str] = field(default_factory=dict)  # paper column -> "acc" / "acc_norm (wsc273)"
-    paper_flops: tuple[float, float] | None = None  # (w/o attention, total) as printed in the paper
-    printed_average: float | None = None  # the paper's own Avg. column (its rounding of the mean)
-    spec: dict = field(default_factory=dict)  # the paper row's entry of paper_results.yaml
-    status: str | None = None  # "not run" / "not evaluated": a placeholder row without scores
 
-    @property
-    def uses_wsc273(self) -> bool:
-        """True when our WSC cell holds lm-eval's wsc273, not the paper's SuperGLUE WSC."""
-        return "(wsc273)" in self.metrics.get("wsc", "")
-
-    @property
-    def average(self) -> float | None:
-        """Mean over the six columns (the paper's printed value for its rows), None if a column is missing."""
-        if self.printed_average is not None:
-            return self.printed_average
-        vals = [self.scores.get(c) for c in COLUMN_TASKS]
-        return None if any(v is None for v in vals) else sum(vals) / len(vals)
+def average(row: Row) -> float | None:
+    """The paper's printed Avg. for its rows, else the mean over the six columns (None if one is missing)."""
+    if "avg" in row.values:
+        return row.values["avg"]
+    vals = [row.values.get(c) for c in COLUMN_TASKS]
+    return None if any(v is None for v in vals) else sum(vals) / len(vals)
 
 
 def counter_flops(config: ModelConfig, seq_len: int = 2048) -> tuple[float, float]:
@@ -79,28 +65,6 @@ def counter_flops(config: ModelConfig, seq_len: int = 2048) -> tuple[float, floa
 
     block = model_cost(config, seq_len).block
     return block.without_attention_paper / GIGA, block.total_paper / GIGA
-
-
-def paper_rows(table: str = "table1") -> list[Row]:
-    """The paper's rows of `table` (table1, table2, table6), with our preset's config where it names one."""
-    data = paper_results()
-    rows = []
-    for r in data[table]:
-        cfg = ModelConfig.from_name(r["model"]) if r.get("model") else None
-        printed = (r.get("flops_wo_attn_g"), r["flops_total_g"]) if "flops_total_g" in r else None
-        rows.append(
-            Row(
-                label=r["label"],
-                source="paper",
-                config=cfg,
-                scores=dict(zip(data["tasks"], r["scores"], strict=True)),
-                metrics=dict.fromkeys(data["tasks"], "paper"),
-                paper_flops=printed,
-                printed_average=r["avg"],
-                spec=r,
-            )
-        )
-    return rows
 
 
 def _model_config(raw: dict | None) -> ModelConfig | None:
@@ -118,27 +82,14 @@ def eval_row(run: EvalRun) -> Row:
     by_task = {r["task"]: r for r in task_scores(run.results, settings)}
     source = f"ours ({run.path.name})"
     if run.train is not None:
-        source = f"ours ({'/'.join(run.train.path.resolve().parts[-3:])}, eval {run.path.name})"
+        source = f"ours ({run.train.short_path}, eval {run.path.name})"
     row = Row(label=info.get("label", run.path.name), source=source, config=_model_config(info.get("model")))
     for column, candidates in COLUMN_TASKS.items():
         hit = next((by_task[t] for t in candidates if t in by_task), None)
         if hit is not None:
-            row.scores[column] = hit["value"]
+            row.values[column] = hit["value"]
             row.metrics[column] = hit["metric"] + ("" if hit["task"] == column else f" ({hit['task']})")
     return row
-
-
-def run_row(run_dir: str | Path) -> Row:
-    """A row from one evaluate.py output directory (results.json + run_info.json)."""
-    d = Path(run_dir)
-    try:
-        results = json.loads((d / "results.json").read_text())
-        info = json.loads((d / "run_info.json").read_text())
-    except FileNotFoundError as err:
-        raise SystemExit(
-            f"error: {d} is not an evaluate.py run directory ({Path(err.filename).name} is missing)."
-        ) from err
-    return eval_row(EvalRun(path=d, results=results, info=info))
 
 
 def _same_arch(a: ModelConfig | None, b: ModelConfig | None) -> bool:
@@ -150,30 +101,18 @@ def _same_arch(a: ModelConfig | None, b: ModelConfig | None) -> bool:
     return same_attention and all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
-def _spec_matches(spec: dict, name: str, config: dict) -> bool:
-    """A training run's `name` and saved `config` belong to the paper row `spec` (module docstring)."""
-    if name not in (spec.get("experiments") or []):
-        return False
-    return all(same_value(config_value(config, k), v) for k, v in (spec.get("match") or {}).items())
-
-
 def _arch_matches(paper: Row, run: EvalRun, row: Row) -> bool:
     """Fallback for an evaluation run without its training run: same architecture and `match` model keys."""
-    if not _same_arch(paper.config, row.config):
-        return False
-    model = {"model": run.info.get("model") or {}}
-    return all(
-        same_value(config_value(model, k), v) for k, v in (paper.spec.get("match") or {}).items()
-        if k.startswith("model.")
+    return _same_arch(paper.config, row.config) and matches(
+        paper.spec, {"model": run.info.get("model") or {}}, prefix="model."
     )
 
 
 def _fmt_flops(row: Row, index: int) -> str:
+    printed = row.spec.get(FLOPS_KEYS[index])
     if row.config is None:
-        printed = row.paper_flops[index] if row.paper_flops else None
         return f"{printed} G (paper)" if printed is not None else "n/a"
     ours = round(counter_flops(row.config)[index], 1)
-    printed = row.paper_flops[index] if row.paper_flops else None
     if printed is not None and round(float(printed), 1) != ours:
         return f"{ours:.1f} G (paper prints {printed} G)"
     return f"{ours:.1f} G"
@@ -186,26 +125,23 @@ def _fmt(v: float | None, tag: str = "") -> str:
 def _score_cells(r: Row) -> list[str]:
     if r.status:
         return [r.status] * (len(COLUMN_TASKS) + 1)
-    cells = [_fmt(r.scores.get(c), " (wsc273)" if c == "wsc" and r.uses_wsc273 else "") for c in COLUMN_TASKS]
-    return [*cells, _fmt(r.average, " (incl. wsc273)" if r.uses_wsc273 else "")]
+    wsc273 = uses_wsc273(r)
+    cells = [_fmt(r.values.get(c), " (wsc273)" if c == "wsc" and wsc273 else "") for c in COLUMN_TASKS]
+    return [*cells, _fmt(average(r), " (incl. wsc273)" if wsc273 else "")]
 
 
-def table_markdown(rows: list[Row], table: str = "table1") -> str:
+def table_markdown(rows: list[Row], table: str = "1") -> str:
     """Markdown in the paper's layout: model, source, layers, hidden, FLOPs, six tasks, average."""
     labels = paper_results()["task_labels"]
-    cols = [labels[c] for c in COLUMN_TASKS]
-    flops_cols = {"table1": ["FLOPs w/o Attn.", "Total FLOPs"], "table2": ["FLOPs"]}.get(table, [])
-    head = ["Model", "Source", "Layers", "Hidden", *flops_cols, *cols, "Avg."]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    flops_cols = {"1": ["FLOPs w/o Attn.", "Total FLOPs"], "2": ["FLOPs"]}.get(table, [])
+    head = ["Model", "Source", "Layers", "Hidden", *flops_cols, *(labels[c] for c in COLUMN_TASKS), "Avg."]
+    body = []
     for r in rows:
-        layers = str(r.config.n_layer) if r.config else "—"
-        hidden = str(r.config.n_embd) if r.config else "—"
-        cells = {"table1": [0, 1], "table2": [1]}.get(table, [])
-        cells = [_fmt_flops(r, i) for i in cells] if not r.status else ["—"] * len(cells)
-        if r.status:
-            layers = hidden = "—"
-        lines.append("| " + " | ".join([r.label, r.source, layers, hidden, *cells, *_score_cells(r)]) + " |")
-    return "\n".join(lines)
+        arch = [str(r.config.n_layer), str(r.config.n_embd)] if r.config and not r.status else ["—", "—"]
+        flops = {"1": [0, 1], "2": [1]}.get(table, [])
+        flops = [_fmt_flops(r, i) for i in flops] if not r.status else ["—"] * len(flops)
+        body.append([r.label, r.source, *arch, *flops, *_score_cells(r)])
+    return "\n".join(markdown_table(head, body))
 
 
 def accuracy_rows(table: str, runs: Runs) -> tuple[list[Row], list[Row]]:
@@ -220,29 +156,21 @@ def accuracy_rows(table: str, runs: Runs) -> tuple[list[Row], list[Row]]:
         rows.append(paper)
         ours = []
         for i, (run, row) in enumerate(evals):
-            linked = run.train is not None and _spec_matches(paper.spec, run.train.name, run.train.config)
+            linked = run.train is not None and run.train.fills(paper.spec)
             if linked or (run.train is None and _arch_matches(paper, run, row)):
                 ours.append(row)
                 used.add(i)
         evaluated = {run.train.path for run, _ in evals if run.train is not None}
         for t in runs.train:
-            if t.path not in evaluated and _spec_matches(paper.spec, t.name, t.config):
+            if t.path not in evaluated and t.fills(paper.spec):
                 ours.append(_placeholder(paper, t, "not evaluated"))
         rows += ours or [_placeholder(paper, None, "not run")]
     return rows, [row for i, (_, row) in enumerate(evals) if i not in used]
 
 
 def _placeholder(paper: Row, run: TrainRun | None, status: str) -> Row:
-    source = "ours" if run is None else f"ours ({'/'.join(run.path.resolve().parts[-3:])})"
+    source = "ours" if run is None else f"ours ({run.short_path})"
     return Row(label=paper.label, source=source, config=paper.config, status=status)
-
-
-def build_tables(run_dirs: list[str | Path]) -> tuple[list[Row], list[Row]]:
-    """(Table 1 rows, Table 2 rows) for `run_dirs`; evaluation runs that fit no row end Table 1."""
-    runs = find_runs(run_dirs) if run_dirs else Runs()
-    t1, unplaced = accuracy_rows("table1", runs)
-    t2, _ = accuracy_rows("table2", runs)
-    return t1 + unplaced, t2
 
 
 def metric_notes(rows: list[Row]) -> list[str]:
@@ -260,22 +188,18 @@ def plot(rows: list[Row], path: Path, title: str = "Zero-shot accuracy: ours vs 
 
     Missing values get no bar (never a bar at 0); rows not run are left out and named under the chart.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = paper_results()["task_labels"]
     columns = [*COLUMN_TASKS, "avg"]
-    shown = [r for r in rows if not r.status and any(v is not None for v in r.scores.values())]
+    shown = [r for r in rows if not r.status and any(v is not None for v in r.values.values())]
     not_run = [f"{r.label}: {r.status}" for r in rows if r.status]
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(columns) * max(1, len(shown)) / 3), 4.5))
     width = 0.8 / max(1, len(shown))
     for i, r in enumerate(shown):
-        vals = [r.scores.get(c) if c != "avg" else r.average for c in columns]
+        vals = [r.values.get(c) if c != "avg" else average(r) for c in columns]
         xs = [j + i * width for j in range(len(columns))]
         kept = [(x, v) for x, v in zip(xs, vals, strict=True) if v is not None]
-        wsc = " (WSC = wsc273)" if r.uses_wsc273 else ""
+        wsc = " (WSC = wsc273)" if uses_wsc273(r) else ""
         ax.bar(
             [x for x, _ in kept],
             [v for _, v in kept],
@@ -291,25 +215,22 @@ def plot(rows: list[Row], path: Path, title: str = "Zero-shot accuracy: ours vs 
     ax.set_title(title, fontsize=9)
     if not_run:
         fig.text(0.01, 0.01, "ours: " + "; ".join(not_run), fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
 NOTES = {
-    "table1": "FLOPs come from the analytic counter (`memoryformer.flops`, printed by `make flops`; one "
+    "1": "FLOPs come from the analytic counter (`memoryformer.flops`, printed by `make flops`; one "
     "multiply-add = one FLOP, the paper's 6Ksd rule for MemoryFormer blocks). The paper's MF-small row "
     "prints 1.0 G / 7.4 G, which its own rule does not give (0.906 G / 7.348 G); the cell shows both.",
-    "table2": "Linformer, cosFormer and Performer FLOPs are the paper's (their settings are not given). "
+    "2": "Linformer, cosFormer and Performer FLOPs are the paper's (their settings are not given). "
     "Our rows come from the runs named linformer_410m, cosformer_410m and performer_410m.",
-    "table3": "d is the hashed width K·τ; Memory Layer outputs and the residual stream stay 512 wide "
+    "3": "d is the hashed width K·τ; Memory Layer outputs and the residual stream stay 512 wide "
     "(model.hashed_width), which the d = 510 row's 53.5 MB needs. FLOPs and Memory Size are the paper's "
     "(one Memory Layer Q at s = 2048); `benchmarks/paper_flops.py` reproduces them from our modules.",
-    "table4": "1e-3 is Pythia-70M's learning rate; MemoryFormer uses 3x (paper section 3).",
-    "table5": "Memory Size is both Memory Block layers in fp16, as printed; `benchmarks/paper_flops.py` "
+    "4": "1e-3 is Pythia-70M's learning rate; MemoryFormer uses 3x (paper section 3).",
+    "5": "Memory Size is both Memory Block layers in fp16, as printed; `benchmarks/paper_flops.py` "
     "reproduces it from our modules.",
-    "table6": "Trained with the full recipe (as Table 1's MF-tiny), not the 8000-step ablation; an mf_tiny "
+    "6": "Trained with the full recipe (as Table 1's MF-tiny), not the 8000-step ablation; an mf_tiny "
     "run fills the first row too.",
 }
 
@@ -323,28 +244,28 @@ def render(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> str
         out.mkdir(parents=True, exist_ok=True)
     md: list[str] = []
     notes_rows: list[Row] = []
-    for table in ("table1", "table2", "table3", "table4", "table5", "table6"):
-        md += [f"## {TITLES[table]}", ""]
+    for table in TITLES:
+        md += [f"## {title(table, paper_scale=True)}", ""]
         if table in ACCURACY_TABLES:
             rows, unplaced = accuracy_rows(table, runs)
-            if table == "table1":
+            if table == "1":
                 rows += unplaced
             notes_rows += [r for r in rows if r not in notes_rows]
             md.append(table_markdown(rows, table))
             if out is not None:
-                plot(rows, out / f"{table}.png", f"{TITLES[table]}: ours vs the paper")
+                plot(rows, out / f"table{table}.png", f"{title(table, paper_scale=True)}: ours vs the paper")
         else:
             ablation = ablation_rows(table, runs.train)
             md.append(ablation_markdown(table, ablation))
             if out is not None:
-                plot_ablation(table, ablation, out / f"{table}.png")
+                plot_ablation(table, ablation, out / f"table{table}.png")
         md += ["", NOTES[table], ""]
     src = paper_results()["source"]
     md += [
         f"Paper numbers: {src}. The paper does not say whether a column is acc or acc_norm. Its WSC column "
         "is SuperGLUE WSC (104 examples, `eval.tasks=paper`); a cell marked (wsc273) holds lm-eval's wsc273 "
-        "(273 schemas, `eval.tasks=paper_wsc273`), which is not the paper's WSC. \"not run\": no run of "
-        "ours fills the row; \"not evaluated\": trained, but no evaluate.py run of its checkpoint was given.",
+        '(273 schemas, `eval.tasks=paper_wsc273`), which is not the paper\'s WSC. "not run": no run of '
+        'ours fills the row; "not evaluated": trained, but no evaluate.py run of its checkpoint was given.',
     ]
     notes = metric_notes(notes_rows)
     if notes:

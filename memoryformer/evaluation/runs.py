@@ -42,6 +42,19 @@ class TrainRun:
         """train.py's run name (`name`), which every experiment file sets to its own name."""
         return str(self.config.get("name", ""))
 
+    @property
+    def short_path(self) -> str:
+        """The folder's last three parts, which identify the run (outputs/<name>/<time>, or
+        <name>/<time>/<job> of multirun/)."""
+        return "/".join(self.path.resolve().parts[-3:])
+
+    def fills(self, spec: dict[str, Any], experiments: list[str] | None = None) -> bool:
+        """True when this run belongs to the paper row `spec`: its name is one of the row's `experiments`
+        (else `experiments`, the table's) and its saved config has every value of the row's `match`."""
+        if self.name not in (spec.get("experiments") or experiments or []):
+            return False
+        return matches(spec, self.config)
+
 
 @dataclass
 class EvalRun:
@@ -87,6 +100,15 @@ def same_value(a: Any, b: Any) -> bool:
     if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9)
     return a == b
+
+
+def matches(spec: dict[str, Any], config: dict[str, Any], prefix: str = "") -> bool:
+    """True when `config` has every value of the paper row `spec`'s `match` whose key starts with `prefix`."""
+    return all(
+        same_value(config_value(config, k), v)
+        for k, v in (spec.get("match") or {}).items()
+        if k.startswith(prefix)
+    )
 
 
 def last_val_ppl(metrics_csv: Path) -> tuple[float | None, int | None]:
@@ -145,8 +167,13 @@ def find_runs(paths: list[str | Path]) -> Runs:
     for root in map(Path, paths):
         if not root.exists():
             raise SystemExit(f"error: {root} does not exist; give training or evaluate.py run directories.")
-        found = [root] if is_train_dir(root) or is_eval_dir(root) else sorted(
-            {p.parent.parent for p in root.rglob(str(CONFIG))} | {p.parent for p in root.rglob(EVAL_FILES[1])}
+        found = (
+            [root]
+            if is_train_dir(root) or is_eval_dir(root)
+            else sorted(
+                {p.parent.parent for p in root.rglob(str(CONFIG))}
+                | {p.parent for p in root.rglob(EVAL_FILES[1])}
+            )
         )
         if not found:
             raise SystemExit(
