@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> Runner:
     parser.add_argument(
         "--retrain", action="store_true", help="ignore the published results: train every run not on disk"
     )
+    parser.add_argument(
+        "--publish-finished",
+        action="store_true",
+        help="train nothing: write the pages from the runs finished so far (an invocation that was stopped), "
+        "naming the rows still missing runs",
+    )
     args = parser.parse_args(argv)
     try:
         tables = protocol.parse_tables(args.tables)
@@ -57,18 +63,23 @@ def main(argv: list[str] | None = None) -> Runner:
     plan = protocol.build_plan(tables, scale)
     executor = in_process_executor() if args.in_process else subprocess_executor(threads=1)
     published = {} if args.retrain else published_results(args.docs_dir / f"{prefix}.json")
-    runner = Runner(
-        out_dir, scale, executor, workers=1 if args.in_process else args.workers, published=published
-    )
+    workers = 1 if args.in_process else args.workers
+    runner = Runner(out_dir, scale, executor, workers, published=published, train=not args.publish_finished)
     rows = runner.execute_plan(plan)
     results = runner.results
+    # what is published: every finished run of a sweep (a stopped invocation leaves some unfinished)
+    sweeps = {m: [r for r in runs if r.key in results] for m, runs in plan.sweeps.items()}
+    sweeps = {m: runs for m, runs in sweeps.items() if runs}
 
     if "1" in tables and not args.no_heldout:
         t1_runs = {r.key: r for row in rows if row.table == "1" for r in report.scored_runs(row, results)}
         todo = {k: r for k, r in t1_runs.items() if "heldout" not in results[k]}  # published rows have it
-        for run in todo.values():  # a published sweep point that became a row run: no model here to score
+        for run in list(todo.values()):  # a published sweep point that became a row run: no model to score
             if results[run.key].get("published"):
-                runner.train_again(run)
+                if args.publish_finished:
+                    del todo[run.key]
+                else:
+                    runner.train_again(run)
         if todo:
             data_dir = export_heldout_docs(out_dir, runner.run_dir(next(iter(todo.values()))))
         for key, run in todo.items():
@@ -76,7 +87,6 @@ def main(argv: list[str] | None = None) -> Runner:
         print(f"reproduction: held-out bits/byte of {len(todo)} Table 1 runs through lm-eval", flush=True)
 
     args.docs_dir.mkdir(parents=True, exist_ok=True)
-    sweeps = {m: runs for m, runs in plan.sweeps.items()}
     figures: dict[str, list[str]] = {}
     if "1" in tables:
         t1 = [r for r in rows if r.table == "1"]
@@ -109,6 +119,7 @@ def main(argv: list[str] | None = None) -> Runner:
         "command": command,
         "wall_minutes": round((time.perf_counter() - start) / 60, 1),
         "train_minutes": sum(r["train_seconds"] for r in results.values()) / 60,
+        "unfinished": runner.unfinished,
     }
     report.write_json(
         args.docs_dir / f"{prefix}.json", scale, rows, sweeps if "1" in tables else {}, results, meta

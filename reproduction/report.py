@@ -194,7 +194,9 @@ def width_trend(narrow: tuple[float, float], wide: tuple[float, float], what: st
 
 # --------------------------------------------------------------------------- JSON
 def json_rows(rows: list[Row], sweeps: dict[str, list], results: dict[str, dict]) -> list[dict[str, Any]]:
-    """One entry per (table row, seed), then Table 1's lr sweep runs (row label `lr sweep: ...`)."""
+    """One entry per (table row, seed), then Table 1's lr sweep runs (row label `lr sweep: ...`), then any
+    other finished run (row label `unfinished row`: a seed of a row that still lacks runs), so that the
+    next invocation reuses every run trained so far."""
     keep = (
         "argv",
         "seed",
@@ -230,6 +232,10 @@ def json_rows(rows: list[Row], sweeps: dict[str, list], results: dict[str, dict]
                     **{k: res[k] for k in keep},
                 }
             )
+    listed = {entry["run"] for entry in out}
+    for key, res in results.items():
+        if key not in listed:
+            out.append({"table": "1", "row": "unfinished row", "run": key, **{k: res[k] for k in keep}})
     return out
 
 
@@ -298,6 +304,17 @@ def _row_cells(row: Row, results: dict[str, dict], extra: list[str]) -> list[str
     return cells
 
 
+def _unfinished(labels: list[str]) -> list[str]:
+    """The paragraph naming the rows a stopped invocation left without all their runs (none: nothing)."""
+    if not labels:
+        return []
+    return [
+        f"**Not finished:** {len(labels)} row(s) still lack runs; the command trains them, reusing every run "
+        "published here: " + "; ".join(labels) + ".",
+        "",
+    ]
+
+
 def markdown(
     scale: Scale,
     rows: list[Row],
@@ -318,6 +335,7 @@ def markdown(
         "`docs/reproduction.json`, which the same command wrote; each of its rows carries the exact "
         "`train.py` arguments that retrain it (`python train.py <argv>`).",
         "",
+        *_unfinished(meta.get("unfinished", [])),
         "## Scale",
         "",
         f"Every run: {scale.steps} optimizer steps of {scale.batch} sequences x {scale.seq_len} tokens "

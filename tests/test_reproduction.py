@@ -337,6 +337,14 @@ def test_without_training_the_finished_rows_are_settled_and_the_rest_named(tmp_p
     assert [r.label for r in rows] == ["fixed", "(d) one seed (best lr 0.01)"]
     assert runner.unfinished == ["(e) two seeds (best lr 0.01)", "(f) waits for c"]
     assert seed1.key not in runner.results and runner.trained == []
+    # the JSON keeps every finished run, also one in no finished row, for the next invocation to reuse
+    from reproduction.report import json_rows
+
+    for res in runner.results.values():
+        res.update(argv=[], seed=0, steps=1, tokens=1, val_ppl=1.0, params=1, flops_per_token=1.0,
+                   train_seconds=1.0, lr=0.0)
+    entries = {e["run"]: e["row"] for e in json_rows(rows, {}, runner.results)}
+    assert entries == {a.key: "(d) one seed (best lr 0.01)", b.key: "unfinished row"}
 
 
 def test_table_selection_is_checked() -> None:
