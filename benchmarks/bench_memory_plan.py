@@ -133,7 +133,7 @@ def run(quick: bool) -> str:
         "Measured: peak resident memory of two training steps minus the resident memory before the model "
         "was built "
         "(fresh process per row, glibc told to return freed blocks of 64 KiB or more: "
-        "`MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`). Plan: `memory_plan.plan_memory` for "
+        "`MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`). Plan: `sizing.plan_memory` for "
         "the same shape on the CPU layout "
         "(the CUDA context, NCCL and allocator slack are not counted on CPU).",
         "",
