@@ -309,8 +309,9 @@ def _unfinished(labels: list[str]) -> list[str]:
     if not labels:
         return []
     return [
-        f"**Not finished:** {len(labels)} row(s) still lack runs; the command trains them, reusing every run "
-        "published here: " + "; ".join(labels) + ".",
+        f"**Not finished:** {len(labels)} rows or searches still lack runs (the tables show the seeds that "
+        "finished); `make reproduce-cpu` trains the rest, reusing every run published here: "
+        + "; ".join(labels) + ".",
         "",
     ]
 

@@ -13,6 +13,7 @@ its validation curve or bucket histograms, so figures that need those keep their
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -201,9 +202,9 @@ class Runner:
     def execute_plan(self, plan: Plan) -> list[Row]:
         """Every row of `plan` with every run finished (resolving pending rows); raises if a run failed.
 
-        With `train=False` nothing is trained: the rows whose runs are all finished (on disk or published)
-        are returned, searches settle as far as the finished runs take them, and the labels of the rows
-        still missing runs are left in `unfinished` (what an interrupted invocation can publish)."""
+        With `train=False` nothing is trained: searches settle as far as the finished runs (on disk or
+        published) take them, each row is returned with its finished seeds, and the rows and searches still
+        missing runs are named in `unfinished` (what a stopped invocation can publish)."""
         runs = plan.runs()
         pending = list(plan.pending)
         rows = list(plan.rows)
@@ -239,10 +240,16 @@ class Runner:
             t.join()
         if self._failed:
             raise RuntimeError("reproduction: these runs failed: " + "; ".join(self._failed))
-        if not self.train:
-            done = [r for r in rows if all(run.key in self.results for run in r.runs)]
-            self.unfinished = [r.label for r in rows if r not in done] + [p.label for p in pending]
-            rows = done
+        if not self.train:  # each row with the seeds that finished; the rest named
+            kept, self.unfinished = [], []
+            for row in rows:
+                runs = [run for run in row.runs if run.key in self.results]
+                if len(runs) < len(row.runs):
+                    self.unfinished.append(f"{row.label} ({len(runs)} of {len(row.runs)} seeds)")
+                if runs:
+                    kept.append(dataclasses.replace(row, runs=runs))
+            self.unfinished += [f"{p.label} (its search)" for p in pending]
+            rows = kept
 
         def position(row: Row) -> tuple:
             """Plan order; resolved rows after, by their tag ("(b)".."(e)"), width 128 before the second

@@ -334,8 +334,13 @@ def test_without_training_the_finished_rows_are_settled_and_the_rest_named(tmp_p
     ]
     runner = Runner(tmp_path, scale, executor=None, train=False, log=lambda m: None)  # type: ignore[arg-type]
     rows = runner.execute_plan(plan)
-    assert [r.label for r in rows] == ["fixed", "(d) one seed (best lr 0.01)"]
-    assert runner.unfinished == ["(e) two seeds (best lr 0.01)", "(f) waits for c"]
+    assert [(r.label, len(r.runs)) for r in rows] == [
+        ("fixed", 1), ("(d) one seed (best lr 0.01)", 1), ("(e) two seeds (best lr 0.01)", 1)
+    ]
+    assert runner.unfinished == [
+        "(e) two seeds (best lr 0.01) (1 of 2 seeds)",
+        "(f) waits for c (its search)",
+    ]
     assert seed1.key not in runner.results and runner.trained == []
     # the JSON keeps every finished run, also one in no finished row, for the next invocation to reuse
     from reproduction.report import json_rows
@@ -343,7 +348,7 @@ def test_without_training_the_finished_rows_are_settled_and_the_rest_named(tmp_p
     for res in runner.results.values():
         res.update(argv=[], seed=0, steps=1, tokens=1, val_ppl=1.0, params=1, flops_per_token=1.0,
                    train_seconds=1.0, lr=0.0)
-    entries = {e["run"]: e["row"] for e in json_rows(rows, {}, runner.results)}
+    entries = {e["run"]: e["row"] for e in json_rows(rows[:2], {}, runner.results)}
     assert entries == {a.key: "(d) one seed (best lr 0.01)", b.key: "unfinished row"}
 
 
