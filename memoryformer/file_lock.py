@@ -269,6 +269,14 @@ def _flock(path: Path, stale_after_s: float) -> tuple[dict[str, Any], int]:
         os.close(fd)  # the owner removed the file between our open and flock: lock the new one
 
 
+def _say(line: str) -> None:
+    """One line of the run's console output, through Lightning's rank-zero logger like the trainer's own
+    lines (imported here: the leases above also serve code that never loads Lightning)."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(line)
+
+
 @contextlib.contextmanager
 def run_lock(
     output_dir: str | os.PathLike, enabled: bool = True, stale_after_s: float = STALE_AFTER_S
@@ -287,7 +295,7 @@ def run_lock(
     except OSError as err:
         if err.errno not in NO_FLOCK:
             raise
-        log.info(
+        _say(
             f"{path.parent} is on a file system without flock ({err.strerror}); the run lock is a lease file "
             f"with a heartbeat instead."
         )
@@ -295,7 +303,7 @@ def run_lock(
         return
     try:
         if previous:
-            log.info(
+            _say(
                 f"Taking over the stale run lock {path} of pid {previous.get('pid', '?')} on host "
                 f"{previous.get('host', '?')}, which no longer runs."
             )
@@ -322,7 +330,7 @@ def _leased(path: Path, stale_after_s: float) -> Iterator[Path]:
         raise _busy(path, lease.holder())
     if lease.took_over:
         owner = lease.took_over
-        log.info(
+        _say(
             f"Taking over the stale run lock {path} of pid {owner.get('pid', '?')} on host "
             f"{owner.get('host', '?')}, which no longer runs."
         )

@@ -488,8 +488,9 @@ def budget_verdicts(points: list[BudgetPoint], sweeps: dict[str, list], results:
             mf, dense = pairs[(width, b)]
             gap, se = mf.stat.mean - dense.stat.mean, math.sqrt(mf.stat.se() ** 2 + dense.stat.se() ** 2)
             n = min(mf.stat.n, dense.stat.n)
-            if n == 1:  # no spread to compare with: reported, never counted as resolved
-                parts.append(f"{b}x {gap:+.4f} (one seed each, no spread: not resolved)")
+            if n == 1:  # a side without a spread: reported, never counted as resolved
+                seeds = f"{mf.stat.n} MemoryFormer / {dense.stat.n} dense seed(s)"
+                parts.append(f"{b}x {gap:+.4f} ({seeds}, a side without spread: not resolved)")
                 continue
             c = compare(mf.stat, dense.stat)
             parts.append(f"{b}x {gap:+.4f} ± {se:.4f}, {n} seeds ({word[c]})")

@@ -237,7 +237,8 @@ def test_budget_verdict_finds_where_the_order_changes_and_leaves_one_seed_unreso
     assert "1x +0.0200" in narrow and "(dense twin ahead)" in narrow and "(within the seed spread)" in narrow
     assert "16x -0.1000" in narrow and "the order changes between 1x and 16x" in narrow
     assert "moves by -0.1200" in narrow and "beyond 2 standard errors" in narrow
-    assert "16x -0.1000 (one seed each, no spread: not resolved)" in wide and "order" not in wide
+    assert "16x -0.1000 (1 MemoryFormer / 1 dense seed(s), a side without spread: not resolved)" in wide
+    assert "order" not in wide
 
 
 def test_published_results_are_reused_only_for_an_identical_argv(tmp_path: Path) -> None:
