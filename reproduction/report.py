@@ -611,6 +611,7 @@ def plot_budgets(rows: list[Row], results: dict, path: Path) -> None:
                 label=f"{line[0].model}, width {width}",
             )
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # the labels of 2e5..9e5 would overlap
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final val loss (nats/token)")
