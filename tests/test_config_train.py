@@ -78,7 +78,7 @@ def test_paper_recipe_is_the_default_optimizer() -> None:
         o.warmup_ratio,
         o.min_lr_ratio,
     ) == ("adamw", 3e-3, [0.9, 0.95], 1e-8, 0.1, 1.0, 0.01, 0.01)
-    kwargs = trainer_kwargs(cfg, check_config(cfg))
+    kwargs = trainer_kwargs(check_config(cfg))
     assert kwargs["gradient_clip_val"] == 1.0
 
 
@@ -97,7 +97,7 @@ def test_max_tokens_sets_the_step_budget() -> None:
 
 def test_val_every_is_counted_in_optimizer_steps() -> None:
     cfg = _compose("experiment=smoke", "trainer.accumulate_grad_batches=2", "val_every_n_steps=3")
-    kwargs = trainer_kwargs(cfg, check_config(cfg))
+    kwargs = trainer_kwargs(check_config(cfg))
     assert kwargs["val_check_interval"] == 6 and kwargs["check_val_every_n_epoch"] is None
 
 
@@ -261,3 +261,27 @@ def test_bad_optim_values_are_refused_by_the_optim_config(override: str, message
         check_config(cfg)
     with pytest.raises(ConfigError, match=message):
         OptimConfig(**OmegaConf.to_container(cfg.optim)).validate()
+
+
+def test_a_run_reads_its_settings_once_and_never_the_composed_config_again(tmp_path, monkeypatch) -> None:
+    """Below `check_config` a run reads only the resolved plan: with every key of the composed config
+    removed the moment it has been resolved, the run still trains, checkpoints and saves its config."""
+    from memoryformer.training import run as run_module
+
+    resolve = run_module.check_config
+
+    def resolve_then_empty(cfg):
+        plan = resolve(cfg)
+        OmegaConf.set_struct(cfg, False)
+        for key in list(cfg):
+            del cfg[key]
+        return plan
+
+    monkeypatch.setattr(run_module, "check_config", resolve_then_empty)
+    cfg = _compose("experiment=smoke", "trainer.max_steps=2", "val_every_n_steps=2", "ckpt_every_n_steps=2",
+                   "validate_at_start=true", "print_config=true", tmp=tmp_path)
+    summary = run_module.train(cfg)
+    assert len(cfg) == 0 and summary["step"] == 2 and summary["val_loss"] is not None
+    saved = OmegaConf.load(tmp_path / "checkpoints" / "config.yaml")
+    assert saved.trainer.max_steps == 2 and saved.name == "smoke"
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "model").is_dir()

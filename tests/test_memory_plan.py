@@ -162,7 +162,7 @@ def test_accelerator_auto_is_resolved_once_to_the_device_lightning_will_use(monk
     cfg = _compose("experiment=nano_cpu", "trainer=gpu", "trainer.accelerator=auto")
     plan = check_config(cfg)
     assert plan.memory["layout"]["device"] == "cpu" and plan.memory["device_memory_source"] == "host RAM"
-    assert trainer_kwargs(cfg, plan)["accelerator"] == "cpu"
+    assert trainer_kwargs(plan)["accelerator"] == "cpu"
     # with CUDA: the same key gives CUDA kernels and the GPU's own memory, read in one place
     gpu = type("Props", (), {"total_memory": 80 * GB, "name": "Fake GPU"})()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -170,7 +170,7 @@ def test_accelerator_auto_is_resolved_once_to_the_device_lightning_will_use(monk
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
     plan = check_config(cfg)
     assert plan.memory["layout"]["device"] == "cuda" and plan.memory["device_memory_source"] == "Fake GPU"
-    assert trainer_kwargs(cfg, plan)["accelerator"] == "cuda"
+    assert trainer_kwargs(plan)["accelerator"] == "cuda"
 
 
 @pytest.mark.parametrize(

@@ -91,7 +91,7 @@ def test_default_progress_bar_reads_metrics_at_the_logging_cadence_only(tmp_path
     window = _BatchWindow()
     build = run_module.build_callbacks
     monkeypatch.setattr(run_module, "build_callbacks",
-                        lambda c, plan: [window.callbacks()[0], *build(c, plan), window.callbacks()[1]])
+                        lambda plan: [window.callbacks()[0], *build(plan), window.callbacks()[1]])
     reads: dict[tuple[int, int], list[str]] = {}
     for name in READS:
         real = getattr(torch.Tensor, name)

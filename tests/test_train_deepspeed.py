@@ -84,7 +84,7 @@ def poison_at(monkeypatch):
 
     def install(step: int) -> None:
         build = run_module.build_callbacks
-        poisoned = lambda cfg, plan: [*build(cfg, plan), PoisonGradient(step)]  # noqa: E731
+        poisoned = lambda plan: [*build(plan), PoisonGradient(step)]  # noqa: E731
         monkeypatch.setattr(run_module, "build_callbacks", poisoned)
 
     return install

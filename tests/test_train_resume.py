@@ -36,6 +36,7 @@ from memoryformer.training.resume import (
     resolve_ckpt_path,  # noqa: E402
     run_fingerprint,
 )
+from memoryformer.training.settings import typed_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -47,7 +48,7 @@ def _cfg(*overrides: str, out: str = "/tmp/mf-resume-unused"):
 
 
 def _fingerprint(*overrides: str, max_steps: int = 8) -> dict:
-    return run_fingerprint(_cfg(*overrides), max_steps)
+    return run_fingerprint(typed_config(_cfg(*overrides)), max_steps)
 
 
 # ------------------------------------------------------------------------------------------- what counts
@@ -73,7 +74,7 @@ def test_settings_that_define_the_run_change_the_fingerprint() -> None:
         ("optim.lr=1e-3", "optim.lr", 3e-3, 1e-3),
         ("seed=7", "seed", 1234, 7),
         ("global_batch_size=8", "global_batch_size", 4, 8),
-        ("model.n_embd=64", "model.n_embd", 128, 64),
+        ("model.n_layer=2", "model.n_layer", 1, 2),
         ("data.seq_len=16", "data.seq_len", 32, 16),
         ("data.seed=1", "data.seed", 1234, 1),
         ("optim.warmup_ratio=0.1", "optim.warmup_ratio", 0.01, 0.1),
@@ -82,7 +83,8 @@ def test_settings_that_define_the_run_change_the_fingerprint() -> None:
         diffs = differences(base, _fingerprint(override))
         assert (key, there, here) in diffs, (override, diffs)
     # a streaming source's document shards follow its workers: there num_workers counts
-    files = ("data.source=files", f"data.files=[{ROOT / 'README.md'}]")
+    files = ("data.source=files", f"data.files=[{ROOT / 'README.md'}]",
+             f"data.tokenizer={ROOT / 'tests' / 'fixtures' / 'data' / 'tokenizer.json'}")
     diffs = differences(_fingerprint(*files), _fingerprint(*files, "data.num_workers=2"))
     assert diffs == [("data.num_workers", 0, 2)]
 
@@ -99,8 +101,9 @@ def test_a_longer_budget_extends_a_run_only_with_its_horizon_and_mapping_pinned(
     from memoryformer.training.settings import check_config
 
     by_tokens = _cfg("max_tokens=2560", "logger=none")
-    assert check_config(by_tokens).max_steps == 20
-    assert differences(short, run_fingerprint(by_tokens, check_config(by_tokens).max_steps)) == []
+    plan = check_config(by_tokens)
+    assert plan.max_steps == 20
+    assert differences(short, run_fingerprint(plan.config, plan.max_steps)) == []
 
 
 def test_differences_read_as_in_the_issue() -> None:
@@ -134,7 +137,7 @@ def _write(path: Path, record: dict | None, step: int = 4, age_s: float = 0.0) -
 
 
 def _record(*overrides: str, max_steps: int = 8, world: int = 1) -> dict:
-    return fingerprint_record(_cfg(*overrides), max_steps, world)
+    return fingerprint_record(typed_config(_cfg(*overrides)), max_steps, world)
 
 
 def test_search_skips_other_runs_with_their_differences_and_takes_this_runs_checkpoint(tmp_path, caplog):
@@ -444,7 +447,7 @@ def test_a_resume_with_another_accumulation_steps_on_whole_global_batches(tmp_pa
     run_module.train(_cfg(f"paths.runs_root={tmp_path / 'a'}", "trainer.max_steps=3", "micro_batch_size=4",
                           *pinned, out=str(tmp_path / "a")))
     build = run_module.build_callbacks
-    monkeypatch.setattr(run_module, "build_callbacks", lambda cfg, plan: [*build(cfg, plan), probe])
+    monkeypatch.setattr(run_module, "build_callbacks", lambda plan: [*build(plan), probe])
     resumed = run_module.train(_cfg(f"paths.runs_root={tmp_path / 'a'}", "trainer.max_steps=5",
                                     "micro_batch_size=2", "ckpt_path=last", *pinned, out=str(tmp_path / "b")))
     assert resumed["step"] == 5 and probe.counts == [2, 2], probe.counts

@@ -75,7 +75,7 @@ def _train_with(monkeypatch, cfg, *extra: L.Callback):
     from memoryformer.training import run as run_module
 
     build = run_module.build_callbacks
-    monkeypatch.setattr(run_module, "build_callbacks", lambda cfg, plan: [*build(cfg, plan), *extra])
+    monkeypatch.setattr(run_module, "build_callbacks", lambda plan: [*build(plan), *extra])
     return run_module.train(cfg)
 
 

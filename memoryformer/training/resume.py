@@ -44,19 +44,19 @@ it is added to `NOT_COUNTED`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
 
 from memoryformer.atomic_io import TMP_PREFIX, replace_directory
 from memoryformer.checkpoint import (
@@ -69,6 +69,9 @@ from memoryformer.checkpoint import (
 from memoryformer.config import ConfigError, ModelConfig
 from memoryformer.file_lock import build_once
 from memoryformer.training.optim import decay_steps_for
+
+if TYPE_CHECKING:
+    from memoryformer.conf_schema import TrainConfig
 
 #: Key under which a Lightning checkpoint (and a DeepSpeed directory's client state) holds the fingerprint.
 CHECKPOINT_KEY = "run_fingerprint"
@@ -158,31 +161,24 @@ def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = list(node) if isinstance(node, tuple) else node
 
 
-def run_fingerprint(cfg: DictConfig, max_steps: int) -> dict[str, Any]:
-    """The settings that define the run of `cfg` whose step budget is `max_steps` (the derived one, from
+def run_fingerprint(run: TrainConfig, max_steps: int) -> dict[str, Any]:
+    """The settings that define `run` whose step budget is `max_steps` (the derived one, from
     `trainer.max_steps` or `max_tokens`): a flat `{dotted key: value}` dict of plain values."""
     settings: dict[str, Any] = {}
-    for key in cfg:
-        if is_counted(str(key)) and key != "hydra":
-            value = cfg[key]
-            plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-            _flatten(plain, str(key), settings)
+    _flatten(dataclasses.asdict(run), "", settings)
     settings = {k: v for k, v in settings.items() if is_counted(k)}
-    optim, data = cfg.optim, cfg.data
-    settings[HORIZON] = decay_steps_for(optim, max_steps)
-    if data.source not in STREAM_SOURCES:
+    settings[HORIZON] = decay_steps_for(run.optim, max_steps)
+    if run.data.source not in STREAM_SOURCES:
         settings.pop("data.num_workers", None)
-    mapped = data.source in INDEX_MAPPED_SOURCES and data.get("index_mapping") == "gpt_neox"
-    if mapped and data.get("num_samples") is None:
-        settings[NUM_SAMPLES] = int(max_steps) * int(cfg.global_batch_size)
+    mapped = run.data.source in INDEX_MAPPED_SOURCES and run.data.index_mapping == "gpt_neox"
+    if mapped and run.data.num_samples is None:
+        settings[NUM_SAMPLES] = int(max_steps) * run.global_batch_size
     return settings
 
 
 def zero_stage(strategy: Any) -> int | None:
     """The DeepSpeed ZeRO stage of `trainer.strategy` (a mapping with `name: deepspeed`, or a Lightning
     name such as `deepspeed_stage_3`), or None for any other strategy."""
-    if OmegaConf.is_config(strategy):
-        strategy = OmegaConf.to_container(strategy, resolve=True)
     if isinstance(strategy, dict) and "deepspeed" in str(strategy.get("name", "")):
         return int(((strategy.get("config") or {}).get("zero_optimization") or {}).get("stage", 0))
     if isinstance(strategy, str) and strategy.startswith("deepspeed"):
@@ -192,7 +188,7 @@ def zero_stage(strategy: Any) -> int | None:
 
 
 def fingerprint_record(
-    cfg: DictConfig, max_steps: int, world_size: int, accumulate: int | None = None
+    run: TrainConfig, max_steps: int, world_size: int, accumulate: int | None = None
 ) -> dict[str, Any]:
     """What a checkpoint stores: the fingerprint (`settings`) and, for the log and for what a resume must
     adapt, the step budget, the number of processes, the micro-batches per optimizer step (`accumulate`),
@@ -200,13 +196,13 @@ def fingerprint_record(
     compared as settings)."""
     return {
         "version": FORMAT_VERSION,
-        "settings": run_fingerprint(cfg, max_steps),
+        "settings": run_fingerprint(run, max_steps),
         "context": {
             "max_steps": int(max_steps),
             "world_size": int(world_size),
             "accumulate": None if accumulate is None else int(accumulate),
-            "precision": str(cfg.trainer.get("precision")),
-            "zero_stage": zero_stage(cfg.trainer.get("strategy")),
+            "precision": str(run.trainer.get("precision")),
+            "zero_stage": zero_stage(run.trainer.get("strategy")),
         },
     }
 

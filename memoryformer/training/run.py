@@ -2,7 +2,8 @@
 loggers, pick the checkpoint every rank resumes from, fit, stop cleanly on a signal, and export.
 
 `train(cfg)` takes a composed `DictConfig` (from `@hydra.main` or Hydra's compose API in tests) and returns a
-summary dict; `settings.check_config` has checked it before anything is built.
+summary dict. Its first step, `settings.check_config`, types, checks and resolves the config into a `RunPlan`;
+everything after it reads that plan, never `cfg`.
 
 ## Checkpoint files
 
@@ -56,7 +57,7 @@ from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from memoryformer.atomic_io import atomic_write, atomic_write_text
 from memoryformer.checkpoint import safe_torch_load
@@ -80,8 +81,8 @@ log = logging.getLogger(__name__)
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 
 
-def trainer_kwargs(cfg: DictConfig, plan: RunPlan) -> dict[str, Any]:
-    """Keyword arguments of `L.Trainer` from `cfg.trainer` plus what the run-level keys imply."""
+def trainer_kwargs(plan: RunPlan) -> dict[str, Any]:
+    """Keyword arguments of `L.Trainer`: the run's `trainer` settings plus what the run-level keys imply."""
     kwargs = dict(plan.trainer)
     kwargs["max_steps"] = plan.max_steps
     kwargs["accumulate_grad_batches"] = plan.accumulate  # derived (batch_plan); a stated value agreed
@@ -89,28 +90,28 @@ def trainer_kwargs(cfg: DictConfig, plan: RunPlan) -> dict[str, Any]:
         kwargs.get("strategy"), kwargs.get("precision"), accelerator=kwargs.get("accelerator")
     )
     kwargs.setdefault("gradient_clip_val", plan.optim.grad_clip or None)
-    if cfg.val_every_n_steps:
+    if plan.config.val_every_n_steps:
         # Lightning counts val_check_interval in micro-batches; ours is in optimizer steps.
-        kwargs["val_check_interval"] = int(cfg.val_every_n_steps) * plan.accumulate
+        kwargs["val_check_interval"] = plan.config.val_every_n_steps * plan.accumulate
         kwargs["check_val_every_n_epoch"] = None
-    kwargs.setdefault("default_root_dir", cfg.paths.output_dir)
+    kwargs.setdefault("default_root_dir", str(plan.output_dir))
     if not is_deepspeed(kwargs["strategy"]):
         # DeepSpeed's engine writes its checkpoint directories itself and would not use a CheckpointIO;
         # every .ckpt is written atomically and read back without unpickling code (see checkpoint_io)
         plugins = kwargs.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
-        kwargs["plugins"] = [*plugins, SafeCheckpointIO(trust_checkpoint=bool(cfg.trust_checkpoint))]
+        kwargs["plugins"] = [*plugins, SafeCheckpointIO(trust_checkpoint=plan.config.trust_checkpoint)]
     return kwargs
 
 
-def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[L.Callback]:
-    """Instantiate `cfg.callbacks` (a name -> `_target_` mapping); fills the throughput monitor's FLOPs.
+def build_callbacks(plan: RunPlan) -> list[L.Callback]:
+    """Instantiate the run's `callbacks` (a name -> `_target_` mapping); fills the throughput monitor's FLOPs.
 
     A progress bar callback is dropped when `trainer.enable_progress_bar` is false (Lightning refuses both).
     """
     callbacks = []
-    show_bar = bool(cfg.trainer.get("enable_progress_bar", True))
-    for spec in (cfg.callbacks or {}).values():
+    show_bar = bool(plan.trainer.get("enable_progress_bar", True))
+    for spec in (plan.config.callbacks or {}).values():
         if spec is None:
             continue
         cb = instantiate(spec)
@@ -121,16 +122,16 @@ def build_callbacks(cfg: DictConfig, plan: RunPlan) -> list[L.Callback]:
 
             cb.flops_per_token = training_flops_per_token(plan.model, plan.data.seq_len)
         callbacks.append(cb)
-    if cfg.validate_at_start:
+    if plan.config.validate_at_start:
         callbacks.append(ValidateAtStart())
     # every checkpoint records the settings that define the run, so that only this run resumes it
     callbacks.append(RunFingerprint(plan.record))
     return callbacks
 
 
-def build_loggers(cfg: DictConfig) -> list[Any]:
-    """Instantiate every entry of `cfg.logger` (name -> `_target_` mapping); none means no logging."""
-    return [instantiate(spec) for spec in (cfg.logger or {}).values() if spec is not None]
+def build_loggers(plan: RunPlan) -> list[Any]:
+    """Instantiate every entry of the run's `logger` (name -> `_target_` mapping); none means no logging."""
+    return [instantiate(spec) for spec in (plan.config.logger or {}).values() if spec is not None]
 
 
 def log_lightning_once() -> None:
@@ -154,15 +155,15 @@ def log_lightning_once() -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Check, build and fit one run; returns `{"val_loss", "train_loss", "step", "ckpt_dir", ...}`."""
     plan = check_config(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    ckpt_dir = Path(cfg.paths.ckpt_dir)
+    run = plan.config  # below this line the run reads the resolved plan only
+    output_dir, ckpt_dir = plan.output_dir, plan.ckpt_dir
     check_writable_dir(output_dir, "paths.output_dir")
-    if cfg.print_config:
-        rank_zero_info(OmegaConf.to_yaml(cfg, resolve=True))
-    report_plan(plan, output_dir, write=bool(cfg.get("dry_run")))
-    if cfg.get("dry_run"):
+    if run.print_config:
+        rank_zero_info(plan.config_yaml)
+    report_plan(plan, output_dir, write=run.dry_run)
+    if run.dry_run:
         return {"output_dir": str(output_dir), "plan": plan.memory, "dry_run": True}
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    L.seed_everything(run.seed, workers=True, verbose=False)
 
     from memoryformer.data.datamodule import LMDataModule
 
@@ -171,13 +172,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model=plan.model.to_dict(),
         optim=optim_for_precision(asdict(plan.optim), plan.trainer),
         max_steps=plan.max_steps,
-        activation_checkpointing=bool(cfg.activation_checkpointing),
-        activation_checkpointing_every=int(cfg.activation_checkpointing_every),
-        compile=bool(cfg.compile),
+        activation_checkpointing=run.activation_checkpointing,
+        activation_checkpointing_every=run.activation_checkpointing_every,
+        compile=run.compile,
     )
-    kwargs = trainer_kwargs(cfg, plan)
-    callbacks = [*build_callbacks(cfg, plan), PlanFileWriter(plan, output_dir)]
-    trainer = L.Trainer(**kwargs, callbacks=callbacks, logger=build_loggers(cfg) or False)
+    callbacks = [*build_callbacks(plan), PlanFileWriter(plan, output_dir)]
+    trainer = L.Trainer(**trainer_kwargs(plan), callbacks=callbacks, logger=build_loggers(plan) or False)
     summary: dict[str, Any] = {
         "output_dir": str(output_dir),
         "ckpt_dir": str(ckpt_dir),
@@ -185,10 +185,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "micro_batch_size": plan.micro_batch_size,
         "world_size": plan.world_size,
     }
-    if cfg.validate_only:
+    if run.validate_only:
         return summary
     with run_lock(output_dir, enabled=is_launching_process()):
-        _fit(cfg, plan, trainer, module, datamodule, summary)
+        _fit(plan, trainer, module, datamodule, summary)
     return summary
 
 
@@ -221,13 +221,12 @@ class PlanFileWriter(L.Callback):
         self.written = True
 
 
-def _fit(cfg: DictConfig, plan: RunPlan, trainer: L.Trainer, module, datamodule, summary: dict) -> None:
+def _fit(plan: RunPlan, trainer: L.Trainer, module, datamodule, summary: dict) -> None:
     """Save the config, pick the checkpoint to resume from, fit, and fill `summary` (run lock held)."""
-    output_dir, ckpt_dir = Path(cfg.paths.output_dir), Path(cfg.paths.ckpt_dir)
-    trust = bool(cfg.trust_checkpoint)
+    trust = plan.config.trust_checkpoint
     if trainer.is_global_zero:
-        atomic_write_text(ckpt_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    ckpt_path = agreed_checkpoint(trainer, cfg, plan)
+        atomic_write_text(plan.ckpt_dir / "config.yaml", plan.config_yaml)
+    ckpt_path = agreed_checkpoint(trainer, plan)
     if ckpt_path is not None and (Path(ckpt_path) / "latest_universal").is_file():
         # DeepSpeed reads its universal format only when its config says so (set before the engine exists)
         trainer.strategy.config.setdefault("checkpoint", {})["load_universal"] = True
@@ -260,15 +259,17 @@ def _fit(cfg: DictConfig, plan: RunPlan, trainer: L.Trainer, module, datamodule,
         val_loss=metrics.get("val/loss"),
         tokenizer_path=datamodule.tokenizer,
     )
-    if cfg.export_final and trainer.is_global_zero and not is_deepspeed(trainer.strategy):
+    if plan.config.export_final and trainer.is_global_zero and not is_deepspeed(trainer.strategy):
         from memoryformer.checkpoint import export_model
 
         eos = plan.data.eos_token
-        export_dir = export_model(module.model, output_dir / "model", datamodule.tokenizer, eos_token=eos)
+        export_dir = export_model(
+            module.model, plan.output_dir / "model", datamodule.tokenizer, eos_token=eos
+        )
         summary["export_dir"] = str(export_dir)
 
 
-def agreed_checkpoint(trainer: L.Trainer, cfg: DictConfig, plan: RunPlan) -> str | None:
+def agreed_checkpoint(trainer: L.Trainer, plan: RunPlan) -> str | None:
     """The checkpoint every rank of the run resumes from (None: start fresh), chosen by global rank 0.
 
     Every rank searches first (`resume_checkpoint`), so that a checkpoint the run cannot continue is

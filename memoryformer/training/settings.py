@@ -40,9 +40,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from memoryformer.config import ConfigError, ModelConfig, check_choice, to_plain
+from memoryformer.conf_schema import TrainConfig
+from memoryformer.config import ConfigError, ModelConfig, check_choice
 from memoryformer.data.config import DataConfig, files_unchecked
 from memoryformer.training import sizing
 from memoryformer.training.optim import OptimConfig
@@ -53,20 +54,59 @@ from memoryformer.training.sizing import check_micro_batch_spec, device_memory, 
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
 @dataclass
 class RunPlan:
-    """The checked, derived numbers of a run (what `check_config` computed)."""
+    """A run's settings, typed, checked and resolved once by `check_config`; what the rest of the run reads.
 
-    model: ModelConfig
-    data: DataConfig
-    optim: OptimConfig
+    `config` is the composed config as `TrainConfig` (its model, data and optimizer groups their
+    dataclasses); the other fields are what follows from it: the trainer's arguments with the accelerator
+    the run will use, the number of processes, the batch split, the step budget, the checkpoint request, the
+    fingerprint every checkpoint stores and the memory plan.
+    """
+
+    config: TrainConfig
+    trainer: dict[str, Any]  # `config.trainer` with `accelerator` resolved (`resolve_accelerator`)
     world_size: int
-    accumulate: int
+    accumulate: int  # micro-batches per optimizer step
     micro_batch_size: int
     max_steps: int
     tokens_per_step: int
-    trainer: dict[str, Any]  # `cfg.trainer` as plain values, `accelerator` resolved (`resolve_accelerator`)
     resume: ResumeRequest  # what ckpt_path asks for and where to look
     record: dict[str, Any]  # the fingerprint record: what every checkpoint stores, what a resume must match
+    config_yaml: str  # the composed config, resolved, as printed and saved beside the checkpoints
     memory: dict[str, Any] | None = None  # the memory plan as plan.json stores it (`plan_run_memory`)
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.config.model
+
+    @property
+    def data(self) -> DataConfig:
+        return self.config.data
+
+    @property
+    def optim(self) -> OptimConfig:
+        return self.config.optim
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.paths["output_dir"])
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.config.paths["ckpt_dir"])
+
+
+def typed_config(cfg: DictConfig) -> TrainConfig:
+    """The composed config as a `TrainConfig`, every value resolved and checked by the dataclasses (one
+    sentence naming the key for anything impossible). A config not composed on the schema (built by hand)
+    is merged onto it first, so it is checked the same way."""
+    if OmegaConf.get_type(cfg) is not TrainConfig:
+        values = OmegaConf.to_container(cfg)
+        values.pop("hydra", None)
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), values)
+    if cfg.get("dry_run"):
+        with files_unchecked():  # a dry run plans for data this machine may not have
+            return OmegaConf.to_object(cfg)
+    return OmegaConf.to_object(cfg)
 
 
 def resolve_accelerator(accelerator: Any) -> str:
@@ -126,95 +166,80 @@ def check_loggers(logger_cfg: dict[str, Any] | None) -> None:
 
 
 def check_config(cfg: DictConfig) -> RunPlan:
-    """Validate the composed config and derive the batch arithmetic and step budget (see `RunPlan`)."""
-    model = ModelConfig.from_dict(to_plain(cfg.model))
-    if cfg.get("dry_run"):
-        with files_unchecked():  # a dry run plans for data this machine may not have
-            data = DataConfig(**to_plain(cfg.data))
-    else:
-        data = DataConfig(**to_plain(cfg.data))
-    optim = OptimConfig.from_dict(to_plain(cfg.optim))
-    trainer_cfg = to_plain(cfg.trainer)
-    trainer_cfg["accelerator"] = resolve_accelerator(trainer_cfg.get("accelerator"))
+    """Type and validate the composed config and resolve what follows from it (see `RunPlan`)."""
+    run = typed_config(cfg)
+    model, data, optim = run.model, run.data, run.optim
+    trainer = {**run.trainer, "accelerator": resolve_accelerator(run.trainer.get("accelerator"))}
     if data.seq_len > model.block_size:
         raise ConfigError(
             f"data.seq_len={data.seq_len} exceeds model.block_size={model.block_size}; "
             f"lower data.seq_len or raise model.block_size."
         )
     optim.validate()
-    world = world_size(trainer_cfg)
-    gbs = int(cfg.global_batch_size)
-    tokens_per_step = gbs * data.seq_len
-    max_steps = trainer_cfg.get("max_steps", -1)
+    world = world_size(trainer)
+    tokens_per_step = run.global_batch_size * data.seq_len
+    max_steps = trainer.get("max_steps", -1)
     max_steps = -1 if max_steps is None else int(max_steps)
-    if cfg.max_tokens is not None:
-        max_steps = math.ceil(int(cfg.max_tokens) / tokens_per_step)
+    if run.max_tokens is not None:
+        max_steps = math.ceil(run.max_tokens / tokens_per_step)
     if max_steps <= 0:
         raise ConfigError(
             "trainer.max_steps is not set; give trainer.max_steps=N or max_tokens=N "
             "(the lr schedule needs a horizon)."
         )
-    if int(cfg.activation_checkpointing_every) < 1:
+    if run.activation_checkpointing_every < 1:
         raise ConfigError(
-            f"activation_checkpointing_every={cfg.activation_checkpointing_every} must be >= 1 "
+            f"activation_checkpointing_every={run.activation_checkpointing_every} must be >= 1 "
             f"(1 checkpoints every block, n every n-th block)."
         )
-    check_precision(trainer_cfg)
+    check_precision(trainer)
     check_torchrun_restarts()
-    check_loggers(to_plain(cfg.logger))
-    ckpt = cfg.ckpt_path
-    if ckpt is not None and ckpt not in SEARCH_VALUES and not os.path.exists(str(ckpt)):
+    check_loggers(run.logger)
+    ckpt = run.ckpt_path
+    if ckpt is not None and ckpt not in SEARCH_VALUES and not os.path.exists(ckpt):
         raise ConfigError(
             f"ckpt_path={ckpt!r} does not exist; give a .ckpt file, ckpt_path=last, ckpt_path=auto or "
             f"leave it null."
         )
-    mismatch = str(cfg.resume_mismatch)
-    check_choice("resume_mismatch", mismatch, MISMATCH_CHOICES)
-    runs_root = to_plain(cfg.paths.get("runs_root"))
-    resume = ResumeRequest(ckpt, runs_root, str(cfg.paths.output_dir), bool(cfg.trust_checkpoint), mismatch)
-    micro, accumulate, memory = plan_run_memory(cfg, model, data, optim, trainer_cfg, world)
-    record = fingerprint_record(cfg, max_steps, world, accumulate)
+    check_choice("resume_mismatch", run.resume_mismatch, MISMATCH_CHOICES)
+    paths = run.paths
+    resume = ResumeRequest(
+        ckpt, paths.get("runs_root"), str(paths["output_dir"]), run.trust_checkpoint, run.resume_mismatch
+    )
+    micro, accumulate, memory = plan_run_memory(run, trainer, world)
     return RunPlan(
-        model,
-        data,
-        optim,
-        world,
-        accumulate,
-        micro,
-        max_steps,
-        tokens_per_step,
-        trainer_cfg,
-        resume,
-        record,
-        memory,
+        config=run,
+        trainer=trainer,
+        world_size=world,
+        accumulate=accumulate,
+        micro_batch_size=micro,
+        max_steps=max_steps,
+        tokens_per_step=tokens_per_step,
+        resume=resume,
+        record=fingerprint_record(run, max_steps, world, accumulate),
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        memory=memory,
     )
 
 
-def plan_run_memory(
-    cfg: DictConfig,
-    model: ModelConfig,
-    data: DataConfig,
-    optim: OptimConfig,
-    trainer_cfg: dict[str, Any],
-    world: int,
-) -> tuple[int, int, dict[str, Any]]:
+def plan_run_memory(run: TrainConfig, trainer: dict[str, Any], world: int) -> tuple[int, int, dict[str, Any]]:
     """(micro_batch_size, accumulate, plan.json's dict): the batch arithmetic checked against the memory
     plan of the device (`memoryformer.training.sizing`)."""
-    spec = check_micro_batch_spec(cfg.get("micro_batch_size"))
-    nodes = int(trainer_cfg.get("num_nodes", 1) or 1)
-    stated = trainer_cfg.get("accumulate_grad_batches")
+    spec = check_micro_batch_spec(run.micro_batch_size)
+    nodes = int(trainer.get("num_nodes", 1) or 1)
+    stated = trainer.get("accumulate_grad_batches")
     stated = None if stated is None else int(stated)
-    memory = device_memory(cfg.get("device_memory_gb"), trainer_cfg, world // nodes)
-    layout = sizing.layout_from_trainer(trainer_cfg, world, fused_optimizer=bool(optim.fused))
-    checkpointing = bool(cfg.activation_checkpointing)
-    every = max(1, int(cfg.activation_checkpointing_every))
+    memory = device_memory(run.device_memory_gb, trainer, world // nodes)
+    layout = sizing.layout_from_trainer(trainer, world, fused_optimizer=bool(run.optim.fused))
+    every = max(1, run.activation_checkpointing_every)
 
     def plan_for(micro: int, accumulate: int) -> sizing.MemoryPlan:
         return sizing.plan_memory(
-            model, data.seq_len, micro, layout, checkpointing, every, accumulate=accumulate
+            run.model, run.data.seq_len, micro, layout, run.activation_checkpointing, every,
+            accumulate=accumulate,
         )
 
-    micro, accumulate = resolve_batch(spec, int(cfg.global_batch_size), world, stated, memory, plan_for)
+    micro, accumulate = resolve_batch(spec, run.global_batch_size, world, stated, memory, plan_for)
     summary = sizing.plan_summary(plan_for(micro, accumulate), accumulate, memory.bytes, memory.source)
     summary.update(devices=world // nodes, num_nodes=nodes)
     return micro, accumulate, summary
