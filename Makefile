@@ -35,11 +35,12 @@ setup: $(STAMP) ## create .venv: torch 2.13.0 CPU, then the package and extras a
 train: $(STAMP) ## train the nano MemoryFormer on the bundled corpus (CPU, a few minutes) and evaluate it
 	$(PY) scripts/make_train.py $(TRAIN_ARGS)
 
-test: $(STAMP) ## run the whole test suite (offline)
-	$(PY) -m pytest -q
+test: $(STAMP) ## run the whole test suite (offline): two tests at a time, then the multi-node fault scenarios
+	$(PY) -m pytest -q -n 2 -m "not cluster"
+	$(PY) -m pytest -q -m cluster
 
-test-fast: $(STAMP) ## the test suite without tests marked slow
-	$(PY) -m pytest -q -m "not slow"
+test-fast: $(STAMP) ## the test suite without tests marked slow, two at a time
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .

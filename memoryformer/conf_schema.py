@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from memoryformer.config import PRESETS, ModelConfig, field_defaults
 from memoryformer.data.config import DataConfig
+from memoryformer.launch import run_stamp
 from memoryformer.training.optim import OptimConfig
 
 
@@ -93,12 +94,10 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
     if not OmegaConf.has_resolver("run_stamp"):
         # `${run_stamp:%Y-%m-%d_%H-%M-%S}`: the time, or the launcher's job id shared by all processes of a
-        # multi-process launch (memoryformer.training.settings); one value per process, as Hydra's `now`
+        # multi-process launch (memoryformer.launch); one value per process, as Hydra's `now`
         stamps: dict[str, str] = {}
 
         def stamp(fmt: str) -> str:
-            from memoryformer.training.settings import run_stamp  # imported when resolved: torch loads late
-
             return stamps.setdefault(fmt, run_stamp(fmt))
 
         OmegaConf.register_new_resolver("run_stamp", stamp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -29,3 +30,12 @@ def restore_functional_linear():
     saved = F.linear
     yield
     F.linear = saved
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on: tests that start a process group or a store take one
+    of their own, so that two of them running side by side (pytest -n 2) never meet on a fixed port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -176,7 +176,7 @@ torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out +
 
 
 @pytest.mark.slow
-def test_real_deepspeed_zero2_checkpoint_loads_with_the_trained_weights(tmp_path):
+def test_real_deepspeed_zero2_checkpoint_loads_with_the_trained_weights(tmp_path, free_port):
     pytest.importorskip("deepspeed")
     import os
     import subprocess
@@ -184,7 +184,7 @@ def test_real_deepspeed_zero2_checkpoint_loads_with_the_trained_weights(tmp_path
     script = tmp_path / "save.py"
     script.write_text(DS_SAVE_SCRIPT)
     out = tmp_path / "epoch=0-step=1.ckpt"  # Lightning names the DeepSpeed checkpoint directory like a file
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571",
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port),
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, str(script), str(out)], env=env, cwd=tmp_path,

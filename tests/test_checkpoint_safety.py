@@ -25,9 +25,9 @@ from memoryformer.checkpoint import (  # noqa: E402
 )
 from memoryformer.config import ConfigError  # noqa: E402
 from memoryformer.file_lock import LOCK_NAME, RunLockError, run_lock
+from memoryformer.launch import is_launching_process
 from memoryformer.training.resume import resolve_ckpt_path  # noqa: E402
 from memoryformer.training.run import SafeCheckpointIO
-from memoryformer.training.settings import is_launching_process
 
 
 class Payload:

@@ -25,6 +25,8 @@ from cluster_check import (  # noqa: E402
 )
 
 pytest.importorskip("deepspeed")
+#: `make test` runs these apart, one at a time, after the rest of the suite (they start four ranks each)
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")

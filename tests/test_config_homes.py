@@ -67,7 +67,6 @@ def test_evaluate_defaults_are_what_evaluate_py_runs_with():
 
 
 def test_optimizer_group_is_optimconfig():
-    assert not (CONF / "optim").exists()
     assert _compose("config")["optim"] == field_defaults(OptimConfig)
 
 

@@ -287,7 +287,7 @@ def test_export_cli_bad_arguments_are_one_sentence(tmp_path):
 
 
 @pytest.mark.slow  # a real ZeRO-2 checkpoint written by DeepSpeed in a subprocess
-def test_export_from_a_real_deepspeed_checkpoint_directory(tmp_path):
+def test_export_from_a_real_deepspeed_checkpoint_directory(tmp_path, free_port):
     pytest.importorskip("deepspeed")
     sys.path.insert(0, str(Path(__file__).parent))
     from test_checkpoint import DS_SAVE_SCRIPT
@@ -297,7 +297,7 @@ def test_export_from_a_real_deepspeed_checkpoint_directory(tmp_path):
     script = tmp_path / "save.py"
     script.write_text(DS_SAVE_SCRIPT)
     ds = tmp_path / "epoch=0-step=1.ckpt"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29573",
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port),
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(script), str(ds)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=900)

@@ -1,15 +1,14 @@
-"""The run folder of a multi-process launch is named once for all its processes (`training/settings.py`)."""
+"""The run folder of a multi-process launch is named once for all its processes (`memoryformer/launch.py`)."""
 
 from __future__ import annotations
 
 import datetime as dt
-import socket
 
 import pytest
 from torch.distributed import TCPStore
 
-from memoryformer.training import settings as launch
-from memoryformer.training.settings import run_stamp
+from memoryformer import launch
+from memoryformer.launch import run_stamp
 
 FMT = "%Y-%m-%d_%H-%M-%S"
 
@@ -33,12 +32,10 @@ def test_torchrun_with_a_rendezvous_id_is_named_by_it():
     assert run_stamp(FMT, env) == "torchrun-exp7"
 
 
-def test_torchrun_without_one_shares_the_first_workers_time_through_the_agent_store(monkeypatch):
+def test_torchrun_without_one_shares_the_first_workers_time_through_the_agent_store(monkeypatch, free_port):
     """Workers on two nodes whose clocks read different seconds get the first one's stamp; a restarted
     worker group (same store) keeps it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port
     server = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     env = {
         "TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "4", "TORCHELASTIC_USE_AGENT_STORE": "True",
@@ -60,7 +57,7 @@ def test_torchrun_without_one_shares_the_first_workers_time_through_the_agent_st
 
 def test_torchrun_restarts_into_a_shared_rendezvous_store_are_refused():
     from memoryformer.config import ConfigError
-    from memoryformer.training.settings import check_torchrun_restarts
+    from memoryformer.launch import check_torchrun_restarts
 
     env = {"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_MAX_RESTARTS": "1"}
     with pytest.raises(ConfigError, match="export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun"):

@@ -24,9 +24,8 @@ def _composed_model(conf_dir: Path, *overrides: str) -> ModelConfig:
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_model_group_option_is_the_python_preset(name):
-    # one home for the presets: model=NAME composes ModelConfig.from_name(NAME), and no YAML restates it
+    # one home for the presets: model=NAME composes ModelConfig.from_name(NAME)
     assert _composed_model(CONF, f"model={name}") == ModelConfig.from_name(name)
-    assert not (CONF / "model" / f"{name}.yaml").exists()
 
 
 def test_own_model_file_builds_on_a_preset(tmp_path):

@@ -62,17 +62,12 @@ from omegaconf import DictConfig
 from memoryformer.atomic_io import atomic_write, atomic_write_text
 from memoryformer.checkpoint import safe_torch_load
 from memoryformer.file_lock import run_lock
+from memoryformer.launch import is_launching_process
 from memoryformer.training import sizing
 from memoryformer.training.module import LMTrainingModule, TokenThroughputMonitor, ValidateAtStart
 from memoryformer.training.parallel import build_strategy, is_deepspeed
 from memoryformer.training.resume import RunFingerprint, resume_checkpoint
-from memoryformer.training.settings import (
-    RunPlan,
-    check_config,
-    check_writable_dir,
-    is_launching_process,
-    optim_for_precision,
-)
+from memoryformer.training.settings import RunPlan, check_config, check_writable_dir, optim_for_precision
 
 #: How the launching process hands its resume choice to the ranks Lightning starts (`agreed_checkpoint`).
 RESUME_FROM_VAR = "MEMORYFORMER_RESUME_FROM"
