@@ -35,12 +35,17 @@ setup: $(STAMP) ## create .venv: torch 2.13.0 CPU, then the package and extras a
 train: $(STAMP) ## train the nano MemoryFormer on the bundled corpus (CPU, a few minutes) and evaluate it
 	$(PY) scripts/make_train.py $(TRAIN_ARGS)
 
+# Two pytest workers of one intra-op thread each: on a 2-core machine that keeps both cores busy without the
+# two workers' torch thread pools fighting over them. The multi-node fault scenarios (four ranks each) run
+# after the rest, one at a time.
+PYTEST_PAR  := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2
+
 test: $(STAMP) ## run the whole test suite (offline): two tests at a time, then the multi-node fault scenarios
-	$(PY) -m pytest -q -n 2 -m "not cluster"
+	$(PYTEST_PAR) -m "not cluster"
 	$(PY) -m pytest -q -m cluster
 
 test-fast: $(STAMP) ## the test suite without tests marked slow, two at a time
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PYTEST_PAR) -m "not slow"
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .

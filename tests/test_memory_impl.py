@@ -26,6 +26,16 @@ IMPLS = ["torch", "auto"]
 SHAPES = [(1, 1, 1, 1), (5, 1, 64, 8), (7, 3, 37, 4), (33, 16, 130, 10), (4, 2, 72, 10), (64, 8, 512, 8)]
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The fused kernels split their work across threads (`parallel_over`) and run inline on one: every test
+    here runs with two, also under `make test`, whose workers otherwise train with one thread each."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def fused_hash(layer, x):
     """`memory_ops.fused_hash` with `layer`'s settings (None where the C++ hash does not apply)."""
     return memory_ops.fused_hash(x, layer.code_length, layer.weighting, layer.temperature, layer.impl)
