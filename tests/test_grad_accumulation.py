@@ -11,7 +11,6 @@ The inputs make every micro-batch's gradient exact in bf16 (bf16 inputs times +-
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import lightning as L
@@ -50,13 +49,7 @@ def _trainer_yaml(name: str) -> dict:
     return OmegaConf.to_container(cfg.trainer, resolve=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _one_rank_gloo(monkeypatch: pytest.MonkeyPatch):
+def _one_rank_gloo(monkeypatch: pytest.MonkeyPatch, port: int):
     """deepspeed on its CPU accelerator with a one-rank gloo group (kept if an earlier test made one)."""
     use_deepspeed_cpu_accelerator()
     import deepspeed
@@ -66,7 +59,7 @@ def _one_rank_gloo(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv(key, value)
     if not dist.is_initialized():
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        monkeypatch.setenv("MASTER_PORT", str(port))
         deepspeed.init_distributed(dist_backend="gloo")
     return deepspeed
 
@@ -93,10 +86,10 @@ def _accumulate(deepspeed, config: dict):
 @pytest.mark.parametrize(
     "name", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero2_offload"]
 )
-def test_deepspeed_bf16_accumulates_64_micro_batches_in_fp32(name: str, monkeypatch) -> None:
+def test_deepspeed_bf16_accumulates_64_micro_batches_in_fp32(name: str, monkeypatch, free_port) -> None:
     trainer = _trainer_yaml(name)
     stage = trainer["strategy"]["config"]["zero_optimization"]["stage"]
-    deepspeed = _one_rank_gloo(monkeypatch)
+    deepspeed = _one_rank_gloo(monkeypatch, free_port)
     config = deepspeed_config(trainer["strategy"], "bf16-mixed")
     assert config["data_types"] == {"grad_accum_dtype": "fp32"}
     # what Lightning adds from the Trainer (batch, accumulation, bf16); torch's AdamW on CPU

@@ -5,6 +5,7 @@ plan) with one sentence naming the key and the fix for anything impossible.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import netrc
 import os
@@ -37,8 +38,7 @@ class RunPlan:
     fingerprint every checkpoint stores and the memory plan.
     """
 
-    config: TrainConfig
-    trainer: dict[str, Any]  # `config.trainer` with `accelerator` resolved (`resolve_accelerator`)
+    config: TrainConfig  # its `trainer.accelerator` is the resolved one (`resolve_accelerator`)
     world_size: int
     accumulate: int  # micro-batches per optimizer step
     micro_batch_size: int
@@ -48,6 +48,11 @@ class RunPlan:
     record: dict[str, Any]  # the fingerprint record: what every checkpoint stores, what a resume must match
     config_yaml: str  # the composed config, resolved, as printed and saved beside the checkpoints
     memory: dict[str, Any] | None = None  # the memory plan as plan.json stores it (`plan_run_memory`)
+
+    @property
+    def trainer(self) -> dict[str, Any]:
+        """The trainer's settings, `accelerator` resolved: what the memory plan and `L.Trainer` both see."""
+        return self.config.trainer
 
     @property
     def model(self) -> ModelConfig:
@@ -78,10 +83,9 @@ def typed_config(cfg: DictConfig) -> TrainConfig:
         values = OmegaConf.to_container(cfg)
         values.pop("hydra", None)
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), values)
-    if cfg.get("dry_run"):
-        with files_unchecked():  # a dry run plans for data this machine may not have
-            return OmegaConf.to_object(cfg)
-    return OmegaConf.to_object(cfg)
+    # a dry run plans for data this machine may not have
+    with files_unchecked() if cfg.get("dry_run") else contextlib.nullcontext():
+        return OmegaConf.to_object(cfg)
 
 
 def resolve_accelerator(accelerator: Any) -> str:
@@ -144,7 +148,8 @@ def check_config(cfg: DictConfig) -> RunPlan:
     """Type and validate the composed config and resolve what follows from it (see `RunPlan`)."""
     run = typed_config(cfg)
     model, data, optim = run.model, run.data, run.optim
-    trainer = {**run.trainer, "accelerator": resolve_accelerator(run.trainer.get("accelerator"))}
+    run.trainer["accelerator"] = resolve_accelerator(run.trainer.get("accelerator"))
+    trainer = run.trainer
     if data.seq_len > model.block_size:
         raise ConfigError(
             f"data.seq_len={data.seq_len} exceeds model.block_size={model.block_size}; "
@@ -184,7 +189,6 @@ def check_config(cfg: DictConfig) -> RunPlan:
     micro, accumulate, memory = plan_run_memory(run, trainer, world)
     return RunPlan(
         config=run,
-        trainer=trainer,
         world_size=world,
         accumulate=accumulate,
         micro_batch_size=micro,
@@ -239,9 +243,10 @@ def check_writable_dir(path: Path, key: str) -> None:
 
 
 def check_precision(trainer_cfg: dict[str, Any]) -> None:
-    """Refuse fp16 (`16-mixed`) on CPU: Lightning has no fp16 AMP there and would silently train in bf16."""
+    """Refuse fp16 (`16-mixed`) on CPU (`trainer_cfg` with its accelerator resolved): Lightning has no fp16
+    AMP there and would silently train in bf16."""
     precision = str(trainer_cfg.get("precision", ""))
-    if precision.startswith("16") and resolve_accelerator(trainer_cfg.get("accelerator")) == "cpu":
+    if precision.startswith("16") and trainer_cfg.get("accelerator") == "cpu":
         raise ConfigError(
             f"trainer.precision={precision} needs a CUDA GPU: Lightning has no fp16 mixed precision on "
             f"CPU and would silently train in bf16-mixed instead; on CPU use trainer.precision=bf16-mixed "
